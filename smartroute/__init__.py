@@ -1,0 +1,1 @@
+"""smartroute: an asyncio connection-routing proxy."""

@@ -1,0 +1,31 @@
+"""The one context shape every action, target callable and handler sees."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class RouteContext:
+    """What smartroute knows about a connection when it picks a route.
+
+    Fields the connection did not reveal (no SNI, not HTTP, ...) are ``None``.
+    """
+
+    port: int
+    client_ip: str
+    client_port: int
+    server_ip: str
+    connection_id: str
+    timestamp: float
+    domain: str | None = None
+    path: str | None = None
+    query: str | None = None
+    method: str | None = None
+    headers: Mapping[str, str] | None = None
+    is_tls: bool = False
+    tls_version: str | None = None
+    alpn: tuple[str, ...] | None = None
+    route_name: str | None = None
+    params: Mapping[str, str] | None = None
