@@ -1,1 +1,71 @@
-"""smartroute: an asyncio connection-routing proxy."""
+"""smartroute: an asyncio connection-routing proxy.
+
+Describe routes as plain dicts (or the dataclasses exported here), give them to
+:class:`SmartRoute`, and start it::
+
+    async with SmartRoute(routes=[...]) as proxy:
+        ...
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from smartroute.context import RouteContext
+from smartroute.errors import (
+    AcmeError,
+    ConfigError,
+    HttpParseError,
+    PortInUseError,
+    ProtocolError,
+    SmartRouteError,
+    TlsParseError,
+)
+from smartroute.proxy import SmartRoute
+from smartroute.routing.schema import (
+    BasicAuth,
+    Block,
+    Certificate,
+    Forward,
+    Match,
+    RateLimit,
+    Redirect,
+    Route,
+    RouteDict,
+    Security,
+    SocketHandler,
+    Static,
+    Target,
+    Tls,
+)
+from smartroute.routing.validation import validate_routes
+from smartroute.settings import Settings
+
+__all__ = [
+    "AcmeError",
+    "BasicAuth",
+    "Block",
+    "Certificate",
+    "ConfigError",
+    "Forward",
+    "HttpParseError",
+    "Match",
+    "PortInUseError",
+    "ProtocolError",
+    "RateLimit",
+    "Redirect",
+    "Route",
+    "RouteContext",
+    "RouteDict",
+    "Security",
+    "Settings",
+    "SmartRoute",
+    "SocketHandler",
+    "SmartRouteError",
+    "Static",
+    "Target",
+    "Tls",
+    "TlsParseError",
+    "__version__",
+    "validate_routes",
+]

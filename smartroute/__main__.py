@@ -1,0 +1,5 @@
+"""``python -m smartroute`` runs the CLI."""
+
+from smartroute.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,251 @@
+"""The connection pipeline: accept -> peek -> classify -> match -> act.
+
+:class:`InboundConnection` is the protocol of every accepted socket. It reads the first bytes
+only when some route on the port needs them (SNI, Host, ALPN, ...); otherwise it dispatches at
+once, so protocols where the server speaks first work. Once a route is chosen, reading pauses
+and the transport is handed to the action (a relay for ``forward``, streams for a socket
+handler); every byte read while peeking is delivered to whatever takes the connection over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from smartroute.context import RouteContext
+from smartroute.protocols.detect import OTHER, Detection, detect
+from smartroute.routing.matcher import ConnectionFacts, RouteMatch, RouteTable
+from smartroute.routing.model import CompiledRoute, ForwardAction, SocketHandlerAction
+from smartroute.routing.patterns import parse_ip
+from smartroute.server.forward import TargetError, connect_relay, resolve_targets
+from smartroute.server.handler import start_handler
+from smartroute.server.stats import ConnectionRecord
+
+if TYPE_CHECKING:
+    from smartroute.server.runtime import Runtime
+
+log = logging.getLogger("smartroute")
+
+MAX_PEEK = 65536 + 5 * 8  # the largest ClientHello we accept, spread over a few records
+
+FORBIDDEN = (
+    b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: 10\r\nConnection: close\r\n\r\nForbidden\n"
+)
+
+
+class InboundConnection(asyncio.Protocol):
+    """Routes one accepted connection, then hands it over to the chosen action."""
+
+    def __init__(self, runtime: Runtime, port: int) -> None:
+        self.runtime = runtime
+        self.port = port
+        self.transport: asyncio.Transport | None = None
+        self.record: ConnectionRecord | None = None
+        self.table: RouteTable | None = None
+        self.buffer = bytearray()
+        self.timer: asyncio.TimerHandle | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.routed = False
+        self.handed_over = False
+        self.eof = False
+        self.closed = False
+
+    # -- asyncio callbacks -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername") or ("0.0.0.0", 0)
+        record = ConnectionRecord(str(parse_ip(peer[0])), int(peer[1]), self.port)
+        record.closer = transport.abort
+        self.record = record
+        runtime = self.runtime
+        runtime.stats.opened(record)
+        table = self.table = runtime.table
+        if not runtime.accepting or not table.has_port(self.port):
+            record.fail("no-route", "the proxy is stopping or no route uses this port")
+            transport.close()
+        elif table.needs_data(self.port):
+            self.timer = asyncio.get_running_loop().call_later(
+                runtime.settings.initial_data_timeout, self._on_initial_timeout
+            )
+        else:
+            self._dispatch(None)
+
+    def data_received(self, data: bytes) -> None:
+        assert self.record is not None
+        self.record.bytes_in += len(data)
+        self.buffer += data
+        if self.routed:
+            return  # arrived before reading paused; delivered with the rest of the buffer
+        detection = detect(self.buffer)
+        if detection is None and len(self.buffer) > MAX_PEEK:
+            detection = OTHER
+        if detection is not None:
+            self._dispatch(detection)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if not self.routed:
+            self._dispatch(detect(self.buffer) or OTHER)
+        return True  # a half-close: the action may still answer
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._cancel_timer()
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        if not self.handed_over and self.record is not None:
+            if exc is not None:
+                self.record.fail("error", f"client: {exc}")
+            self.runtime.stats.finished(self.record)
+
+    # -- routing -----------------------------------------------------------------------------
+
+    def _on_initial_timeout(self) -> None:
+        self.timer = None
+        if not self.routed:
+            self._dispatch(OTHER)
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _facts(self, detection: Detection | None) -> ConnectionFacts:
+        assert self.record is not None
+        client_ip = parse_ip(self.record.client_ip)
+        if detection is None or detection.kind == "other":
+            return ConnectionFacts(self.port, client_ip)
+        if detection.hello is not None:
+            hello = detection.hello
+            return ConnectionFacts(
+                self.port,
+                client_ip,
+                domain=hello.sni,
+                is_tls=True,
+                tls_version=hello.highest_version,
+                alpn=hello.alpn,
+            )
+        head = detection.head
+        assert head is not None
+        return ConnectionFacts(
+            self.port, client_ip, domain=head.host, path=head.path, headers=head.header_map()
+        )
+
+    def _context(
+        self, facts: ConnectionFacts, found: RouteMatch, detection: Detection | None
+    ) -> RouteContext:
+        assert self.record is not None and self.transport is not None
+        sock = self.transport.get_extra_info("sockname") or ("0.0.0.0", 0)
+        head = detection.head if detection is not None else None
+        return RouteContext(
+            port=self.port,
+            client_ip=self.record.client_ip,
+            client_port=self.record.client_port,
+            server_ip=str(parse_ip(sock[0])),
+            connection_id=self.record.id,
+            timestamp=time.time(),
+            domain=facts.domain,
+            path=facts.path,
+            query=head.query if head is not None else None,
+            method=head.method if head is not None else None,
+            headers=facts.headers,
+            is_tls=facts.is_tls,
+            tls_version=facts.tls_version,
+            alpn=facts.alpn if facts.is_tls else None,
+            route_name=found.route.name,
+            params=dict(found.params) if facts.path is not None else None,
+        )
+
+    def _dispatch(self, detection: Detection | None) -> None:
+        """Match the connection and start its action; reading stays paused until handover."""
+        assert self.transport is not None and self.record is not None and self.table is not None
+        self.routed = True
+        self._cancel_timer()
+        transport, record = self.transport, self.record
+        transport.pause_reading()
+        facts = self._facts(detection)
+        record.domain = facts.domain
+        found = self.table.match(facts)
+        if found is None:
+            record.fail("no-route", "no route matches")
+            transport.close()
+            return
+        route = found.route
+        self.runtime.stats.routed(record, route.name)
+        ctx = self._context(facts, found, detection)
+        action = route.action
+        is_http = detection is not None and detection.kind == "http"
+        if action.type == "block":
+            record.outcome = "blocked"
+            if is_http:
+                transport.write(FORBIDDEN)
+            transport.close()
+        elif unsupported := _unsupported(route):
+            record.fail("unsupported", unsupported)
+            log.error("route %r: %s; closing %s", route.name, unsupported, record.id)
+            transport.close()
+        elif isinstance(action, ForwardAction):
+            self.task = self.runtime.spawn(self._forward(action, ctx))
+        elif isinstance(action, SocketHandlerAction):
+            self.handed_over = True
+            coro = start_handler(
+                action.handler, transport, bytes(self.buffer), self.eof, ctx, record, self._done
+            )
+            self.runtime.spawn(coro)
+
+    def _done(self) -> None:
+        assert self.record is not None
+        self.runtime.stats.finished(self.record)
+
+    async def _forward(self, action: ForwardAction, ctx: RouteContext) -> None:
+        transport, record = self.transport, self.record
+        assert transport is not None and record is not None
+        try:
+            candidates = await resolve_targets(action, ctx)
+        except Exception as exc:  # a user callable must not take the proxy down
+            record.fail("target-error", f"{type(exc).__name__}: {exc}")
+            if not isinstance(exc, TargetError):
+                log.error("target callable of route %r raised", ctx.route_name, exc_info=exc)
+            transport.close()
+            return
+        client_side = await connect_relay(
+            transport, record, candidates, self.runtime.settings.connect_timeout, self._done
+        )
+        if client_side is None:
+            log.warning("route %r: %s; closing %s", ctx.route_name, record.error, record.id)
+            transport.close()
+            return
+        backend = client_side.peer
+        assert backend is not None and backend.transport is not None
+        if self.closed:
+            backend.transport.close()
+            return
+        self.handed_over = True
+        record.closer = client_side.abort
+        transport.set_protocol(client_side)
+        if self.buffer:
+            backend.transport.write(bytes(self.buffer))
+        if self.eof:
+            client_side.eof = True
+            if backend.lost or backend.eof:
+                client_side.close()
+            else:
+                backend.transport.write_eof()
+        transport.resume_reading()
+
+
+def _unsupported(route: CompiledRoute) -> str | None:
+    """What this build cannot do yet for ``route`` (TLS termination, HTTP-level actions)."""
+    action = route.action
+    if route.terminates_tls:
+        return f"tls mode {route.tls.mode!r} is not available yet" if route.tls else None
+    if action.type in ("redirect", "static"):
+        return f"the {action.type!r} action is not available yet"
+    if isinstance(action, ForwardAction) and action.protocol == "http":
+        return "forward with protocol 'http' is not available yet"
+    return None

@@ -1,0 +1,92 @@
+"""The byte pipe between a client and a backend, on protocol callbacks.
+
+Each direction is a :class:`RelaySide` whose ``data_received`` writes straight into the peer's
+transport. Backpressure: when a transport's write buffer passes its high-water mark asyncio
+calls ``pause_writing`` on the protocol that owns it, and the relay stops reading from the
+other side until ``resume_writing``. Memory per connection is therefore bounded by the two
+write buffers. Half-close is passed on with ``write_eof``; both sides close after both EOFs or
+when either side is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from smartroute.server.stats import ConnectionRecord
+
+
+class RelaySide(asyncio.Protocol):
+    """One side of a relayed connection; ``inbound`` is the client side."""
+
+    __slots__ = ("transport", "peer", "record", "inbound", "eof", "lost", "_done")
+
+    def __init__(
+        self, record: ConnectionRecord, *, inbound: bool, done: Callable[[], None]
+    ) -> None:
+        self.record = record
+        self.inbound = inbound
+        self.transport: asyncio.Transport | None = None
+        self.peer: RelaySide | None = None
+        self.eof = False
+        self.lost = False
+        self._done = done
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.inbound:
+            self.record.bytes_in += len(data)
+        else:
+            self.record.bytes_out += len(data)
+        peer = self.peer
+        assert peer is not None and peer.transport is not None
+        if not peer.lost:
+            peer.transport.write(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        peer = self.peer
+        assert peer is not None and peer.transport is not None
+        if peer.eof or peer.lost:
+            self.close()
+        elif peer.transport.can_write_eof():
+            peer.transport.write_eof()
+        else:
+            peer.transport.close()
+        return True  # keep our own write direction open: this is a half-close
+
+    def pause_writing(self) -> None:
+        peer = self.peer
+        if peer is not None and peer.transport is not None and not peer.lost:
+            peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        peer = self.peer
+        if peer is not None and peer.transport is not None and not peer.lost:
+            peer.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if exc is not None:
+            side = "client" if self.inbound else "backend"
+            self.record.fail("error", f"{side}: {exc}")
+        peer = self.peer
+        if peer is not None and peer.transport is not None and not peer.lost:
+            peer.transport.close()  # flushes what is already buffered for the peer
+        if peer is None or peer.lost or peer.transport is None:
+            self._done()
+
+    def close(self) -> None:
+        """Close both sides, flushing what is buffered."""
+        for side in (self, self.peer):
+            if side is not None and side.transport is not None and not side.lost:
+                side.transport.close()
+
+    def abort(self) -> None:
+        """Close both sides at once, dropping what is buffered."""
+        for side in (self, self.peer):
+            if side is not None and side.transport is not None and not side.lost:
+                side.transport.abort()

@@ -1,0 +1,80 @@
+"""State shared by every connection of one proxy: settings, the current route table, stats."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+from smartroute.routing.matcher import RouteTable
+from smartroute.server.stats import ConnectionRecord, StatsBook
+from smartroute.settings import Settings
+
+log = logging.getLogger("smartroute")
+
+
+class Runtime:
+    """The one object the connection pipeline reads; the proxy swaps ``table`` atomically."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.table = RouteTable(())
+        self.stats = StatsBook()
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.accepting = True
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run a connection task, keeping a strong reference until it ends."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    def start_sweeper(self) -> None:
+        """Start the periodic check for idle and over-age connections."""
+        limits = [
+            t
+            for t in (self.settings.idle_timeout, self.settings.max_connection_lifetime)
+            if t is not None
+        ]
+        if limits and self._sweeper is None:
+            interval = max(0.05, min(5.0, min(limits) / 4))
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep(interval))
+
+    async def stop_sweeper(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+            self._sweeper = None
+
+    async def _sweep(self, interval: float) -> None:
+        """Close connections that moved no byte for ``idle_timeout`` or outlived their limit.
+
+        Runs a few times per timeout rather than touching a timer per chunk: the hot path only
+        counts bytes, and this compares the counts between sweeps.
+        """
+        idle = self.settings.idle_timeout
+        lifetime = self.settings.max_connection_lifetime
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for record in list(self.stats.active):
+                moved = record.bytes_in + record.bytes_out
+                if moved != record.last_seen[0]:
+                    record.last_seen = (moved, now)
+                    idle_for = 0.0
+                else:
+                    idle_for = now - record.last_seen[1]
+                if idle is not None and idle_for >= idle:
+                    self._expire(record, "idle", f"no data for {idle:g}s")
+                elif lifetime is not None and now - record.started >= lifetime:
+                    self._expire(record, "lifetime", f"open longer than {lifetime:g}s")
+
+    @staticmethod
+    def _expire(record: ConnectionRecord, outcome: str, why: str) -> None:
+        record.fail(outcome, why)
+        if record.closer is not None:
+            record.closer()

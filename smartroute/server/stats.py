@@ -1,0 +1,156 @@
+"""Connection records and the counters behind ``SmartRoute.stats()``.
+
+The hot path only adds to two integers on a :class:`ConnectionRecord`; totals per route and
+per client IP are folded in once, when the connection ends.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+access_log = logging.getLogger("smartroute.access")
+
+_ids = itertools.count(1)
+
+
+class ConnectionRecord:
+    """What one client connection did: where it went and how many bytes it moved."""
+
+    __slots__ = (
+        "id",
+        "client_ip",
+        "client_port",
+        "port",
+        "started",
+        "route",
+        "domain",
+        "target",
+        "bytes_in",
+        "bytes_out",
+        "outcome",
+        "error",
+        "last_seen",
+        "closer",
+    )
+
+    def __init__(self, client_ip: str, client_port: int, port: int) -> None:
+        self.id = f"c{next(_ids)}"
+        self.client_ip = client_ip
+        self.client_port = client_port
+        self.port = port
+        self.started = time.monotonic()
+        self.route: str | None = None
+        self.domain: str | None = None
+        self.target: str | None = None
+        self.bytes_in = 0  # client -> proxy
+        self.bytes_out = 0  # proxy -> client
+        self.outcome = "open"
+        self.error: str | None = None
+        self.last_seen = (0, self.started)  # (bytes moved, when) for the idle sweep
+        self.closer: Any = None  # callable that closes the connection (set by the pipeline)
+
+    def fail(self, outcome: str, error: str) -> None:
+        """Remember the first failure only, so each connection's error is logged once."""
+        if self.error is None:
+            self.outcome = outcome
+            self.error = error
+
+
+@dataclass(slots=True)
+class _Totals:
+    active: int = 0
+    total: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "active": self.active,
+            "total": self.total,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+        }
+
+
+@dataclass(slots=True)
+class StatsBook:
+    """Active connections and closed-connection totals."""
+
+    active: set[ConnectionRecord] = field(default_factory=set)
+    closed: _Totals = field(default_factory=_Totals)
+    routes: defaultdict[str, _Totals] = field(default_factory=lambda: defaultdict(_Totals))
+    ips: defaultdict[str, _Totals] = field(default_factory=lambda: defaultdict(_Totals))
+
+    def opened(self, record: ConnectionRecord) -> None:
+        self.active.add(record)
+        self.closed.total += 1
+        self.ips[record.client_ip].total += 1
+
+    def routed(self, record: ConnectionRecord, route: str) -> None:
+        record.route = route
+        self.routes[route].total += 1
+
+    def finished(self, record: ConnectionRecord) -> None:
+        """Fold a finished connection into the totals and write its access-log line."""
+        if record not in self.active:
+            return
+        self.active.discard(record)
+        if record.outcome == "open":
+            record.outcome = "ok"
+        for totals in self._buckets(record):
+            totals.bytes_in += record.bytes_in
+            totals.bytes_out += record.bytes_out
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info(
+                "%s %s:%d -> :%d route=%s domain=%s target=%s in=%d out=%d time=%.3fs %s%s",
+                record.id,
+                record.client_ip,
+                record.client_port,
+                record.port,
+                record.route or "-",
+                record.domain or "-",
+                record.target or "-",
+                record.bytes_in,
+                record.bytes_out,
+                time.monotonic() - record.started,
+                record.outcome,
+                f" error={record.error}" if record.error else "",
+            )
+
+    def _buckets(self, record: ConnectionRecord) -> list[_Totals]:
+        buckets = [self.closed, self.ips[record.client_ip]]
+        if record.route is not None:
+            buckets.append(self.routes[record.route])
+        return buckets
+
+    def snapshot(self) -> dict[str, Any]:
+        """A plain dict: totals, then per route and per client IP (active ones included)."""
+        overall = _Totals(total=self.closed.total)
+        routes: dict[str, _Totals] = {
+            name: _Totals(total=t.total, bytes_in=t.bytes_in, bytes_out=t.bytes_out)
+            for name, t in self.routes.items()
+        }
+        ips: dict[str, _Totals] = {
+            ip: _Totals(total=t.total, bytes_in=t.bytes_in, bytes_out=t.bytes_out)
+            for ip, t in self.ips.items()
+        }
+        overall.bytes_in, overall.bytes_out = self.closed.bytes_in, self.closed.bytes_out
+        for record in self.active:
+            touched = [overall, ips.setdefault(record.client_ip, _Totals())]
+            if record.route is not None:
+                touched.append(routes.setdefault(record.route, _Totals()))
+            for totals in touched:
+                totals.active += 1
+                totals.bytes_in += record.bytes_in
+                totals.bytes_out += record.bytes_out
+        return {
+            "connections": {"active": overall.active, "total": overall.total},
+            "bytes": {"in": overall.bytes_in, "out": overall.bytes_out},
+            "routes": {name: t.as_dict() for name, t in sorted(routes.items())},
+            "client_ips": {ip: t.as_dict() for ip, t in sorted(ips.items())},
+        }

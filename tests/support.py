@@ -1,0 +1,193 @@
+"""Test support: free ports, certificates made with cryptography, small loopback servers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import functools
+import socket
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A port that was free a moment ago (bound with port 0, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
+    """``count`` distinct free ports."""
+    socks = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind((host, 0))
+            socks.append(sock)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def free_port_range(length: int, host: str = LOOPBACK) -> int:
+    """The first port of ``length`` consecutive free ports."""
+    for start in range(42000, 60000, length + 7):
+        socks = []
+        try:
+            for port in range(start, start + length):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(sock)
+                sock.bind((host, port))
+            return start
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError("no free port range")
+
+
+@dataclass(frozen=True)
+class CertPair:
+    cert_pem: str
+    key_pem: str
+
+    def write(self, folder: Path, stem: str) -> tuple[Path, Path]:
+        cert, key = folder / f"{stem}.crt", folder / f"{stem}.key"
+        cert.write_text(self.cert_pem)
+        key.write_text(self.key_pem)
+        return cert, key
+
+
+class TestCA:
+    """A throwaway certificate authority that issues EC P-256 leaf certificates."""
+
+    __test__ = False
+
+    def __init__(self) -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "smartroute test CA")])
+        now = datetime.datetime.now(datetime.UTC)
+        self.name = name
+        self.cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(self.key, hashes.SHA256())
+        )
+        self.pem = self.cert.public_bytes(serialization.Encoding.PEM).decode()
+
+    def issue(self, *names: str) -> CertPair:
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+            .issuer_name(self.name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=7))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), False)
+            .sign(self.key, hashes.SHA256())
+        )
+        return CertPair(
+            cert.public_bytes(serialization.Encoding.PEM).decode(),
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ).decode(),
+        )
+
+    def server_context(self, pair: CertPair, tmp: Path, stem: str) -> ssl.SSLContext:
+        cert, key = pair.write(tmp, stem)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cert, key)
+        return context
+
+    def client_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context()
+        context.load_verify_locations(cadata=self.pem)
+        return context
+
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def echo_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Echo until EOF, then close."""
+    with contextlib.suppress(ConnectionError):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    writer.close()
+
+
+def named_handler(name: str) -> Handler:
+    """Answer every connection with ``name`` and a newline, then echo."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(name.encode() + b"\n")
+        await echo_handler(reader, writer)
+
+    return handler
+
+
+@contextlib.asynccontextmanager
+async def serve(
+    handler: Handler,
+    host: str = LOOPBACK,
+    port: int = 0,
+    ssl_context: ssl.SSLContext | None = None,
+) -> AsyncIterator[int]:
+    """Run a backend on loopback for the block; yields its port."""
+    server = await asyncio.start_server(handler, host, port, ssl=ssl_context)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(server.wait_closed(), 1)
+
+
+async def read_line(reader: asyncio.StreamReader, timeout: float = 5.0) -> bytes:
+    return await asyncio.wait_for(reader.readline(), timeout)
+
+
+async def read_exactly(reader: asyncio.StreamReader, n: int, timeout: float = 5.0) -> bytes:
+    return await asyncio.wait_for(reader.readexactly(n), timeout)
+
+
+def async_test(timeout: float = 30.0) -> Callable[[Callable[..., Awaitable[None]]], Callable[..., None]]:
+    """Run an async test function in a fresh event loop, failing it after ``timeout`` seconds."""
+
+    def decorate(fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
+        @functools.wraps(fn)
+        def run(*args: object, **kwargs: object) -> None:
+            async def bounded() -> None:
+                await asyncio.wait_for(fn(*args, **kwargs), timeout)
+
+            asyncio.run(bounded())
+
+        return run
+
+    return decorate
