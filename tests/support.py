@@ -177,7 +177,9 @@ async def read_exactly(reader: asyncio.StreamReader, n: int, timeout: float = 5.
     return await asyncio.wait_for(reader.readexactly(n), timeout)
 
 
-def async_test(timeout: float = 30.0) -> Callable[[Callable[..., Awaitable[None]]], Callable[..., None]]:
+def async_test(
+    timeout: float = 30.0,
+) -> Callable[[Callable[..., Awaitable[None]]], Callable[..., None]]:
     """Run an async test function in a fresh event loop, failing it after ``timeout`` seconds."""
 
     def decorate(fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
@@ -191,3 +193,19 @@ def async_test(timeout: float = 30.0) -> Callable[[Callable[..., Awaitable[None]
         return run
 
     return decorate
+
+
+def require_tool(name: str) -> str:
+    """The path of an external program; missing is a failure in CI and a skip elsewhere."""
+    import os
+    import shutil
+
+    import pytest
+
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (scripts/install-test-tools.sh installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path

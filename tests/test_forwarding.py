@@ -19,7 +19,6 @@ from support import (
     free_port_range,
     free_ports,
     named_handler,
-    read_exactly,
     read_line,
     serve,
 )
@@ -160,7 +159,9 @@ async def test_unreachable_backend_closes_the_client_and_is_logged_once(
             assert await closed_by_proxy(reader)
             writer.close()
             stats = p.stats()
-    failures = [r for r in caplog.records if "backend" in r.getMessage() or str(dead) in r.getMessage()]
+    failures = [
+        r for r in caplog.records if "backend" in r.getMessage() or str(dead) in r.getMessage()
+    ]
     assert len(failures) == 1
     assert stats["connections"]["active"] == 0
 

@@ -7,7 +7,16 @@ import os
 from typing import Any
 
 import pytest
-from support import LOOPBACK, async_test, echo_handler, free_ports, named_handler, read_exactly, read_line, serve
+from support import (
+    LOOPBACK,
+    async_test,
+    echo_handler,
+    free_ports,
+    named_handler,
+    read_exactly,
+    read_line,
+    serve,
+)
 
 from smartroute import ConfigError, SmartRoute
 

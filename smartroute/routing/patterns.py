@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -83,6 +84,8 @@ class IpRule:
     def matches(self, address: IPAddress) -> bool:
         if self.network is not None:
             return address in self.network
+        if self.text == "*":  # any client, IPv6 included
+            return True
         if self.octets is None or not isinstance(address, ipaddress.IPv4Address):
             return False
         packed = address.packed
@@ -192,7 +195,7 @@ class HeaderRule:
     value: str
     regex: re.Pattern[str] | None
 
-    def matches(self, headers: dict[str, str]) -> bool:
+    def matches(self, headers: Mapping[str, str]) -> bool:
         got = headers.get(self.name)
         if got is None:
             return False

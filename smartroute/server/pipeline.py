@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("smartroute")
 
 MAX_PEEK = 65536 + 5 * 8  # the largest ClientHello we accept, spread over a few records
+# Each read re-runs the parsers over the buffer; a peer trickling bytes one read at a time
+# would make that quadratic, so after this many reads the connection is routed as "other".
+MAX_PEEK_READS = 256
 
 FORBIDDEN = (
     b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain; charset=utf-8\r\n"
@@ -52,6 +55,7 @@ class InboundConnection(asyncio.Protocol):
         self.handed_over = False
         self.eof = False
         self.closed = False
+        self.reads = 0
 
     # -- asyncio callbacks -------------------------------------------------------------------
 
@@ -81,8 +85,9 @@ class InboundConnection(asyncio.Protocol):
         self.buffer += data
         if self.routed:
             return  # arrived before reading paused; delivered with the rest of the buffer
+        self.reads += 1
         detection = detect(self.buffer)
-        if detection is None and len(self.buffer) > MAX_PEEK:
+        if detection is None and (len(self.buffer) > MAX_PEEK or self.reads >= MAX_PEEK_READS):
             detection = OTHER
         if detection is not None:
             self._dispatch(detection)

@@ -1,0 +1,162 @@
+"""How the route matcher's cost grows with the number of routes (it should not).
+
+Builds route tables of 10, 100, 1,000 and 10,000 routes, mostly exact domains spread over
+four ports with some wildcards, a few domain-less fallbacks and a few client-IP routes, and
+times ``RouteTable.match`` for four kinds of connection, plus the table's construction.
+
+    python bench/routing_bench.py [--loops N] [--repeat N]
+
+Each figure is the median of ``--repeat`` runs of ``--loops`` calls, in microseconds per call
+(the Python loop around the call included; it is the same for every size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+
+from smartroute.routing.matcher import ConnectionFacts, RouteTable
+from smartroute.routing.model import CompiledRoute, ForwardAction, MatchCriteria, TargetSpec
+from smartroute.routing.patterns import compile_domain, compile_ip_rule, parse_ip
+
+SIZES = (10, 100, 1_000, 10_000)
+PORTS = (443, 80, 8443, 8080)
+FALLBACKS = len(PORTS)  # one domain-less route per port
+IP_ROUTES = 2  # domain-less, client_ip, higher priority: checked (and missed) before fallbacks
+PORT = 443  # every measured connection arrives here
+CLIENT = parse_ip("192.0.2.10")  # matches no client_ip route
+ACTION = ForwardAction((TargetSpec(("10.0.0.5",), 8080),))
+
+
+def _route(index: int, name: str, criteria: MatchCriteria, priority: int = 0) -> CompiledRoute:
+    return CompiledRoute(name=name, match=criteria, action=ACTION, index=index, priority=priority)
+
+
+def exact_domain(i: int) -> str:
+    return f"svc{i}.tenant{i % 97}.example.com"
+
+
+def wildcard_suffix(i: int) -> str:
+    return f"zone{i}.example.net"
+
+
+def build_routes(size: int) -> tuple[list[CompiledRoute], int, int]:
+    """``size`` routes; returns them with the number of exact and wildcard routes."""
+    wildcards = max(1, size // 20)
+    exacts = size - wildcards - IP_ROUTES - FALLBACKS
+    routes: list[CompiledRoute] = []
+    for i in range(exacts):
+        criteria = MatchCriteria(
+            ports=frozenset({PORTS[i % 2]}),  # 443 and 80
+            domains=(compile_domain(exact_domain(i)),),
+        )
+        routes.append(_route(len(routes), f"exact-{i}", criteria))
+    for i in range(wildcards):
+        criteria = MatchCriteria(
+            ports=frozenset({PORT, 8443}),
+            domains=(compile_domain("*." + wildcard_suffix(i)),),
+        )
+        routes.append(_route(len(routes), f"wild-{i}", criteria))
+    for i in range(IP_ROUTES):
+        criteria = MatchCriteria(
+            ports=frozenset({PORT}), client_ip=(compile_ip_rule(f"10.{i}.0.0/16"),)
+        )
+        routes.append(_route(len(routes), f"ip-{i}", criteria, priority=1))
+    for port in PORTS:
+        routes.append(_route(len(routes), f"fallback-{port}", MatchCriteria(frozenset({port}))))
+    assert len(routes) == size
+    return routes, exacts, wildcards
+
+
+def connections(size: int) -> dict[str, tuple[list[ConnectionFacts], str]]:
+    """Per case: up to 64 distinct connections, and the name prefix the winner must have."""
+    _, exacts, wildcards = build_routes(size)
+    on_port = [i for i in range(exacts) if PORTS[i % 2] == PORT]
+    step = max(1, len(on_port) // 64)
+    exact = [ConnectionFacts(PORT, CLIENT, exact_domain(i), True) for i in on_port[::step][:64]]
+    wild = [
+        ConnectionFacts(PORT, CLIENT, f"www.{wildcard_suffix(i)}", True)
+        for i in range(0, wildcards, max(1, wildcards // 64))
+    ][:64]
+    miss = [ConnectionFacts(PORT, CLIENT, f"host{i}.example.org", True) for i in range(64)]
+    bare = [ConnectionFacts(PORT, CLIENT) for _ in range(64)]
+    return {
+        "exact hit": (exact, "exact-"),
+        "wildcard hit": (wild, "wild-"),
+        "miss -> fallback": (miss, "fallback-"),
+        "no domain": (bare, "fallback-"),
+    }
+
+
+def time_matches(table: RouteTable, facts: Sequence[ConnectionFacts], loops: int) -> float:
+    """Microseconds per ``match`` call over ``loops`` calls cycling through ``facts``."""
+    batch = [facts[i % len(facts)] for i in range(loops)]
+    match = table.match
+    start = time.perf_counter()
+    for item in batch:
+        match(item)
+    return (time.perf_counter() - start) / loops * 1e6
+
+
+def time_build(routes: Sequence[CompiledRoute]) -> float:
+    """Milliseconds to build one table."""
+    start = time.perf_counter()
+    RouteTable(routes)
+    return (time.perf_counter() - start) * 1e3
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Time RouteTable.match at 10 to 10,000 routes.")
+    parser.add_argument("--loops", type=int, default=50_000, help="match calls per run")
+    parser.add_argument("--repeat", type=int, default=5, help="runs per figure (median)")
+    args = parser.parse_args(argv)
+
+    routes = {size: build_routes(size)[0] for size in SIZES}
+    tables = {size: RouteTable(routes[size]) for size in SIZES}
+    cases = {size: connections(size) for size in SIZES}
+    for size in SIZES:  # check that every case is what it says before timing it
+        for case, (facts, winner) in cases[size].items():
+            for item in facts:
+                found = tables[size].match(item)
+                assert found is not None and found.route.name.startswith(winner), (size, case)
+
+    names = list(cases[SIZES[0]])
+    match_runs: dict[tuple[str, int], list[float]] = {}
+    build_runs: dict[int, list[float]] = {size: [] for size in SIZES}
+    gc.disable()
+    try:
+        # Interleave sizes and cases so that drift on the machine hits them all alike.
+        for _ in range(args.repeat):
+            for size in SIZES:
+                build_runs[size].append(time_build(routes[size]))
+                for case in names:
+                    facts = cases[size][case][0]
+                    runs = match_runs.setdefault((case, size), [])
+                    runs.append(time_matches(tables[size], facts, args.loops))
+    finally:
+        gc.enable()
+
+    print(
+        f"nproc {os.cpu_count()}, Python {platform.python_version()} "
+        f"({platform.python_implementation()}), {platform.machine()} {platform.system()}"
+    )
+    print(f"median of {args.repeat} runs x {args.loops} calls, microseconds per match call\n")
+    header = "".join(f"{size:>10,}" for size in SIZES)
+    print(f"{'case':<18}{header}{'10,000/10':>12}")
+    for case in names:
+        medians = [statistics.median(match_runs[case, size]) for size in SIZES]
+        ratio = medians[-1] / medians[0]
+        print(f"{case:<18}{''.join(f'{m:>10.3f}' for m in medians)}{ratio:>12.2f}")
+    builds = [statistics.median(build_runs[size]) for size in SIZES]
+    print(f"{'build (ms)':<18}{''.join(f'{b:>10.3f}' for b in builds)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

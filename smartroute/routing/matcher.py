@@ -1,0 +1,240 @@
+"""Route matching: pick the winning route for what is known about a connection.
+
+Pure and synchronous. :class:`RouteTable` indexes the enabled routes once: by port, then by exact
+domain (a dict), wildcard suffix (a dict walked with the connection domain's label suffixes, ``*``
+under the empty suffix) and "no domain". Every bucket is pre-sorted by the winner ordering, so a
+match looks at a handful of buckets and stops at the first full match in each: its cost depends
+on the domain's label count and on how many routes share a bucket, not on the table's size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from operator import itemgetter
+from types import MappingProxyType
+from typing import TypeAlias
+
+from smartroute.routing.model import CompiledRoute, MatchCriteria
+from smartroute.routing.patterns import IPAddress
+
+# The winner ordering, smallest first:
+# (-priority, domain class, -wildcard suffix length, path rank, definition index).
+_Key: TypeAlias = tuple[int, int, int, int, int]
+# A bucket entry: the key, the answer when the route wins without path params (built once, so
+# that most matches allocate nothing), and the criteria left to check once port and domain are
+# known (None when there are none).
+_Entry: TypeAlias = tuple[_Key, "RouteMatch", MatchCriteria | None]
+_Found: TypeAlias = tuple[_Key, "RouteMatch"]
+
+_EXACT, _WILDCARD, _NO_DOMAIN = 0, 1, 2
+_NO_PARAMS: Mapping[str, str] = MappingProxyType({})
+_by_key = itemgetter(0)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionFacts:
+    """What is known about a connection when it is matched."""
+
+    port: int
+    client_ip: IPAddress  # from patterns.parse_ip (IPv4-mapped already unwrapped)
+    domain: str | None = None  # SNI (TLS) or Host (HTTP), already normalize_host'ed
+    is_tls: bool = False
+    tls_version: str | None = None  # the highest version the ClientHello offers ("TLSv1.3")
+    alpn: tuple[str, ...] = ()  # offered by the client
+    path: str | None = None  # HTTP only, without query
+    headers: Mapping[str, str] | None = None  # HTTP only, lower-cased names
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    """The winning route and the path params it captured (empty if none)."""
+
+    route: CompiledRoute
+    params: Mapping[str, str]
+
+
+def _path_rank(criteria: MatchCriteria) -> int:
+    """Longer literal path prefix first; any path before no path (prefixes are never empty)."""
+    return 0 if criteria.path is None else -1 - len(criteria.path.literal_prefix)
+
+
+def _has_conditions(criteria: MatchCriteria) -> bool:
+    """True when something other than port and domain must be checked per connection."""
+    return bool(
+        criteria.path
+        or criteria.client_ip
+        or criteria.tls_version
+        or criteria.alpn
+        or criteria.headers
+    )
+
+
+def _conditions(criteria: MatchCriteria, facts: ConnectionFacts) -> Mapping[str, str] | None:
+    """Check everything but port and domain; return the path params, or None on a mismatch."""
+    # Plain loops rather than any()/all(): a generator costs more than a rule check here.
+    if criteria.client_ip:
+        address = facts.client_ip
+        for ip_rule in criteria.client_ip:
+            if ip_rule.matches(address):
+                break
+        else:
+            return None
+    if criteria.tls_version and facts.tls_version not in criteria.tls_version:
+        return None
+    if criteria.alpn and criteria.alpn.isdisjoint(facts.alpn):
+        return None
+    if criteria.headers:
+        headers = facts.headers
+        if headers is None:
+            return None
+        for header_rule in criteria.headers:
+            if not header_rule.matches(headers):
+                return None
+    if criteria.path is None:
+        return _NO_PARAMS
+    if facts.path is None:
+        return None
+    return criteria.path.match(facts.path)
+
+
+def _first(bucket: list[_Entry], facts: ConnectionFacts, bound: _Key | None) -> _Found | None:
+    """The first full match in a sorted bucket, if it orders before ``bound``."""
+    for key, found, criteria in bucket:
+        if bound is not None and key >= bound:
+            return None
+        if criteria is None:
+            return key, found
+        params = _conditions(criteria, facts)
+        if params is not None:
+            return key, (RouteMatch(found.route, params) if params else found)
+    return None
+
+
+class _PortIndex:
+    """The buckets of one port."""
+
+    __slots__ = ("exact", "wildcard", "wildcard_floor", "no_domain", "routes", "needs_data")
+
+    def __init__(self) -> None:
+        self.exact: dict[str, list[_Entry]] = {}
+        self.wildcard: dict[str, list[_Entry]] = {}  # "*" is the empty suffix
+        self.wildcard_floor: _Key | None = None  # the best key of any wildcard entry
+        self.no_domain: list[_Entry] = []
+        self.routes: list[tuple[_Key, CompiledRoute]] = []  # best-case key, for ordered()
+        self.needs_data = False
+
+    def finish(self) -> None:
+        for bucket in self.exact.values():
+            if len(bucket) > 1:
+                bucket.sort(key=_by_key)
+        for bucket in self.wildcard.values():
+            if len(bucket) > 1:
+                bucket.sort(key=_by_key)
+        if self.wildcard:
+            self.wildcard_floor = min(bucket[0][0] for bucket in self.wildcard.values())
+        self.no_domain.sort(key=_by_key)
+
+
+class RouteTable:
+    """The enabled routes, indexed for matching; disabled routes are ignored entirely."""
+
+    __slots__ = ("_ports",)
+
+    def __init__(self, routes: Sequence[CompiledRoute]) -> None:
+        ports: dict[int, _PortIndex] = {}
+        for route in routes:
+            if not route.enabled:
+                continue
+            criteria = route.match
+            rank = -route.priority
+            path_rank = _path_rank(criteria)
+            order = route.index
+            # Where the route goes and with which key, one entry per bucket: with several
+            # domains, the pattern that matched a connection decides its specificity.
+            exact: dict[str, _Key] = {}
+            wildcard: dict[str, _Key] = {}
+            for pattern in criteria.domains:
+                if pattern.exact:
+                    exact[pattern.text] = (rank, _EXACT, 0, path_rank, order)
+                else:
+                    suffix = pattern.suffix
+                    wildcard[suffix] = (rank, _WILDCARD, -len(suffix), path_rank, order)
+            no_domain: _Key = (rank, _NO_DOMAIN, 0, path_rank, order)
+            best = min([*exact.values(), *wildcard.values()], default=no_domain)
+            answer = RouteMatch(route, _NO_PARAMS)
+            extra = criteria if _has_conditions(criteria) else None
+            needs_data = criteria.needs_data
+            for port in criteria.ports:
+                index = ports.get(port)
+                if index is None:
+                    index = ports[port] = _PortIndex()
+                index.routes.append((best, route))
+                index.needs_data = index.needs_data or needs_data
+                if not criteria.domains:
+                    index.no_domain.append((no_domain, answer, extra))
+                    continue
+                for text, key in exact.items():
+                    index.exact.setdefault(text, []).append((key, answer, extra))
+                for suffix, key in wildcard.items():
+                    index.wildcard.setdefault(suffix, []).append((key, answer, extra))
+        for index in ports.values():
+            index.finish()
+        self._ports = ports
+
+    @property
+    def port_counts(self) -> dict[int, int]:
+        """Port -> number of enabled routes using it (a fresh dict)."""
+        return {port: len(index.routes) for port, index in self._ports.items()}
+
+    def has_port(self, port: int) -> bool:
+        return port in self._ports
+
+    def needs_data(self, port: int) -> bool:
+        """True when some route on ``port`` needs the client's first bytes to be matched."""
+        index = self._ports.get(port)
+        return index is not None and index.needs_data
+
+    def match(self, facts: ConnectionFacts) -> RouteMatch | None:
+        """The winning route for ``facts``, or None when no route matches."""
+        index = self._ports.get(facts.port)
+        if index is None:
+            return None
+        best: _Found | None = None
+        domain = facts.domain
+        if domain is not None:
+            # Most specific buckets first: later ones are then usually skipped by their floor
+            # (their best key) or cut short inside _first.
+            bucket = index.exact.get(domain)
+            if bucket is not None:
+                best = _first(bucket, facts, None)
+            floor = index.wildcard_floor
+            if floor is not None and (best is None or floor < best[0]):
+                wildcard = index.wildcard
+                dot = domain.find(".")
+                while True:
+                    # Every suffix after a dot, longest first, then "" for the "*" routes.
+                    bucket = wildcard.get(domain[dot + 1 :] if dot >= 0 else "")
+                    if bucket is not None:
+                        found = _first(bucket, facts, None if best is None else best[0])
+                        if found is not None:
+                            best = found
+                            # Shorter suffixes come next: only a higher priority could win.
+                            if found[0][0] <= floor[0]:
+                                break
+                    if dot < 0:
+                        break
+                    dot = domain.find(".", dot + 1)
+        bucket = index.no_domain
+        if bucket and (best is None or bucket[0][0] < best[0]):
+            found = _first(bucket, facts, None if best is None else best[0])
+            if found is not None:
+                best = found
+        return None if best is None else best[1]
+
+    def ordered(self, port: int) -> list[CompiledRoute]:
+        """Every route on ``port`` in match order, each at its most specific domain."""
+        index = self._ports.get(port)
+        if index is None:
+            return []
+        return [route for _, route in sorted(index.routes, key=_by_key)]
