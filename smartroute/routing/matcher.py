@@ -20,6 +20,7 @@ from smartroute.routing.patterns import IPAddress
 
 # The winner ordering, smallest first:
 # (-priority, domain class, -wildcard suffix length, path rank, definition index).
+# "*" is a wildcard with an empty suffix: after every other wildcard, before "no domain".
 _Key: TypeAlias = tuple[int, int, int, int, int]
 # A bucket entry: the key, the answer when the route wins without path params (built once, so
 # that most matches allocate nothing), and the criteria left to check once port and domain are
@@ -150,34 +151,40 @@ class RouteTable:
             rank = -route.priority
             path_rank = _path_rank(criteria)
             order = route.index
-            # Where the route goes and with which key, one entry per bucket: with several
-            # domains, the pattern that matched a connection decides its specificity.
-            exact: dict[str, _Key] = {}
-            wildcard: dict[str, _Key] = {}
-            for pattern in criteria.domains:
-                if pattern.exact:
-                    exact[pattern.text] = (rank, _EXACT, 0, path_rank, order)
-                else:
-                    suffix = pattern.suffix
-                    wildcard[suffix] = (rank, _WILDCARD, -len(suffix), path_rank, order)
-            no_domain: _Key = (rank, _NO_DOMAIN, 0, path_rank, order)
-            best = min([*exact.values(), *wildcard.values()], default=no_domain)
             answer = RouteMatch(route, _NO_PARAMS)
             extra = criteria if _has_conditions(criteria) else None
+            # One entry per bucket, keyed ("exact" or "wildcard", name): with several domains,
+            # the pattern that matched a connection decides the route's specificity.
+            entries: dict[tuple[int, str], _Entry] = {}
+            for pattern in criteria.domains:
+                if pattern.exact:
+                    key = (rank, _EXACT, 0, path_rank, order)
+                    entries[_EXACT, pattern.text] = (key, answer, extra)
+                else:
+                    key = (rank, _WILDCARD, -len(pattern.suffix), path_rank, order)
+                    entries[_WILDCARD, pattern.suffix] = (key, answer, extra)
+            if entries:
+                best = min(entries.values(), key=_by_key)[0]
+            else:
+                best = (rank, _NO_DOMAIN, 0, path_rank, order)
             needs_data = criteria.needs_data
             for port in criteria.ports:
                 index = ports.get(port)
                 if index is None:
                     index = ports[port] = _PortIndex()
                 index.routes.append((best, route))
-                index.needs_data = index.needs_data or needs_data
-                if not criteria.domains:
-                    index.no_domain.append((no_domain, answer, extra))
+                if needs_data:
+                    index.needs_data = True
+                if not entries:
+                    index.no_domain.append((best, answer, extra))
                     continue
-                for text, key in exact.items():
-                    index.exact.setdefault(text, []).append((key, answer, extra))
-                for suffix, key in wildcard.items():
-                    index.wildcard.setdefault(suffix, []).append((key, answer, extra))
+                for (kind, name), entry in entries.items():
+                    buckets = index.exact if kind == _EXACT else index.wildcard
+                    bucket = buckets.get(name)
+                    if bucket is None:
+                        buckets[name] = [entry]
+                    else:
+                        bucket.append(entry)
         for index in ports.values():
             index.finish()
         self._ports = ports

@@ -1,0 +1,278 @@
+"""What every part of route validation shares: the allowed keys (read from the schema's
+TypedDicts), error messages with "did you mean" hints, small typed checks, and the step that
+turns a schema dataclass into the dict shape it stands for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+from collections.abc import Callable, Collection, Iterable, Mapping
+from typing import Any, Final, TypeVar
+
+from smartroute.errors import ConfigError
+from smartroute.routing import schema
+from smartroute.routing.patterns import (
+    DomainPattern,
+    IpRule,
+    PathPattern,
+    compile_domain,
+    compile_header_rule,
+    compile_ip_rule,
+    compile_path,
+)
+
+_T = TypeVar("_T")
+Raw = Mapping[str, object]
+LISTS = (list, tuple, set, frozenset)
+
+
+def _keys(typed_dict: Any) -> frozenset[str]:
+    return frozenset(typed_dict.__required_keys__ | typed_dict.__optional_keys__)
+
+
+# The TypedDicts of the schema are the one list of allowed keys.
+ROUTE_KEYS = _keys(schema.RouteDict)
+MATCH_KEYS = _keys(schema.MatchDict)
+RANGE_KEYS = _keys(schema.PortRangeDict)
+TARGET_KEYS = _keys(schema.TargetDict)
+TLS_KEYS = _keys(schema.TlsDict)
+CERT_KEYS = _keys(schema.CertificateDict)
+REDIRECT_KEYS = _keys(schema.RedirectDict)
+STATIC_KEYS = _keys(schema.StaticDict)
+SECURITY_KEYS = _keys(schema.SecurityDict)
+RATE_KEYS = _keys(schema.RateLimitDict)
+AUTH_KEYS = _keys(schema.BasicAuthDict)
+ACTION_KEYS: Final = {
+    "forward": _keys(schema.ForwardActionDict),
+    "redirect": _keys(schema.RedirectActionDict),
+    "block": _keys(schema.BlockActionDict),
+    "static": _keys(schema.StaticActionDict),
+    "socket-handler": _keys(schema.SocketHandlerActionDict),
+}
+ANY_ACTION_KEY = frozenset().union(*ACTION_KEYS.values())
+
+# Where each key of the route-level sections lives, relative to the route: the "did you mean"
+# hint for a key written at the wrong level ("domains" at route level -> "match.domains").
+_LOCATIONS: dict[str, str] = {key: key for key in sorted(ROUTE_KEYS)}
+for _section, _section_keys in (
+    ("match", MATCH_KEYS),
+    ("action", ANY_ACTION_KEY),
+    ("action.tls", TLS_KEYS),
+    ("action.tls.certificate", CERT_KEYS),
+    ("security", SECURITY_KEYS),
+    ("security.rate_limit", RATE_KEYS),
+    ("security.basic_auth", AUTH_KEYS),
+    ("action.redirect", REDIRECT_KEYS),
+    ("action.static", STATIC_KEYS),
+):
+    for _key in sorted(_section_keys):
+        _LOCATIONS.setdefault(_key, f"{_section}.{_key}")
+
+
+# -- messages and small checks -------------------------------------------------------------------
+
+
+def got(value: object) -> str:
+    if value is None or isinstance(value, bool | int | float | str | bytes):
+        text = repr(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+    return type(value).__name__
+
+
+def quoted(items: Iterable[object]) -> str:
+    return ", ".join(f'"{item}"' for item in items)
+
+
+def one_of(choices: Collection[object]) -> str:
+    *head, last = [f'"{item}"' if isinstance(item, str) else str(item) for item in choices]
+    return f"{', '.join(head)} or {last}" if head else last
+
+
+def unknown(what: str, value: object, choices: Collection[str]) -> str:
+    """``unknown TLS mode "pasthrough" (did you mean "passthrough"?)``, case-insensitively."""
+    if not isinstance(value, str):
+        return f"unknown {what} {got(value)} (expected {one_of(choices)})"
+    lowered = {choice.lower(): choice for choice in choices}
+    close = difflib.get_close_matches(value.lower(), list(lowered), n=1)
+    hint = f'did you mean "{lowered[close[0]]}"?' if close else f"expected {one_of(choices)}"
+    return f'unknown {what} "{value}" ({hint})'
+
+
+def check_keys(
+    raw: Raw,
+    allowed: frozenset[str],
+    path: str,
+    level: str | None = None,
+    route: str = "",
+    skip: tuple[str, ...] = (),
+) -> None:
+    """Unknown keys are errors; ``level`` (route-relative, "" for the route) enables hints
+    for keys that belong elsewhere in the route, except at locations starting with ``skip``."""
+    if raw.keys() <= allowed:
+        return
+    for key in raw:
+        if key not in allowed:
+            raise ConfigError(path, _unknown_key(key, allowed, level, route, skip))
+
+
+def _unknown_key(
+    key: object, allowed: frozenset[str], level: str | None, route: str, skip: tuple[str, ...]
+) -> str:
+    listed = f"allowed: {quoted(sorted(allowed))}"
+    if not isinstance(key, str):
+        return f"unknown key {key!r} ({listed})"
+    candidates = {name: name for name in allowed}
+    if level is not None:
+        for name, where in _LOCATIONS.items():
+            here = name if level == "" else f"{level}.{name}"
+            if name in candidates or where == here or where.startswith(skip):
+                continue
+            if level == "":
+                candidates[name] = where
+            elif where.startswith(level + "."):
+                candidates[name] = where[len(level) + 1 :]
+            else:
+                candidates[name] = f"{route}.{where}"
+    close = difflib.get_close_matches(key, list(candidates), n=1)
+    hint = f'did you mean "{candidates[close[0]]}"?' if close else listed
+    return f'unknown key "{key}" ({hint})'
+
+
+def require(raw: Raw, path: str, *keys: str) -> None:
+    for key in keys:
+        if raw.get(key) is None:
+            raise ConfigError(path, f'missing required key "{key}"')
+
+
+def expect_int(value: object, path: str, minimum: int | None = None) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise ConfigError(path, f"expected an int{bound}, got {got(value)}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(path, f"expected an int >= {minimum}, got {value}")
+    return value
+
+
+def expect_port(value: object, path: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(path, f"expected an int, got {got(value)}")
+    if not 1 <= value <= 65535:
+        raise ConfigError(path, f"{value} is not a port (1-65535)")
+    return value
+
+
+def expect_bool(value: object, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(path, f"expected a bool, got {got(value)}")
+    return value
+
+
+def expect_text(value: object, path: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(path, f"expected a non-empty str, got {got(value)}")
+    return value
+
+
+def expect_choice(value: object, path: str, choices: tuple[str, ...], what: str) -> str:
+    if isinstance(value, str) and value in choices:
+        return value
+    raise ConfigError(path, unknown(what, value, choices))
+
+
+def expect_strings(value: object, path: str, convert: Callable[[str, str], _T]) -> tuple[_T, ...]:
+    """A str or a non-empty list of str, each passed through ``convert(text, path)``."""
+    if isinstance(value, str):
+        return (convert(value, path),)
+    if not isinstance(value, LISTS):
+        raise ConfigError(path, f"expected a str or a list of str, got {got(value)}")
+    if not value:
+        raise ConfigError(path, "empty list (use None or omit it)")
+    items: list[_T] = []
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise ConfigError(f"{path}[{i}]", f"expected a str, got {got(item)}")
+        items.append(convert(item, f"{path}[{i}]"))
+    return tuple(items)
+
+
+def _compiler(compile_one: Callable[[str], _T]) -> Callable[[str, str], _T]:
+    """Wrap a ``patterns.compile_*`` function: cached, ValueError -> ConfigError at ``path``."""
+    cached = functools.lru_cache(maxsize=4096)(compile_one)
+
+    def convert(text: str, path: str) -> _T:
+        try:
+            return cached(text)
+        except ValueError as exc:
+            raise ConfigError(path, str(exc)) from None
+
+    return convert
+
+
+domain: Callable[[str, str], DomainPattern] = _compiler(compile_domain)
+ip_rule: Callable[[str, str], IpRule] = _compiler(compile_ip_rule)
+path_pattern: Callable[[str, str], PathPattern] = _compiler(compile_path)
+header_rule = functools.lru_cache(maxsize=1024)(compile_header_rule)
+
+
+# -- dataclass input -> dict shape ---------------------------------------------------------------
+
+_FIELDS: dict[type, tuple[tuple[str, object], ...]] = {}
+
+
+def _shallow(obj: Any) -> dict[str, object]:
+    """A schema dataclass as its dict form, one level deep; ``None`` and default values omitted."""
+    spec = _FIELDS.get(type(obj))
+    if spec is None:
+        spec = _FIELDS[type(obj)] = tuple((f.name, f.default) for f in dataclasses.fields(obj))
+    shape: dict[str, object] = {}
+    for name, default in spec:
+        value = getattr(obj, name)
+        # type() guard: Route(enabled=1) must reach the validator, not pass as the default True
+        if value is None or (type(value) is type(default) and value == default):
+            continue
+        shape[name] = value
+    return shape
+
+
+def mapping(value: object, path: str, kind: type | None = None) -> Raw:
+    if type(value) is dict or isinstance(value, Mapping):
+        return value
+    if kind is not None and isinstance(value, kind):
+        return _shallow(value)
+    expected = "a mapping" if kind is None else f"a mapping or a {kind.__name__}"
+    raise ConfigError(path, f"expected {expected}, got {got(value)}")
+
+
+_ACTION_CLASSES = (
+    schema.Forward,
+    schema.Redirect,
+    schema.Block,
+    schema.Static,
+    schema.SocketHandler,
+)
+
+
+def action_mapping(value: object, path: str) -> Raw:
+    if type(value) is dict or isinstance(value, Mapping):
+        return value
+    if not isinstance(value, _ACTION_CLASSES):
+        names = ", ".join(kind.__name__ for kind in _ACTION_CLASSES)
+        raise ConfigError(path, f"expected a mapping or one of {names}, got {got(value)}")
+    fields = _shallow(value)
+    tls = fields.pop("tls", None)
+    shape: dict[str, object]
+    if isinstance(value, schema.Forward):
+        shape = {"type": "forward", **fields}
+    elif isinstance(value, schema.Redirect):
+        shape = {"type": "redirect", "redirect": fields}
+    elif isinstance(value, schema.Static):
+        shape = {"type": "static", "static": fields}
+    elif isinstance(value, schema.SocketHandler):
+        shape = {"type": "socket-handler", "socket_handler": value.handler}
+    else:
+        shape = {"type": "block"}
+    if tls is not None:
+        shape["tls"] = tls
+    return shape

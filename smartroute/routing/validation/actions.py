@@ -1,0 +1,261 @@
+"""The ``action`` block of a route: forward targets, redirect, static, socket handlers (imported
+from "package.module:function" strings), and the dispatch on the action type."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import os
+import re
+from collections.abc import Mapping
+from typing import Literal, cast
+
+from smartroute.errors import ConfigError
+from smartroute.routing import schema
+from smartroute.routing.model import (
+    REDIRECT_STATUSES,
+    Action,
+    BlockAction,
+    ForwardAction,
+    ForwardProtocol,
+    HostFunction,
+    PortFunction,
+    RedirectAction,
+    SocketHandler,
+    SocketHandlerAction,
+    StaticAction,
+    TargetSpec,
+)
+from smartroute.routing.validation._fields import (
+    ACTION_KEYS,
+    ANY_ACTION_KEY,
+    REDIRECT_KEYS,
+    STATIC_KEYS,
+    TARGET_KEYS,
+    Raw,
+    action_mapping,
+    check_keys,
+    expect_choice,
+    expect_int,
+    expect_port,
+    expect_strings,
+    expect_text,
+    got,
+    mapping,
+    one_of,
+    quoted,
+    require,
+)
+
+_ACTION_TYPES = tuple(ACTION_KEYS)
+_PROTOCOLS: tuple[ForwardProtocol, ...] = ("auto", "tcp", "http")
+_TEMPLATE_NAMES = ("domain", "port", "path", "query")
+_TEMPLATE_VAR = re.compile(r"\{([^{}]*)\}")
+
+
+def _host(value: object, path: str) -> tuple[str, ...] | HostFunction:
+    if type(value) is str and value and value == value.strip() and " " not in value:
+        return (value,)
+    if isinstance(value, str | list | tuple):
+        if not value and not isinstance(value, str):
+            raise ConfigError(path, "empty list (give at least one host)")
+        hosts = expect_strings(value, path, expect_text)
+        for i, host in enumerate(hosts):
+            if host != host.strip() or " " in host:
+                where = path if isinstance(value, str) else f"{path}[{i}]"
+                raise ConfigError(where, f"{host!r} is not a host name (it contains spaces)")
+        return hosts
+    if callable(value):
+        return cast(HostFunction, value)
+    raise ConfigError(
+        path, f"expected a host name, a list of host names or a callable, got {got(value)}"
+    )
+
+
+def _target_port(value: object, path: str) -> int | Literal["preserve"] | PortFunction:
+    if type(value) is int and 1 <= value <= 65535:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return expect_port(value, path)
+    if value == "preserve":
+        return "preserve"
+    if callable(value):
+        return cast(PortFunction, value)
+    raise ConfigError(
+        path, f'expected a port (1-65535), "preserve" or a callable, got {got(value)}'
+    )
+
+
+def _target(value: object, path: str) -> TargetSpec:
+    raw = mapping(value, path, schema.Target)
+    check_keys(raw, TARGET_KEYS, path)
+    host, port = raw.get("host"), raw.get("port")
+    if host is None or port is None:
+        require(raw, path, "host", "port")
+    return TargetSpec(_host(host, f"{path}.host"), _target_port(port, f"{path}.port"))
+
+
+def _forward(raw: Raw, path: str) -> ForwardAction:
+    require(raw, path, "targets")
+    value, where = raw["targets"], f"{path}.targets"
+    if type(value) is list or isinstance(value, tuple):
+        if not value:
+            raise ConfigError(where, "empty list (give at least one target)")
+        targets = tuple([_target(item, f"{where}[{i}]") for i, item in enumerate(value)])
+    elif isinstance(value, Mapping | schema.Target):
+        targets = (_target(value, where),)
+    else:
+        raise ConfigError(where, f"expected a list of targets, got {got(value)}")
+    protocol = raw.get("protocol")
+    if protocol is not None:
+        protocol = expect_choice(protocol, f"{path}.protocol", _PROTOCOLS, "protocol")
+    return ForwardAction(targets, cast(ForwardProtocol, protocol or "auto"))
+
+
+def _redirect(raw: Raw, path: str, route: str) -> RedirectAction:
+    require(raw, path, "redirect")
+    where = f"{path}.redirect"
+    inner = mapping(raw["redirect"], where)
+    check_keys(inner, REDIRECT_KEYS, where, "action.redirect", route)
+    require(inner, where, "to")
+    to = expect_text(inner["to"], f"{where}.to")
+    for found in _TEMPLATE_VAR.finditer(to):
+        if found[1] not in _TEMPLATE_NAMES:
+            allowed = ", ".join(f"{{{name}}}" for name in _TEMPLATE_NAMES)
+            raise ConfigError(
+                f"{where}.to", f"unknown template variable {found[0]} (allowed: {allowed})"
+            )
+    status = inner.get("status")
+    if status is None:
+        return RedirectAction(to)
+    if expect_int(status, f"{where}.status") not in REDIRECT_STATUSES:
+        raise ConfigError(
+            f"{where}.status",
+            f"{status} is not a redirect status (expected {one_of(sorted(REDIRECT_STATUSES))})",
+        )
+    return RedirectAction(to, cast(int, status))
+
+
+def _static(raw: Raw, path: str, route: str) -> StaticAction:
+    require(raw, path, "static")
+    where = f"{path}.static"
+    inner = mapping(raw["static"], where)
+    check_keys(inner, STATIC_KEYS, where, "action.static", route)
+    get = inner.get
+    root, content = get("root"), get("content")
+    if (root is None) == (content is None):
+        both = ", not both" if root is not None else ""
+        raise ConfigError(where, f'give either "root" (a directory) or "content"{both}')
+    index: tuple[str, ...] = ("index.html",)
+    if get("index") is not None:
+        if root is None:
+            raise ConfigError(f"{where}.index", 'only applies with "root"')
+        index = expect_strings(get("index"), f"{where}.index", expect_text)
+    body: bytes | None = None
+    if root is not None:
+        if isinstance(root, os.PathLike):
+            root = os.fspath(root)
+        if not isinstance(root, str) or not root:
+            raise ConfigError(f"{where}.root", f"expected a directory path, got {got(root)}")
+        if not os.path.isdir(root):
+            problem = "is not a directory" if os.path.exists(root) else "does not exist"
+            raise ConfigError(f"{where}.root", f"{root!r} {problem}")
+        root = os.path.abspath(root)
+    elif isinstance(content, str):
+        body = content.encode("utf-8")
+    elif isinstance(content, bytes | bytearray):
+        body = bytes(content)
+    else:
+        raise ConfigError(f"{where}.content", f"expected a str or bytes, got {got(content)}")
+    content_type = "text/plain; charset=utf-8"
+    if get("content_type") is not None:
+        content_type = expect_text(get("content_type"), f"{where}.content_type")
+    status = 200
+    if get("status") is not None:
+        status = expect_int(get("status"), f"{where}.status")
+        if not 100 <= status <= 599:
+            raise ConfigError(f"{where}.status", f"{status} is not an HTTP status (100-599)")
+    return StaticAction(root, index, body, content_type, status)
+
+
+def _import(spec: str, path: str) -> object:
+    module_name, colon, attribute = spec.partition(":")
+    if not colon or not module_name.strip() or not attribute.strip():
+        raise ConfigError(
+            path, f'{spec!r} is not an import path (expected "package.module:function")'
+        )
+    try:
+        found: object = importlib.import_module(module_name.strip())
+        for part in attribute.strip().split("."):
+            found = getattr(found, part)
+    except Exception as exc:  # whatever importing user code raises, report it at this field
+        raise ConfigError(path, f"cannot import {spec!r} ({type(exc).__name__}: {exc})") from exc
+    return found
+
+
+def _is_async(handler: object) -> bool:
+    while isinstance(handler, functools.partial):
+        handler = handler.func
+    if inspect.iscoroutinefunction(handler):
+        return True
+    if inspect.isroutine(handler) or inspect.isclass(handler):
+        return False
+    # an object whose class defines ``async def __call__``
+    return inspect.iscoroutinefunction(type(handler).__call__)
+
+
+def _socket_handler(raw: Raw, path: str) -> SocketHandlerAction:
+    require(raw, path, "socket_handler")
+    where = f"{path}.socket_handler"
+    handler = raw["socket_handler"]
+    if isinstance(handler, str):
+        handler = _import(handler, where)
+        if not callable(handler):
+            raise ConfigError(
+                where, f"{raw['socket_handler']!r} is not callable (got {got(handler)})"
+            )
+    if not callable(handler):
+        raise ConfigError(
+            where,
+            f'expected an async function or a "package.module:function" string, got {got(handler)}',
+        )
+    if not _is_async(handler):
+        name = getattr(handler, "__qualname__", type(handler).__name__)
+        raise ConfigError(
+            where,
+            f"{name} is not async (expected async def handler(reader, writer, ctx) -> None)",
+        )
+    return SocketHandlerAction(cast(SocketHandler, handler))
+
+
+def compile_action(value: object, path: str, route: str) -> tuple[Action, object]:
+    """The action and its raw ``tls`` value (validated later, with the route around it)."""
+    raw = action_mapping(value, path)
+    kind = raw.get("type")
+    if kind is None:
+        raise ConfigError(path, f'missing required key "type" ({one_of(_ACTION_TYPES)})')
+    kind = expect_choice(kind, f"{path}.type", _ACTION_TYPES, "action type")
+    allowed = ACTION_KEYS[kind]
+    if not raw.keys() <= allowed:
+        for key in raw:
+            if key not in allowed and key in ANY_ACTION_KEY:
+                listed = quoted(sorted(allowed))
+                raise ConfigError(
+                    path, f'unknown key "{key}" for a "{kind}" action (allowed: {listed})'
+                )
+        # a block action with "status" should not hear about redirect.status
+        skip = tuple(f"action.{other}." for other in ("redirect", "static") if other != kind)
+        check_keys(raw, allowed, path, "action", route, skip)
+    action: Action
+    if kind == "forward":
+        action = _forward(raw, path)
+    elif kind == "redirect":
+        action = _redirect(raw, path, route)
+    elif kind == "static":
+        action = _static(raw, path, route)
+    elif kind == "socket-handler":
+        action = _socket_handler(raw, path)
+    else:
+        action = BlockAction()
+    return action, raw.get("tls")

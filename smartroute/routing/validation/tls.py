@@ -1,0 +1,152 @@
+"""The ``action.tls`` block of a route: PEM text or files, certificate and key checks."""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from pathlib import Path
+from typing import Literal, cast
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+
+from smartroute.errors import ConfigError
+from smartroute.routing import schema
+from smartroute.routing.model import Action, CertificatePair, TlsMode, TlsSettings
+from smartroute.routing.validation._fields import (
+    CERT_KEYS,
+    TLS_KEYS,
+    check_keys,
+    expect_bool,
+    expect_choice,
+    expect_text,
+    got,
+    mapping,
+    require,
+)
+
+_TLS_MODES: tuple[TlsMode, ...] = ("passthrough", "terminate", "terminate-and-reencrypt")
+_BACKEND_KEYS = ("backend_verify", "backend_ca", "backend_server_name")
+_PEM_KEY = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
+
+
+def _pem(value: object, path: str) -> tuple[str, str | None]:
+    """PEM text as given, or read from a file path: (text, absolute path or None)."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if isinstance(value, bytes) and b"-----BEGIN" in value:
+        value = value.decode("ascii", errors="replace")
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(path, f"expected PEM text or a file path, got {got(value)}")
+    if "-----BEGIN" in value or "\n" in value:
+        return value, None
+    try:
+        text = Path(value).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(path, f"file {value!r} does not exist") from None
+    except UnicodeDecodeError:
+        raise ConfigError(
+            path, f"{value!r} is not a PEM file (binary; DER must be converted)"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(path, f"cannot read {value!r} ({exc.strerror or exc})") from None
+    return text, os.path.abspath(value)
+
+
+def _cert_problem(pem: str, source: str | None) -> str | None:
+    where = "" if source is None else f" in {source!r}"
+    if "-----BEGIN CERTIFICATE-----" not in pem:
+        return f'no PEM certificate found{where} (expected a "-----BEGIN CERTIFICATE-----" block)'
+    try:
+        x509.load_pem_x509_certificates(pem.encode())
+    except ValueError:
+        return f"the PEM certificate{where} is malformed"
+    return None
+
+
+@functools.lru_cache(maxsize=128)
+def _pair_problem(
+    cert_pem: str, key_pem: str, cert_path: str | None, key_path: str | None
+) -> tuple[str, str] | None:
+    """(field, problem) when the pair does not load or does not belong together; cached because
+    many routes often share one certificate."""
+    problem = _cert_problem(cert_pem, cert_path)
+    if problem is not None:
+        return "cert", problem
+    where = "" if key_path is None else f" in {key_path!r}"
+    if _PEM_KEY.search(key_pem) is None:
+        block = '"-----BEGIN PRIVATE KEY-----"'
+        return "key", f"no PEM private key found{where} (expected a {block} block)"
+    try:
+        key = serialization.load_pem_private_key(key_pem.encode(), password=None)
+    except TypeError:
+        return "key", f"the private key{where} is encrypted (give an unencrypted key)"
+    except (ValueError, UnsupportedAlgorithm):
+        return "key", f"the PEM private key{where} is malformed"
+    cert = x509.load_pem_x509_certificates(cert_pem.encode())[0]
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if cert.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
+        return "", "the key does not match the certificate"
+    return None
+
+
+def _certificate(value: object, path: str, route: str) -> CertificatePair:
+    if isinstance(value, str):
+        raise ConfigError(path, f'expected "auto" or {{"cert": ..., "key": ...}}, got {got(value)}')
+    raw = mapping(value, path, schema.Certificate)
+    check_keys(raw, CERT_KEYS, path, "action.tls.certificate", route)
+    require(raw, path, "cert", "key")
+    cert_pem, cert_path = _pem(raw["cert"], f"{path}.cert")
+    key_pem, key_path = _pem(raw["key"], f"{path}.key")
+    problem = _pair_problem(cert_pem, key_pem, cert_path, key_path)
+    if problem is not None:
+        field, message = problem
+        raise ConfigError(f"{path}.{field}" if field else path, message)
+    return CertificatePair(cert_pem, key_pem, cert_path, key_path)
+
+
+def compile_tls(value: object, path: str, action: Action, route: str) -> TlsSettings:
+    raw = mapping(value, path, schema.Tls)
+    check_keys(raw, TLS_KEYS, path, "action.tls", route)
+    require(raw, path, "mode")
+    mode = cast(TlsMode, expect_choice(raw["mode"], f"{path}.mode", _TLS_MODES, "TLS mode"))
+    if mode != "terminate" and action.type != "forward":
+        raise ConfigError(
+            f"{path}.mode",
+            f'"{mode}" only works with forward actions, not "{action.type}" (use "terminate")',
+        )
+    certificate = raw.get("certificate")
+    if mode == "passthrough" and certificate is not None:
+        raise ConfigError(
+            f"{path}.certificate", 'not allowed with mode "passthrough" (nothing is decrypted)'
+        )
+    for key in _BACKEND_KEYS:
+        if mode != "terminate-and-reencrypt" and raw.get(key) is not None:
+            raise ConfigError(f"{path}.{key}", 'only applies with mode "terminate-and-reencrypt"')
+    if mode == "passthrough":
+        return TlsSettings(mode)
+    if certificate is None:
+        raise ConfigError(
+            path, f'mode "{mode}" needs a "certificate" ("auto" or {{"cert": ..., "key": ...}})'
+        )
+    pair: CertificatePair | Literal["auto"] = "auto"
+    if certificate != "auto":
+        pair = _certificate(certificate, f"{path}.certificate", route)
+    verify, ca, server_name = (raw.get(key) for key in _BACKEND_KEYS)
+    ca_pem: str | None = None
+    if ca is not None:
+        ca_pem, ca_path = _pem(ca, f"{path}.backend_ca")
+        problem = _cert_problem(ca_pem, ca_path)
+        if problem is not None:
+            raise ConfigError(f"{path}.backend_ca", problem)
+    return TlsSettings(
+        mode,
+        pair,
+        backend_verify=True if verify is None else expect_bool(verify, f"{path}.backend_verify"),
+        backend_ca=ca_pem,
+        backend_server_name=None
+        if server_name is None
+        else expect_text(server_name, f"{path}.backend_server_name"),
+    )

@@ -1,0 +1,58 @@
+"""SmartRoute keyword arguments are validated like routes: bad ones name themselves."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from smartroute import ConfigError, Settings, SmartRoute
+from smartroute.settings import validate_settings
+
+
+def test_defaults_and_accepted_forms() -> None:
+    assert validate_settings({}) == Settings()
+    settings = validate_settings(
+        {
+            "bind_address": "127.0.0.1",
+            "initial_data_timeout": 2,
+            "connect_timeout": 0.5,
+            "idle_timeout": None,
+            "max_connection_lifetime": 60,
+            "graceful_shutdown_timeout": 1,
+            "accept_proxy_protocol": True,
+            "proxy_ips": "10.0.0.0/8",
+            "acme": {"email": "ops@example.test"},
+            "backlog": 16,
+        }
+    )
+    assert settings.initial_data_timeout == 2.0 and isinstance(settings.initial_data_timeout, float)
+    assert settings.idle_timeout is None and settings.proxy_ips == ("10.0.0.0/8",)
+    assert SmartRoute([], connect_timeout=3).settings.connect_timeout == 3.0
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ({"conect_timeout": 1}, 'settings.conect_timeout: unknown setting (did you mean "connect_timeout"?)'),
+        ({"zzz": 1}, "settings.zzz: unknown setting"),
+        ({"connect_timeout": "5"}, "settings.connect_timeout: expected a number of seconds, got '5'"),
+        ({"connect_timeout": True}, "settings.connect_timeout: expected a number of seconds, got True"),
+        ({"connect_timeout": None}, "settings.connect_timeout: expected a number of seconds, got None"),
+        ({"initial_data_timeout": 0}, "settings.initial_data_timeout: must be greater than 0, got 0"),
+        ({"idle_timeout": -1}, "settings.idle_timeout: must be greater than 0, got -1"),
+        ({"idle_timeout": "x"}, "settings.idle_timeout: expected a number of seconds or None, got 'x'"),
+        ({"bind_address": ""}, "settings.bind_address: expected an address, got ''"),
+        ({"accept_proxy_protocol": 1}, "settings.accept_proxy_protocol: expected True or False, got 1"),
+        ({"proxy_ips": ["10.0.0.1", "nope"]}, "settings.proxy_ips[1]: 'nope' is not an IP address or network"),
+        ({"proxy_ips": 5}, "settings.proxy_ips: expected a list of IPs, got 5"),
+        ({"acme": "yes"}, "settings.acme: expected a dict, got str"),
+        ({"backlog": 0}, "settings.backlog: expected an int >= 1, got 0"),
+    ],
+)  # fmt: skip
+def test_bad_settings_name_the_setting(given: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        validate_settings(given)
+    assert str(caught.value) == message
+    with pytest.raises(ConfigError):
+        SmartRoute([], **given)
