@@ -9,7 +9,9 @@ Times ``RouteTable.match`` on port 443 for four kinds of connection, and the con
     python bench/routing_bench.py [--loops N] [--repeat N]
 
 Each figure is the median of ``--repeat`` runs of ``--loops`` calls, in microseconds per call
-(the Python loop around the call included; it is the same for every size).
+(the Python loop around the call included; it is the same for every size). Within a run the
+sizes take turns in chunks of 1,000 calls, so that other load on the machine falls on all of
+them alike; the garbage collector is off while timing. Construction is timed once per run.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ FALLBACKS = len(PORTS)  # one domain-less route per port
 IP_ROUTES = 2  # domain-less, client_ip, higher priority: checked (and missed) before fallbacks
 PORT = 443  # every measured connection arrives here
 CLIENT = parse_ip("192.0.2.10")  # matches no client_ip route
+CHUNK = 1_000  # match calls timed in one go
 ACTION = ForwardAction((TargetSpec(("10.0.0.5",), 8080),))
 
 
@@ -98,14 +101,13 @@ def connections(size: int) -> dict[str, tuple[list[ConnectionFacts], str]]:
     }
 
 
-def time_matches(table: RouteTable, facts: Sequence[ConnectionFacts], loops: int) -> float:
-    """Microseconds per ``match`` call over ``loops`` calls cycling through ``facts``."""
-    batch = [facts[i % len(facts)] for i in range(loops)]
+def time_matches(table: RouteTable, batch: Sequence[ConnectionFacts]) -> float:
+    """Seconds for one ``match`` call per item of ``batch``."""
     match = table.match
     start = time.perf_counter()
     for item in batch:
         match(item)
-    return (time.perf_counter() - start) / loops * 1e6
+    return time.perf_counter() - start
 
 
 def time_build(routes: Sequence[CompiledRoute]) -> float:
@@ -133,17 +135,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = list(cases[SIZES[0]])
     match_runs: dict[tuple[str, int], list[float]] = {}
     build_runs: dict[int, list[float]] = {size: [] for size in SIZES}
+    # One run of a case is ``loops`` calls per size, timed in chunks of CHUNK calls that
+    # alternate between the sizes: load from other processes, which comes and goes over
+    # milliseconds to seconds, then falls on every size alike instead of on whichever size
+    # happened to be running.
+    chunks = max(1, args.loops // CHUNK)
+    batches = {
+        (case, size): [facts[i % len(facts)] for i in range(CHUNK)]
+        for size in SIZES
+        for case, (facts, _) in cases[size].items()
+    }
     gc.disable()
     try:
-        # Interleave sizes and cases, in alternating order, so that drift in the machine's
-        # speed (other load, frequency changes) hits them all alike.
         for run in range(args.repeat):
-            for size in SIZES if run % 2 == 0 else SIZES[::-1]:
+            order = SIZES if run % 2 == 0 else SIZES[::-1]
+            for size in order:
                 build_runs[size].append(time_build(routes[size]))
-                for case in names:
-                    facts = cases[size][case][0]
-                    runs = match_runs.setdefault((case, size), [])
-                    runs.append(time_matches(tables[size], facts, args.loops))
+            for case in names:
+                spent = dict.fromkeys(SIZES, 0.0)
+                for chunk in range(chunks):
+                    for size in order if chunk % 2 == 0 else order[::-1]:
+                        spent[size] += time_matches(tables[size], batches[case, size])
+                for size in SIZES:
+                    calls = chunks * CHUNK
+                    match_runs.setdefault((case, size), []).append(spent[size] / calls * 1e6)
     finally:
         gc.enable()
 
@@ -151,7 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"nproc {os.cpu_count()}, Python {platform.python_version()} "
         f"({platform.python_implementation()}), {platform.machine()} {platform.system()}"
     )
-    print(f"median of {args.repeat} runs x {args.loops} calls, microseconds per match call\n")
+    calls = max(1, args.loops // CHUNK) * CHUNK
+    print(f"median of {args.repeat} runs x {calls} calls, microseconds per match call\n")
     header = "".join(f"{size:>10,}" for size in SIZES)
     print(f"{'case':<18}{header}{'10,000/10':>12}{'(best runs)':>12}")
     for case in names:

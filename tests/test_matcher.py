@@ -218,6 +218,7 @@ CASES = [
     Case("path-exact", PATHS, facts(path="/health"), "health"),
     Case("path-exact-only", PATHS, facts(path="/healthz"), None),
     Case("path-glob-bare-prefix", PATHS, facts(path="/api"), "api"),
+    Case("path-exact-beats-glob", [*PATHS, R("api-exact", path="/api")], facts(path="/api"), "api-exact"),
     Case("path-glob", PATHS, facts(path="/api/x/y"), "api"),
     Case("path-longer-prefix-first", PATHS, facts(path="/api/v1/users"), "v1"),
     Case("path-longer-prefix-rev", PATHS[::-1], facts(path="/api/v1/users"), "v1"),
@@ -461,7 +462,8 @@ def reference(routes: Sequence[CompiledRoute], facts: ConnectionFacts) -> RouteM
             if found is None:
                 continue
             params = found
-            path_rank = (0, -len(criteria.path.literal_prefix))
+            exact = criteria.path.kind == "exact"
+            path_rank = (0, -(1 << 20) if exact else -len(criteria.path.literal_prefix))
         key = (-route.priority, *domain_rank, *path_rank, route.index)
         if best is None or key < best[0]:
             best = (key, RouteMatch(route, params))

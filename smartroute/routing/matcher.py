@@ -56,8 +56,17 @@ class RouteMatch:
 
 
 def _path_rank(criteria: MatchCriteria) -> int:
-    """Longer literal path prefix first; any path before no path (prefixes are never empty)."""
-    return 0 if criteria.path is None else -1 - len(criteria.path.literal_prefix)
+    """Exact paths first, then longer literal path prefix first, then no path at all.
+
+    An exact path that matches equals the request path, so no pattern can be more specific
+    (``/api`` beats ``/api/*`` for the request ``/api``).
+    """
+    path = criteria.path
+    if path is None:
+        return 0
+    if path.kind == "exact":
+        return -(1 << 20)
+    return -1 - len(path.literal_prefix)
 
 
 def _has_conditions(criteria: MatchCriteria) -> bool:
