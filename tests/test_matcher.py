@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from smartroute.routing.matcher import ConnectionFacts, RouteMatch, RouteTable
-from smartroute.routing.model import BlockAction, CompiledRoute, MatchCriteria
+from smartroute.routing.model import BlockAction, CompiledRoute, MatchCriteria, TlsSettings
 from smartroute.routing.patterns import (
     compile_domain,
     compile_header_rule,
@@ -218,7 +220,12 @@ CASES = [
     Case("path-exact", PATHS, facts(path="/health"), "health"),
     Case("path-exact-only", PATHS, facts(path="/healthz"), None),
     Case("path-glob-bare-prefix", PATHS, facts(path="/api"), "api"),
-    Case("path-exact-beats-glob", [*PATHS, R("api-exact", path="/api")], facts(path="/api"), "api-exact"),
+    Case(
+        "path-exact-beats-glob",
+        [*PATHS, R("api-exact", path="/api")],
+        facts(path="/api"),
+        "api-exact",
+    ),
     Case("path-glob", PATHS, facts(path="/api/x/y"), "api"),
     Case("path-longer-prefix-first", PATHS, facts(path="/api/v1/users"), "v1"),
     Case("path-longer-prefix-rev", PATHS[::-1], facts(path="/api/v1/users"), "v1"),
@@ -590,3 +597,24 @@ def test_ordering_matches_naive_reference(
     table = RouteTable(routes)
     for connection in connections:
         assert table.match(connection) == reference(routes, connection)
+
+
+# --- TLS layers ---------------------------------------------------------------------------------
+
+
+def test_tls_blocks_decide_which_layer_a_route_serves() -> None:
+    plain, passthrough, terminate = build([R("plain"), R("pass"), R("term")])
+    passthrough = dataclasses.replace(passthrough, tls=TlsSettings("passthrough"), priority=2)
+    terminate = dataclasses.replace(terminate, tls=TlsSettings("terminate", "auto"), priority=1)
+    table = RouteTable([plain, passthrough, terminate])
+    client = parse_ip("203.0.113.9")
+
+    def winner(**kw: Any) -> str | None:
+        found = table.match(ConnectionFacts(port=443, client_ip=client, **kw))
+        return None if found is None else found.route.name
+
+    assert winner() == "plain"  # not TLS: routes with a tls block never take it
+    assert winner(is_tls=True) == "pass"  # TLS: every route may, priority decides
+    assert winner(is_tls=True, terminated=True) == "term"  # inside a terminated session
+    only_tls = RouteTable([passthrough, terminate])
+    assert only_tls.match(ConnectionFacts(port=443, client_ip=client)) is None

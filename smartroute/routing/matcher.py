@@ -25,10 +25,14 @@ _Key: TypeAlias = tuple[int, int, int, int, int]
 # A bucket entry: the key, the answer when the route wins without path params (built once, so
 # that most matches allocate nothing), and the criteria left to check once port and domain are
 # known (None when there are none).
-_Entry: TypeAlias = tuple[_Key, "RouteMatch", MatchCriteria | None]
+# (ordering key, answer, conditions to check or None, TLS layer the route needs)
+_Entry: TypeAlias = tuple[_Key, "RouteMatch", MatchCriteria | None, int]
 _Found: TypeAlias = tuple[_Key, "RouteMatch"]
 
 _EXACT, _WILDCARD, _NO_DOMAIN = 0, 1, 2
+# What a route's `tls` block asks of the connection: nothing, a TLS connection (passthrough),
+# or a TLS connection the proxy terminates.
+_ANY_LAYER, _TLS, _TERMINATED = 0, 1, 2
 _NO_PARAMS: Mapping[str, str] = MappingProxyType({})
 _by_key = itemgetter(0)
 
@@ -45,6 +49,7 @@ class ConnectionFacts:
     alpn: tuple[str, ...] = ()  # offered by the client
     path: str | None = None  # HTTP only, without query
     headers: Mapping[str, str] | None = None  # HTTP only, lower-cased names
+    terminated: bool = False  # matched inside a TLS session the proxy terminated
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,9 +115,14 @@ def _conditions(criteria: MatchCriteria, facts: ConnectionFacts) -> Mapping[str,
 
 def _first(bucket: list[_Entry], facts: ConnectionFacts, bound: _Key | None) -> _Found | None:
     """The first full match in a sorted bucket, if it orders before ``bound``."""
-    for key, found, criteria in bucket:
+    terminated = facts.terminated
+    for key, found, criteria, layer in bucket:
         if bound is not None and key >= bound:
             return None
+        # Inside a terminated session only terminating routes apply; outside, a route with a
+        # `tls` block needs a TLS connection and a route without one takes any connection.
+        if (layer != _TERMINATED) if terminated else (layer and not facts.is_tls):
+            continue
         if criteria is None:
             return key, found
         params = _conditions(criteria, facts)
@@ -162,16 +172,20 @@ class RouteTable:
             order = route.index
             answer = RouteMatch(route, _NO_PARAMS)
             extra = criteria if _has_conditions(criteria) else None
+            tls = route.tls
+            layer = (
+                _ANY_LAYER if tls is None else _TLS if tls.mode == "passthrough" else _TERMINATED
+            )
             # One entry per bucket, keyed ("exact" or "wildcard", name): with several domains,
             # the pattern that matched a connection decides the route's specificity.
             entries: dict[tuple[int, str], _Entry] = {}
             for pattern in criteria.domains:
                 if pattern.exact:
                     key = (rank, _EXACT, 0, path_rank, order)
-                    entries[_EXACT, pattern.text] = (key, answer, extra)
+                    entries[_EXACT, pattern.text] = (key, answer, extra, layer)
                 else:
                     key = (rank, _WILDCARD, -len(pattern.suffix), path_rank, order)
-                    entries[_WILDCARD, pattern.suffix] = (key, answer, extra)
+                    entries[_WILDCARD, pattern.suffix] = (key, answer, extra, layer)
             if entries:
                 best = min(entries.values(), key=_by_key)[0]
             else:
@@ -185,7 +199,7 @@ class RouteTable:
                 if needs_data:
                     index.needs_data = True
                 if not entries:
-                    index.no_domain.append((best, answer, extra))
+                    index.no_domain.append((best, answer, extra, layer))
                     continue
                 for (kind, name), entry in entries.items():
                     buckets = index.exact if kind == _EXACT else index.wildcard
