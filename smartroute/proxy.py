@@ -11,7 +11,7 @@ from typing import Any
 
 from smartroute.errors import ConfigError, SmartRouteError
 from smartroute.routing.matcher import RouteTable
-from smartroute.routing.model import CompiledRoute
+from smartroute.routing.model import CertificatePair, CompiledRoute
 from smartroute.routing.schema import RouteInput
 from smartroute.routing.validation import validate_route, validate_routes
 from smartroute.server.pipeline import InboundConnection
@@ -117,6 +117,7 @@ class SmartRoute:
                 task.cancel()
             await asyncio.gather(*runtime.tasks, return_exceptions=True)
             await runtime.stop_sweeper()
+            runtime.pool.close()
             await asyncio.sleep(0)  # let transports deliver connection_lost
         log.info("smartroute stopped")
 
@@ -141,6 +142,12 @@ class SmartRoute:
     async def _install(self, routes: tuple[CompiledRoute, ...], *, bind: bool) -> None:
         """Make ``routes`` current; on a bind failure the previous set stays in force."""
         table = RouteTable(routes)
+        provided = [
+            r.tls.certificate
+            for r in routes
+            if r.tls is not None and isinstance(r.tls.certificate, CertificatePair)
+        ]
+        self._runtime.certificates.replace(provided)
         if bind:
             previous = self._runtime.table
             self._runtime.table = table  # new listeners must already see the new routes

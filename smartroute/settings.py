@@ -21,13 +21,21 @@ class Settings:
     idle_timeout: float | None = 3600.0
     max_connection_lifetime: float | None = 86400.0
     graceful_shutdown_timeout: float = 30.0
+    http_keepalive_timeout: float = 60.0
+    backend_timeout: float = 60.0
     acme: Mapping[str, Any] | None = None
     accept_proxy_protocol: bool = False
     proxy_ips: tuple[str, ...] = field(default=())
     backlog: int = 1024
 
 
-_DURATIONS = ("initial_data_timeout", "connect_timeout", "graceful_shutdown_timeout")
+_DURATIONS = (
+    "initial_data_timeout",
+    "connect_timeout",
+    "graceful_shutdown_timeout",
+    "http_keepalive_timeout",
+    "backend_timeout",
+)
 _OPTIONAL_DURATIONS = ("idle_timeout", "max_connection_lifetime")
 
 

@@ -1,16 +1,23 @@
-"""The ``forward`` action as a byte pipe: pick targets, connect, hand the client to a relay."""
+"""Raw byte pipes: pick targets, connect, and hand a client transport to a relay.
+
+Used by the ``forward`` action when it pipes bytes (TCP, TLS passthrough, ``protocol: "tcp"``,
+non-HTTP bytes after TLS termination) and by HTTP upgrades, which end as a tunnel.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import inspect
 import logging
+import ssl
 from collections.abc import Callable
 
 from smartroute.context import RouteContext
-from smartroute.routing.model import ForwardAction
+from smartroute.routing.model import ForwardAction, TlsSettings
+from smartroute.server.http.stream import Stream
 from smartroute.server.relay import RelaySide
 from smartroute.server.stats import ConnectionRecord
+from smartroute.server.tls import backend_context, backend_server_name
 
 log = logging.getLogger("smartroute")
 
@@ -55,11 +62,15 @@ async def connect_relay(
     candidates: list[tuple[str, int]],
     connect_timeout: float,
     done: Callable[[], None],
+    *,
+    reencrypt: TlsSettings | None = None,
+    client_sni: str | None = None,
 ) -> RelaySide | None:
     """Connect to the first reachable candidate and return the client's relay side.
 
-    The client transport is not switched to the relay here; the caller does that once it has
-    decided the connection is still wanted. Returns ``None`` when no candidate answered.
+    The client transport is not switched to the relay here; :func:`splice` does that once the
+    caller has decided the connection is still wanted. ``reencrypt`` opens TLS to the target.
+    Returns ``None`` when no candidate answered.
     """
     loop = asyncio.get_running_loop()
     client_side = RelaySide(record, inbound=True, done=done)
@@ -68,15 +79,67 @@ async def connect_relay(
     client_side.transport = client
     failures: list[str] = []
     for host, port in candidates:
+        context = backend_context(reencrypt) if reencrypt is not None else None
+        sni = backend_server_name(reencrypt, client_sni, host) if reencrypt is not None else None
         try:
             async with asyncio.timeout(connect_timeout):
-                await loop.create_connection(lambda: backend_side, host, port)
+                await loop.create_connection(
+                    lambda: backend_side,
+                    host,
+                    port,
+                    ssl=context,
+                    server_hostname=sni if context is not None else None,
+                )
         except TimeoutError:
             failures.append(f"{host}:{port} timed out after {connect_timeout:g}s")
-        except OSError as exc:
-            failures.append(f"{host}:{port} {exc.strerror or exc}")
+        except (OSError, ssl.SSLError) as exc:
+            failures.append(f"{host}:{port} {getattr(exc, 'strerror', None) or exc}")
         else:
             record.target = f"{host}:{port}"
             return client_side
     record.fail("backend-unreachable", "; ".join(failures))
     return None
+
+
+def splice(client: asyncio.Transport, client_side: RelaySide, initial: bytes, eof: bool) -> None:
+    """Switch ``client`` to its relay side and pass on what was read before."""
+    backend = client_side.peer
+    assert backend is not None and backend.transport is not None
+    client_side.record.closer = client_side.abort
+    client.set_protocol(client_side)
+    if initial:
+        backend.transport.write(initial)
+    if eof:
+        client_side.eof = True
+        if backend.lost or backend.eof:
+            client_side.close()
+        else:
+            backend.transport.write_eof()
+    client.resume_reading()
+
+
+def tunnel(
+    client: Stream, backend: Stream, record: ConnectionRecord, done: Callable[[], None]
+) -> None:
+    """Turn two HTTP streams into a byte tunnel (after a 101), keeping what each had buffered."""
+    assert client.transport is not None and backend.transport is not None
+    client_side = RelaySide(record, inbound=True, done=done)
+    backend_side = RelaySide(record, inbound=False, done=done)
+    client_side.peer, backend_side.peer = backend_side, client_side
+    client_side.transport, backend_side.transport = client.transport, backend.transport
+    pending_in, pending_out = client.detach(), backend.detach()
+    record.closer = client_side.abort
+    client.transport.set_protocol(client_side)
+    backend.transport.set_protocol(backend_side)
+    if pending_out:
+        record.bytes_out += len(pending_out)
+        client.transport.write(pending_out)
+    if pending_in:
+        backend.transport.write(pending_in)
+    for stream, side in ((client, client_side), (backend, backend_side)):
+        if stream.closed:
+            side.connection_lost(stream.error)
+        elif stream.eof:
+            side.eof_received()
+    client.transport.resume_reading()
+    backend.transport.resume_reading()

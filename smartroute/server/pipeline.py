@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING
 from smartroute.context import RouteContext
 from smartroute.protocols.detect import OTHER, Detection, detect
 from smartroute.routing.matcher import ConnectionFacts, RouteMatch, RouteTable
-from smartroute.routing.model import CompiledRoute, ForwardAction, SocketHandlerAction
+from smartroute.routing.model import ForwardAction, SocketHandlerAction
 from smartroute.routing.patterns import parse_ip
-from smartroute.server.forward import TargetError, connect_relay, resolve_targets
-from smartroute.server.handler import start_handler
+from smartroute.server.actions import Connection, speaks_http
+from smartroute.server.http.messages import response_head, text_response
 from smartroute.server.stats import ConnectionRecord
 
 if TYPE_CHECKING:
@@ -33,10 +33,10 @@ MAX_PEEK = 65536 + 5 * 8  # the largest ClientHello we accept, spread over a few
 # would make that quadratic, so after this many reads the connection is routed as "other".
 MAX_PEEK_READS = 256
 
-FORBIDDEN = (
-    b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain; charset=utf-8\r\n"
-    b"Content-Length: 10\r\nConnection: close\r\n\r\nForbidden\n"
-)
+NOT_FOUND = response_head(text_response(404, "no route for this request"), keep_alive=False)
+NOT_FOUND += text_response(404, "no route for this request").body
+BAD_REQUEST = response_head(text_response(400, "this port expects HTTP"), keep_alive=False)
+BAD_REQUEST += text_response(400, "this port expects HTTP").body
 
 
 class InboundConnection(asyncio.Protocol):
@@ -52,7 +52,6 @@ class InboundConnection(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
         self.routed = False
-        self.handed_over = False
         self.eof = False
         self.closed = False
         self.reads = 0
@@ -103,7 +102,8 @@ class InboundConnection(asyncio.Protocol):
         self._cancel_timer()
         if self.task is not None and not self.task.done():
             self.task.cancel()
-        if not self.handed_over and self.record is not None:
+        # Still this protocol's transport: no action took it over (or its task was pending).
+        if self.record is not None:
             if exc is not None:
                 self.record.fail("error", f"client: {exc}")
             self.runtime.stats.finished(self.record)
@@ -178,79 +178,34 @@ class InboundConnection(asyncio.Protocol):
         found = self.table.match(facts)
         if found is None:
             record.fail("no-route", "no route matches")
+            if detection is not None and detection.kind == "http":
+                transport.write(NOT_FOUND)
             transport.close()
             return
         route = found.route
         self.runtime.stats.routed(record, route.name)
         ctx = self._context(facts, found, detection)
         action = route.action
-        is_http = detection is not None and detection.kind == "http"
-        if action.type == "block":
-            record.outcome = "blocked"
-            if is_http:
-                transport.write(FORBIDDEN)
-            transport.close()
-        elif unsupported := _unsupported(route):
-            record.fail("unsupported", unsupported)
-            log.error("route %r: %s; closing %s", route.name, unsupported, record.id)
-            transport.close()
-        elif isinstance(action, ForwardAction):
-            self.task = self.runtime.spawn(self._forward(action, ctx))
-        elif isinstance(action, SocketHandlerAction):
-            self.handed_over = True
-            coro = start_handler(
-                action.handler, transport, bytes(self.buffer), self.eof, ctx, record, self._done
-            )
-            self.runtime.spawn(coro)
-
-    def _done(self) -> None:
-        assert self.record is not None
-        self.runtime.stats.finished(self.record)
-
-    async def _forward(self, action: ForwardAction, ctx: RouteContext) -> None:
-        transport, record = self.transport, self.record
-        assert transport is not None and record is not None
-        try:
-            candidates = await resolve_targets(action, ctx)
-        except Exception as exc:  # a user callable must not take the proxy down
-            record.fail("target-error", f"{type(exc).__name__}: {exc}")
-            if not isinstance(exc, TargetError):
-                log.error("target callable of route %r raised", ctx.route_name, exc_info=exc)
-            transport.close()
-            return
-        client_side = await connect_relay(
-            transport, record, candidates, self.runtime.settings.connect_timeout, self._done
+        connection = Connection(
+            self.runtime, transport, record, port=self.port, server_ip=ctx.server_ip
         )
-        if client_side is None:
-            log.warning("route %r: %s; closing %s", ctx.route_name, record.error, record.id)
-            transport.close()
-            return
-        backend = client_side.peer
-        assert backend is not None and backend.transport is not None
-        if self.closed:
-            backend.transport.close()
-            return
-        self.handed_over = True
-        record.closer = client_side.abort
-        transport.set_protocol(client_side)
-        if self.buffer:
-            backend.transport.write(bytes(self.buffer))
-        if self.eof:
-            client_side.eof = True
-            if backend.lost or backend.eof:
-                client_side.close()
+        initial, eof = bytes(self.buffer), self.eof
+        kind = detection.kind if detection is not None else "none"
+        if route.terminates_tls and detection is not None and detection.hello is not None:
+            self.task = self.runtime.spawn(
+                connection.terminate(route, ctx, detection.hello, initial)
+            )
+        elif kind == "http" and speaks_http(action):
+            connection.run_http(connection.http_stream(initial, eof), None)
+        elif isinstance(action, ForwardAction) and action.protocol != "http":
+            self.task = self.runtime.spawn(connection.forward_raw(action, route, ctx, initial, eof))
+        elif isinstance(action, SocketHandlerAction):
+            connection.run_handler(action, ctx, initial, eof)
+        else:
+            if action.type == "block":
+                record.outcome = "blocked"
             else:
-                backend.transport.write_eof()
-        transport.resume_reading()
-
-
-def _unsupported(route: CompiledRoute) -> str | None:
-    """What this build cannot do yet for ``route`` (TLS termination, HTTP-level actions)."""
-    action = route.action
-    if route.terminates_tls:
-        return f"tls mode {route.tls.mode!r} is not available yet" if route.tls else None
-    if action.type in ("redirect", "static"):
-        return f"the {action.type!r} action is not available yet"
-    if isinstance(action, ForwardAction) and action.protocol == "http":
-        return "forward with protocol 'http' is not available yet"
-    return None
+                record.fail("not-http", f"the {action.type!r} action needs an HTTP request")
+                if kind != "tls":
+                    transport.write(BAD_REQUEST)
+            transport.close()

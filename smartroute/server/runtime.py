@@ -9,7 +9,9 @@ from collections.abc import Coroutine
 from typing import Any
 
 from smartroute.routing.matcher import RouteTable
+from smartroute.server.http.pool import BackendPool
 from smartroute.server.stats import ConnectionRecord, StatsBook
+from smartroute.server.tls import CertificateIndex
 from smartroute.settings import Settings
 
 log = logging.getLogger("smartroute")
@@ -23,6 +25,8 @@ class Runtime:
         self.table = RouteTable(())
         self.stats = StatsBook()
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.pool = BackendPool()
+        self.certificates = CertificateIndex()
         self.accepting = True
         self._sweeper: asyncio.Task[None] | None = None
 

@@ -8,12 +8,10 @@ asyncio's own ``SSLProtocol`` onto the transport and replays the consumed bytes 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import functools
 import os
 import ssl
-import sys
 import tempfile
 from asyncio import sslproto
 from collections.abc import Iterable, Iterator
@@ -22,7 +20,7 @@ from typing import cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import ExtensionOID, NameOID
+from cryptography.x509.oid import NameOID
 
 from smartroute.errors import ProtocolError, SmartRouteError
 from smartroute.routing.model import CertificatePair, TlsSettings
@@ -91,8 +89,8 @@ def _parse(pair: CertificatePair) -> _Entry:
     subject_cn = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
     where = _label(pair, cert.subject.rfc4514_string())
     try:
-        san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
-        raw_names = san.value.get_values_for_type(x509.DNSName)
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        raw_names: list[str] = san.value.get_values_for_type(x509.DNSName)
     except x509.ExtensionNotFound:
         raw_names = [str(cn) for cn in subject_cn]
     names = frozenset(n for n in (normalize_host(raw) for raw in raw_names) if _usable_name(n))
@@ -162,7 +160,7 @@ class CertificateIndex:
         """
         if pair in self._entries:
             return
-        self._insert(self._loose.pop(pair, None) or _parse(pair))
+        self._insert(self._loose.pop(pair) if pair in self._loose else _parse(pair))
 
     def remove(self, pair: CertificatePair) -> None:
         """Forget one certificate and its cached contexts; unknown pairs are ignored."""
@@ -257,38 +255,53 @@ def build_server_context(
     if alpn:
         context.set_alpn_protocols(list(alpn))
     try:
-        with _pem_file(pair.cert_pem.rstrip("\n") + "\n" + pair.key_pem) as path:
-            context.load_cert_chain(path)
+        _load_chain(context, pair.cert_pem.rstrip("\n") + "\n" + pair.key_pem)
     except (ssl.SSLError, OSError, ValueError) as exc:
         what = label or _label(pair, None)
         raise CertificateLoadError(f"{what}: cannot load into TLS ({_reason(exc)})") from None
     return context
 
 
-@contextlib.contextmanager
-def _pem_file(text: str) -> Iterator[str]:
-    """A path that holds ``text`` only while the block runs and only for this process.
+def _load_chain(context: ssl.SSLContext, text: str) -> None:
+    """Load a PEM chain and key without leaving the key where anyone else could read it.
 
     ``load_cert_chain`` reads files. On Linux an anonymous memory file keeps the key off disk;
-    elsewhere a 0600 file in a fresh 0700 directory is removed as soon as it has been read.
+    elsewhere (or if /proc is not usable) a 0600 file in a fresh 0700 directory is removed as
+    soon as it has been read.
     """
-    if hasattr(os, "memfd_create") and os.path.isdir(f"/proc/{os.getpid()}/fd"):
-        fd = os.memfd_create("smartroute-tls", getattr(os, "MFD_CLOEXEC", 0))
-        try:
-            os.write(fd, text.encode())
-            yield f"/proc/{os.getpid()}/fd/{fd}"
-        finally:
-            os.close(fd)
+    if _load_from_memory(context, text):
         return
     with tempfile.TemporaryDirectory(prefix="smartroute-tls-") as folder:
         path = os.path.join(folder, "chain.pem")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
         try:
-            yield path
+            with os.fdopen(fd, "w") as handle:
+                handle.write(text)
+            context.load_cert_chain(path)
         finally:
             os.unlink(path)
+
+
+def _load_from_memory(context: ssl.SSLContext, text: str) -> bool:
+    """Load through a Linux memfd; False when that is not possible here (no memfd or /proc)."""
+    if not hasattr(os, "memfd_create"):
+        return False
+    try:
+        fd = os.memfd_create("smartroute-tls", os.MFD_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        data = memoryview(text.encode())
+        while data:
+            data = data[os.write(fd, data) :]
+        context.load_cert_chain(f"/proc/self/fd/{fd}")
+    except ssl.SSLError:
+        raise
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 def _reason(exc: BaseException) -> str:
@@ -321,7 +334,9 @@ def _backend_context(verify: bool, ca_pem: str | None, alpn: tuple[str, ...]) ->
     try:
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=ca_pem)
     except (ssl.SSLError, ValueError) as exc:
-        raise CertificateLoadError(f"backend_ca: not a PEM CA certificate ({_reason(exc)})") from None
+        raise CertificateLoadError(
+            f"backend_ca: not a PEM CA certificate ({_reason(exc)})"
+        ) from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if not verify:
         context.check_hostname = False
@@ -387,7 +402,7 @@ def _feed(protocol: asyncio.BaseProtocol, data: bytes, transport: asyncio.BaseTr
     view = memoryview(data)
     if isinstance(protocol, asyncio.BufferedProtocol):
         while view and not transport.is_closing():
-            buffer = protocol.get_buffer(len(view))
+            buffer = memoryview(protocol.get_buffer(len(view)))
             size = min(len(buffer), len(view))
             buffer[:size] = view[:size]
             protocol.buffer_updated(size)
@@ -404,7 +419,3 @@ def _handshake_reason(exc: BaseException, timeout: float) -> str:
     if isinstance(exc, OSError):
         return "connection closed during the TLS handshake"
     return f"TLS handshake failed: {type(exc).__name__}"
-
-
-if sys.version_info < (3, 11):  # pragma: no cover - the project needs 3.11
-    raise ImportError("smartroute.server.tls needs asyncio's SSLProtocol from Python 3.11")

@@ -72,9 +72,10 @@ def quote_query(query: str | None) -> str:
 def _url_host(host: str) -> str | None:
     """The host as it appears in a URL, or ``None`` when it is not a plain host or IP."""
     name = normalize_host(host)
-    if name.startswith("[") and name.endswith("]"):
+    bracketed = name.startswith("[") and name.endswith("]")
+    if bracketed:
         name = name[1:-1]
-    if ":" in name:
+    if bracketed or ":" in name:
         try:
             address = ipaddress.IPv6Address(name)
         except ValueError:

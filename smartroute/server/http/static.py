@@ -178,10 +178,7 @@ def _parse_date(value: str | None) -> int | None:
         return None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=datetime.UTC)
-    try:
-        return int(moment.timestamp())
-    except (OverflowError, OSError, ValueError):
-        return None
+    return int(moment.timestamp())
 
 
 def _if_range_matches(value: str, etag: str, mtime: int) -> bool:

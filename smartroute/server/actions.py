@@ -1,0 +1,218 @@
+"""Acting on a routed connection: raw forward, socket handler, HTTP session, TLS termination.
+
+The pipeline decides *which* route; these functions take the client transport over and run
+the route's action on it. The HTTP session calls the same functions when a request hands its
+connection to a raw pipe or a socket handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from smartroute.context import RouteContext
+from smartroute.protocols.detect import detect
+from smartroute.protocols.tls import ClientHello
+from smartroute.routing.model import (
+    Action,
+    CompiledRoute,
+    ForwardAction,
+    SocketHandlerAction,
+)
+from smartroute.server.forward import TargetError, connect_relay, resolve_targets, splice
+from smartroute.server.handler import start_handler
+from smartroute.server.http.session import HttpSession, TlsInfo
+from smartroute.server.http.stream import Stream
+from smartroute.server.stats import ConnectionRecord
+from smartroute.server.tls import TlsHandshakeError, accept_tls
+
+if TYPE_CHECKING:
+    from smartroute.server.runtime import Runtime
+
+log = logging.getLogger("smartroute")
+
+HTTP_ALPN = ("http/1.1",)
+
+
+def speaks_http(action: Action) -> bool:
+    """True for actions that work on HTTP requests (a forward only unless forced to TCP)."""
+    if isinstance(action, ForwardAction):
+        return action.protocol != "tcp"
+    return action.type in ("redirect", "static", "block")
+
+
+class Connection:
+    """A routed client connection and what the actions need to take it over."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        transport: asyncio.Transport,
+        record: ConnectionRecord,
+        *,
+        port: int,
+        server_ip: str,
+    ) -> None:
+        self.runtime = runtime
+        self.transport = transport
+        self.record = record
+        self.port = port
+        self.server_ip = server_ip
+
+    def finish(self) -> None:
+        self.runtime.stats.finished(self.record)
+
+    # -- raw pipe and socket handler -------------------------------------------------------
+
+    async def forward_raw(
+        self,
+        action: ForwardAction,
+        route: CompiledRoute,
+        ctx: RouteContext,
+        initial: bytes,
+        eof: bool,
+        transport: asyncio.Transport | None = None,
+    ) -> None:
+        """Pipe the connection to the action's targets, ``initial`` bytes first."""
+        transport = transport or self.transport
+        record = self.record
+        try:
+            candidates = await resolve_targets(action, ctx)
+        except Exception as exc:  # a user callable must not take the proxy down
+            record.fail("target-error", f"{type(exc).__name__}: {exc}")
+            if not isinstance(exc, TargetError):
+                log.error("target callable of route %r raised", ctx.route_name, exc_info=exc)
+            transport.close()
+            return
+        reencrypt = route.tls if route.tls and route.tls.mode == "terminate-and-reencrypt" else None
+        client_side = await connect_relay(
+            transport,
+            record,
+            candidates,
+            self.runtime.settings.connect_timeout,
+            self.finish,
+            reencrypt=reencrypt,
+            client_sni=ctx.domain,
+        )
+        if client_side is None:
+            log.warning("route %r: %s; closing %s", ctx.route_name, record.error, record.id)
+            transport.close()
+            return
+        if transport.is_closing():
+            client_side.close()
+            return
+        splice(transport, client_side, initial, eof)
+
+    def run_handler(
+        self,
+        action: SocketHandlerAction,
+        ctx: RouteContext,
+        initial: bytes,
+        eof: bool,
+        transport: asyncio.Transport | None = None,
+    ) -> None:
+        coro = start_handler(
+            action.handler, transport or self.transport, initial, eof, ctx, self.record, self.finish
+        )
+        self.runtime.spawn(coro)
+
+    # -- HTTP ------------------------------------------------------------------------------
+
+    def run_http(
+        self,
+        stream: Stream,
+        tls: TlsInfo | None,
+        transport: asyncio.Transport | None = None,
+    ) -> None:
+        """Serve HTTP requests on ``stream`` (already the transport's protocol) until it closes."""
+        transport = transport or self.transport
+        session = HttpSession(
+            self.runtime, stream, self.record, port=self.port, server_ip=self.server_ip, tls=tls
+        )
+        session.connection = self
+        task = self.runtime.spawn(session.run())
+
+        def close() -> None:
+            transport.abort()
+            task.cancel()
+
+        self.record.closer = close
+
+    def http_stream(self, initial: bytes, eof: bool) -> Stream:
+        """Move the plain transport onto a fresh HTTP stream holding ``initial``."""
+        stream = Stream(self.record, on_lost=self.finish)
+        self.transport.set_protocol(stream)
+        stream.connection_made(self.transport)
+        stream.buffer += initial
+        stream.eof = eof
+        self.transport.resume_reading()
+        return stream
+
+    # -- TLS termination -------------------------------------------------------------------
+
+    async def terminate(
+        self, route: CompiledRoute, ctx: RouteContext, hello: ClientHello, initial: bytes
+    ) -> None:
+        """Complete the TLS handshake with the certificate for the SNI, then run the action."""
+        runtime, record, action = self.runtime, self.record, route.action
+        tls = route.tls
+        assert tls is not None
+        preferred = tls.certificate if not isinstance(tls.certificate, str) else None
+        pair = runtime.certificates.select(hello.sni, preferred)
+        if pair is None:
+            record.fail(
+                "no-certificate", f"no certificate for {hello.sni or 'a client without SNI'}"
+            )
+            log.warning("route %r: %s; closing %s", route.name, record.error, record.id)
+            self.transport.close()
+            return
+        alpn = HTTP_ALPN if speaks_http(action) else ()
+        try:
+            context = runtime.certificates.server_context(pair, alpn=alpn)
+        except Exception as exc:
+            record.fail("certificate-error", str(exc))
+            log.error("route %r: %s", route.name, exc)
+            self.transport.close()
+            return
+        stream = Stream(record, on_lost=self.finish)
+        try:
+            secure = await accept_tls(
+                self.transport,
+                stream,
+                context,
+                initial,
+                handshake_timeout=runtime.settings.initial_data_timeout,
+            )
+        except TlsHandshakeError as exc:
+            record.fail("tls-handshake", str(exc))
+            self.finish()
+            return
+        ssl_object = secure.get_extra_info("ssl_object")
+        version = ssl_object.version() if isinstance(ssl_object, ssl.SSLObject) else None
+        info = TlsInfo(sni=hello.sni, version=version, alpn=hello.alpn, terminated=True)
+        ctx = replace(ctx, tls_version=version or ctx.tls_version)
+        if isinstance(action, SocketHandlerAction):
+            self.run_handler(action, ctx, stream.detach(), stream.eof, secure)
+            return
+        if isinstance(action, ForwardAction) and action.protocol != "http":
+            if action.protocol == "tcp" or not await self._http_follows(stream):
+                secure.pause_reading()
+                await self.forward_raw(action, route, ctx, stream.detach(), stream.eof, secure)
+                return
+        self.run_http(stream, info, secure)
+
+    async def _http_follows(self, stream: Stream) -> bool:
+        """Peek at the decrypted bytes: True when they are an HTTP/1.x request."""
+        try:
+            async with asyncio.timeout(self.runtime.settings.initial_data_timeout):
+                while True:
+                    found = detect(stream.buffer)
+                    if found is not None:
+                        return found.kind == "http"
+                    if not await stream.fill():
+                        return False
+        except TimeoutError:
+            return False

@@ -1,0 +1,303 @@
+"""One client connection speaking HTTP/1.x: every request is routed on its own.
+
+The session reads a request head, matches it against the current routes (Host, path,
+headers), and answers it: ``block`` (403), ``redirect``, ``static``, or ``forward`` as a
+reverse proxy. Requests are handled one after another, so pipelined requests are answered
+in order; a request whose route is a raw pipe or a socket handler takes the whole connection
+from there on. Problems get short answers: 400 malformed, 431 head too large, 404 no route,
+502 backend unreachable or broken, 504 backend too slow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from smartroute.context import RouteContext
+from smartroute.errors import HttpParseError
+from smartroute.protocols.http import RequestHead, parse_request_head
+from smartroute.protocols.http_response import BodyFraming, request_framing
+from smartroute.routing.matcher import ConnectionFacts, RouteMatch
+from smartroute.routing.model import (
+    ForwardAction,
+    RedirectAction,
+    SocketHandlerAction,
+    StaticAction,
+)
+from smartroute.routing.patterns import parse_ip
+from smartroute.server.http.body import copy_body
+from smartroute.server.http.messages import RequestInfo, Response, response_head, text_response
+from smartroute.server.http.redirect import render_redirect
+from smartroute.server.http.reverse_proxy import forward_request
+from smartroute.server.http.static import serve_static
+from smartroute.server.http.stream import Handover, Stream
+from smartroute.server.stats import ConnectionRecord
+
+if TYPE_CHECKING:
+    from smartroute.server.actions import Connection
+    from smartroute.server.runtime import Runtime
+
+log = logging.getLogger("smartroute")
+access_log = logging.getLogger("smartroute.access")
+
+# A body the proxy answers itself without reading (404, redirect, ...) is read and dropped when
+# it is at most this large, so the connection stays usable; a larger one closes it.
+DISCARD_LIMIT = 1024 * 1024
+FILE_CHUNK = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class TlsInfo:
+    """What the ClientHello said, for connections that arrived over TLS."""
+
+    sni: str | None
+    version: str | None
+    alpn: tuple[str, ...]
+    terminated: bool
+
+
+class HttpSession:
+    """Serves HTTP/1.x requests on one client connection until it closes."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        client: Stream,
+        record: ConnectionRecord,
+        *,
+        port: int,
+        server_ip: str,
+        tls: TlsInfo | None,
+    ) -> None:
+        self.runtime = runtime
+        self.client = client
+        self.record = record
+        self.port = port
+        self.server_ip = server_ip
+        self.tls = tls
+        self.client_address = parse_ip(record.client_ip)
+        self.requests = 0
+        self.connection: Connection | None = None  # set by whoever starts the session
+
+    def finish(self) -> None:
+        """Account for the connection once it is gone (used after an upgrade)."""
+        self.runtime.stats.finished(self.record)
+
+    # -- the request loop ------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Answer requests until the client leaves or a request ends the session."""
+        try:
+            while True:
+                read = await self._read_head()
+                if read is None:
+                    break
+                head, raw = read
+                if not await self._answer(head, raw):
+                    break
+        except Handover:
+            return
+        except (ConnectionError, HttpParseError) as exc:
+            self.record.fail("error", f"http: {exc}")
+        self.client.close()
+
+    async def _read_head(self) -> tuple[RequestHead, bytes] | None:
+        """The next request head and its raw bytes, or None when the session should end."""
+        settings = self.runtime.settings
+        timeout = (
+            settings.initial_data_timeout if self.requests == 0 else settings.http_keepalive_timeout
+        )
+        client = self.client
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    try:
+                        head = parse_request_head(client.buffer)
+                    except HttpParseError as exc:
+                        await self._reply(text_response(exc.status, str(exc)), keep_alive=False)
+                        self.record.fail("bad-request", str(exc))
+                        return None
+                    if head is not None:
+                        self.requests += 1
+                        return head, client.consume(head.length)
+                    if not await client.fill():
+                        return None
+        except TimeoutError:
+            if client.buffer:
+                await self._reply(
+                    text_response(408, "request head not received in time"), keep_alive=False
+                )
+            return None
+
+    # -- one request -----------------------------------------------------------------------
+
+    def _facts(self, head: RequestHead) -> ConnectionFacts:
+        tls = self.tls
+        return ConnectionFacts(
+            port=self.port,
+            client_ip=self.client_address,
+            domain=head.host or (tls.sni if tls else None),
+            is_tls=tls is not None,
+            tls_version=tls.version if tls else None,
+            alpn=tls.alpn if tls else (),
+            path=head.path,
+            headers=head.header_map(),
+            terminated=bool(tls and tls.terminated),
+        )
+
+    def context(self, head: RequestHead, facts: ConnectionFacts, found: RouteMatch) -> RouteContext:
+        return RouteContext(
+            port=self.port,
+            client_ip=self.record.client_ip,
+            client_port=self.record.client_port,
+            server_ip=self.server_ip,
+            connection_id=self.record.id,
+            timestamp=time.time(),
+            domain=facts.domain,
+            path=head.path,
+            query=head.query,
+            method=head.method,
+            headers=facts.headers,
+            is_tls=facts.is_tls,
+            tls_version=facts.tls_version,
+            alpn=facts.alpn if facts.is_tls else None,
+            route_name=found.route.name,
+            params=dict(found.params),
+        )
+
+    def request_info(self, head: RequestHead) -> RequestInfo:
+        return RequestInfo(
+            method=head.method,
+            path=head.path,
+            query=head.query,
+            headers=head.header_map(),
+            host=head.host,
+            port=self.port,
+            is_tls=self.tls is not None,
+        )
+
+    async def _answer(self, head: RequestHead, raw: bytes) -> bool:
+        """Handle one request; True when the connection may carry another one."""
+        started = time.monotonic()
+        framing = request_framing(head)
+        keep_alive = wants_keep_alive(head)
+        facts = self._facts(head)
+        found = self.runtime.table.match(facts)
+        route_name = found.route.name if found else None
+        status: int | str
+        if found is None:
+            status, keep = await self.answer_locally(
+                text_response(404, "no route for this request"), head, framing, keep_alive
+            )
+        else:
+            action = found.route.action
+            if self.record.route is None:
+                self.runtime.stats.routed(self.record, found.route.name)
+            if action.type == "block":
+                self.record.outcome = "blocked"
+                response = text_response(403, "forbidden")  # and close, as block always does
+                status, keep = await self.answer_locally(response, head, framing, False)
+            elif isinstance(action, RedirectAction):
+                response = render_redirect(action, self.request_info(head))
+                status, keep = await self.answer_locally(response, head, framing, keep_alive)
+            elif isinstance(action, StaticAction):
+                response = serve_static(action, self.request_info(head))
+                status, keep = await self.answer_locally(response, head, framing, keep_alive)
+            elif isinstance(action, SocketHandlerAction) or (
+                isinstance(action, ForwardAction) and action.protocol == "tcp"
+            ):
+                self._log(head, route_name, "handover", started)
+                await self._hand_over(found, self.context(head, facts, found), raw)
+                raise Handover
+            else:
+                ctx = self.context(head, facts, found)
+                status, keep = await forward_request(self, head, framing, keep_alive, found, ctx)
+        self._log(head, route_name, status, started)
+        return keep
+
+    async def _hand_over(self, found: RouteMatch, ctx: RouteContext, raw: bytes) -> None:
+        """Give the connection, this request's head included, to a raw pipe or a handler."""
+        client, connection = self.client, self.connection
+        assert client.transport is not None and connection is not None
+        transport = client.transport
+        transport.pause_reading()
+        initial, action = raw + client.detach(), found.route.action
+        if isinstance(action, SocketHandlerAction):
+            connection.run_handler(action, ctx, initial, client.eof, transport)
+        elif isinstance(action, ForwardAction):
+            await connection.forward_raw(action, found.route, ctx, initial, client.eof, transport)
+
+    def _log(self, head: RequestHead, route: str | None, status: int | str, started: float) -> None:
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info(
+                "%s %s:%d %s %s%s route=%s status=%s time=%.3fs",
+                self.record.id,
+                self.record.client_ip,
+                self.record.client_port,
+                head.method,
+                head.host or "-",
+                head.target if head.target.startswith("/") else f" {head.target}",
+                route or "-",
+                status,
+                time.monotonic() - started,
+            )
+
+    # -- answers the proxy makes itself ----------------------------------------------------
+
+    async def answer_locally(
+        self, response: Response, head: RequestHead, framing: BodyFraming, keep_alive: bool
+    ) -> tuple[int, bool]:
+        """Answer with ``response``; read and drop a small request body to keep the connection."""
+        keep_alive = keep_alive and await self.discard_body(head, framing)
+        await self._reply(response, keep_alive=keep_alive, head_only=head.method == "HEAD")
+        return response.status, keep_alive
+
+    async def discard_body(self, head: RequestHead, framing: BodyFraming) -> bool:
+        """Drop the request body if that is cheap; False when the connection must close."""
+        if framing.kind == "none":
+            return True
+        expects = (head.header("expect") or "").lower() == "100-continue"
+        if expects or framing.kind != "length" or framing.length > DISCARD_LIMIT:
+            return False  # the client waits for 100 or may send a lot: close instead
+        await copy_body(self.client, None, framing, chunked_out=False)
+        return True
+
+    async def _reply(
+        self, response: Response, *, keep_alive: bool, head_only: bool = False
+    ) -> None:
+        client = self.client
+        if response.file is None or head_only:
+            client.write(response_head(response, keep_alive=keep_alive))
+            if response.body and not head_only:
+                client.write(response.body)
+            await client.drain()
+            return
+        body = response.file
+        try:
+            file = open(body.path, "rb")  # noqa: SIM115 - closed below
+        except OSError:
+            await self._reply(text_response(404, "not found"), keep_alive=keep_alive)
+            return
+        with file:
+            client.write(response_head(response, keep_alive=keep_alive))
+            file.seek(body.offset)
+            left = body.length
+            while left > 0:
+                # Bounded reads from the page cache; the socket, not the disk, sets the pace.
+                data = file.read(min(FILE_CHUNK, left))
+                if not data:
+                    raise ConnectionError(f"{body.path} shrank while it was being sent")
+                left -= len(data)
+                client.write(data)
+                await client.drain()
+
+
+def wants_keep_alive(head: RequestHead) -> bool:
+    """HTTP/1.1 keeps the connection unless told to close; HTTP/1.0 only when asked."""
+    tokens = {t.strip().lower() for t in (head.header("connection") or "").split(",")}
+    if head.version == "HTTP/1.0":
+        return "keep-alive" in tokens
+    return "close" not in tokens

@@ -1,0 +1,155 @@
+"""A buffered byte stream on protocol callbacks, for the HTTP layer.
+
+Unlike StreamReader, the read buffer is the caller's to inspect: the session parses request
+heads straight out of it and, when a connection changes hands (an upgrade, a socket handler),
+gives the unread bytes to the next owner. Reading pauses above ``HIGH_WATER`` buffered bytes
+and writing callers wait in :meth:`Stream.drain` while the transport's buffer is full, so
+memory stays bounded whatever either peer does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from smartroute.server.stats import ConnectionRecord
+
+HIGH_WATER = 256 * 1024
+LOW_WATER = 64 * 1024
+
+
+class Stream(asyncio.Protocol):
+    """One side of an HTTP exchange; counts bytes on ``record`` when it is the client side."""
+
+    def __init__(
+        self, record: ConnectionRecord | None = None, on_lost: Callable[[], None] | None = None
+    ) -> None:
+        self.record = record
+        self.on_lost = on_lost
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.eof = False
+        self.closed = False
+        self.error: Exception | None = None
+        self._reading_paused = False
+        self._writing_paused = False
+        self._data_waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+
+    # -- protocol callbacks ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.record is not None:
+            self.record.bytes_in += len(data)
+        self.buffer += data
+        if len(self.buffer) > HIGH_WATER and not self._reading_paused and self.transport:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        self._wake_reader()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._wake_reader()
+        return True  # half-close: answers may still be written
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.eof = True
+        self.error = exc
+        self._wake_reader()
+        self._wake_writer()
+        if self.on_lost is not None:
+            self.on_lost()
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._wake_writer()
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def fill(self) -> bool:
+        """Wait for more bytes; False when none will come (EOF or connection lost)."""
+        if self.eof:
+            return False
+        self._resume_reading()
+        waiter = self._data_waiter = asyncio.get_running_loop().create_future()
+        try:
+            await waiter
+        finally:
+            self._data_waiter = None
+        return not (self.eof and not self.buffer)
+
+    def consume(self, count: int) -> bytes:
+        """Take ``count`` bytes (or fewer, if fewer are buffered) off the front of the buffer."""
+        data = bytes(self.buffer[:count])
+        del self.buffer[:count]
+        if self._reading_paused and len(self.buffer) < LOW_WATER:
+            self._resume_reading()
+        return data
+
+    def detach(self) -> bytes:
+        """Everything buffered, for the next owner of the connection."""
+        return self.consume(len(self.buffer))
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.closed or self.transport is None or self.transport.is_closing():
+            raise ConnectionResetError("the peer closed the connection")
+        if self.record is not None:
+            self.record.bytes_out += len(data)
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait while the transport's write buffer is above its high-water mark."""
+        if self.closed:
+            raise ConnectionResetError("the peer closed the connection")
+        if not self._writing_paused:
+            return
+        waiter = self._drain_waiter = asyncio.get_running_loop().create_future()
+        try:
+            await waiter
+        finally:
+            self._drain_waiter = None
+        if self.closed:
+            raise ConnectionResetError("the peer closed the connection")
+
+    def write_eof(self) -> None:
+        if self.transport is not None and not self.closed and self.transport.can_write_eof():
+            self.transport.write_eof()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused and self.transport is not None and not self.closed:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def _wake_reader(self) -> None:
+        waiter = self._data_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _wake_writer(self) -> None:
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class Handover(Exception):
+    """The connection left the HTTP layer (an upgrade, a raw pipe, a socket handler)."""
