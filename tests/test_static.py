@@ -178,13 +178,6 @@ def test_missing_root_is_404(tmp_path: Path) -> None:
     assert serve_static(action, request("/x")).status == 404
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can read every file")
-def test_unreadable_file_is_404(tmp_path: Path) -> None:
-    tree = build_tree(tmp_path)
-    (tree.root / "a.html").chmod(0)
-    assert get(tree, "/a.html").status == 404
-
-
 def test_unreadable_file_is_404_even_for_root(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -60,7 +60,7 @@ class CertificatePair:
     """A certificate chain and its private key as PEM text, with the files they came from."""
 
     cert_pem: str
-    key_pem: str
+    key_pem: str = field(repr=False)  # never in logs or error messages
     cert_path: str | None = None
     key_path: str | None = None
 

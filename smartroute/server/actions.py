@@ -44,6 +44,13 @@ def speaks_http(action: Action) -> bool:
     return action.type in ("redirect", "static", "block")
 
 
+def needs_http(action: Action) -> bool:
+    """True for actions that only make sense on HTTP requests."""
+    if isinstance(action, ForwardAction):
+        return action.protocol == "http"
+    return action.type in ("redirect", "static")
+
+
 class Connection:
     """A routed client connection and what the actions need to take it over."""
 

@@ -15,11 +15,12 @@ import time
 from typing import TYPE_CHECKING
 
 from smartroute.context import RouteContext
+from smartroute.errors import HttpParseError
 from smartroute.protocols.detect import OTHER, Detection, detect
 from smartroute.routing.matcher import ConnectionFacts, RouteMatch, RouteTable
 from smartroute.routing.model import ForwardAction, SocketHandlerAction
 from smartroute.routing.patterns import parse_ip
-from smartroute.server.actions import Connection, speaks_http
+from smartroute.server.actions import Connection, needs_http, speaks_http
 from smartroute.server.http.messages import response_head, text_response
 from smartroute.server.stats import ConnectionRecord
 
@@ -176,10 +177,19 @@ class InboundConnection(asyncio.Protocol):
         facts = self._facts(detection)
         record.domain = facts.domain
         found = self.table.match(facts)
-        if found is None:
-            record.fail("no-route", "no route matches")
-            if detection is not None and detection.kind == "http":
-                transport.write(NOT_FOUND)
+        http_error = detection.error if detection is not None else None
+        if not isinstance(http_error, HttpParseError):
+            http_error = None
+        if found is None or (http_error is not None and speaks_http(found.route.action)):
+            # Bytes that looked like HTTP get an HTTP answer: what was wrong, or no route.
+            if http_error is not None:
+                record.fail("bad-request", str(http_error))
+                answer = text_response(http_error.status, str(http_error))
+                transport.write(response_head(answer, keep_alive=False) + answer.body)
+            else:
+                record.fail("no-route", "no route matches")
+                if detection is not None and detection.kind == "http":
+                    transport.write(NOT_FOUND)
             transport.close()
             return
         route = found.route
@@ -195,7 +205,8 @@ class InboundConnection(asyncio.Protocol):
             self.task = self.runtime.spawn(
                 connection.terminate(route, ctx, detection.hello, initial)
             )
-        elif kind == "http" and speaks_http(action):
+        elif (kind == "http" and speaks_http(action)) or (kind == "none" and needs_http(action)):
+            # Dispatched at once, an HTTP-only action reads the request head itself.
             connection.run_http(connection.http_stream(initial, eof), None)
         elif isinstance(action, ForwardAction) and action.protocol != "http":
             self.task = self.runtime.spawn(connection.forward_raw(action, route, ctx, initial, eof))

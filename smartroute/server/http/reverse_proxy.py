@@ -213,7 +213,9 @@ class _Exchange:
         )
         rechunk = out.kind == "chunked" or (out.kind == "close" and head.version == "HTTP/1.1")
         client_keep = self.keep_alive and (out.kind != "close" or rechunk)
-        headers = end_to_end(response.headers, drop=frozenset({"content-length"}))
+        # A body-less answer (HEAD, 304) keeps the Content-Length the backend stated.
+        drop = frozenset() if out.kind == "none" else frozenset({"content-length"})
+        headers = end_to_end(response.headers, drop=drop)
         if out.kind == "length":
             headers.append(("Content-Length", str(out.length)))
         elif rechunk and head.method != "HEAD":
