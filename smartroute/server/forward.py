@@ -76,7 +76,7 @@ async def connect_relay(
     client_side = RelaySide(record, inbound=True, done=done)
     backend_side = RelaySide(record, inbound=False, done=done)
     client_side.peer, backend_side.peer = backend_side, client_side
-    client_side.transport = client
+    client_side.connection_made(client)
     failures: list[str] = []
     for host, port in candidates:
         context = backend_context(reencrypt) if reencrypt is not None else None
@@ -126,7 +126,8 @@ def tunnel(
     client_side = RelaySide(record, inbound=True, done=done)
     backend_side = RelaySide(record, inbound=False, done=done)
     client_side.peer, backend_side.peer = backend_side, client_side
-    client_side.transport, backend_side.transport = client.transport, backend.transport
+    client_side.connection_made(client.transport)
+    backend_side.connection_made(backend.transport)
     pending_in, pending_out = client.detach(), backend.detach()
     record.closer = client_side.abort
     client.transport.set_protocol(client_side)

@@ -19,7 +19,7 @@ from smartroute.server.stats import ConnectionRecord
 class RelaySide(asyncio.Protocol):
     """One side of a relayed connection; ``inbound`` is the client side."""
 
-    __slots__ = ("transport", "peer", "record", "inbound", "eof", "lost", "_done")
+    __slots__ = ("transport", "peer", "record", "inbound", "eof", "lost", "_done", "_half_close")
 
     def __init__(
         self, record: ConnectionRecord, *, inbound: bool, done: Callable[[], None]
@@ -31,10 +31,12 @@ class RelaySide(asyncio.Protocol):
         self.eof = False
         self.lost = False
         self._done = done
+        self._half_close = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        self._half_close = transport.get_extra_info("sslcontext") is None
 
     def data_received(self, data: bytes) -> None:
         if self.inbound:
@@ -56,7 +58,8 @@ class RelaySide(asyncio.Protocol):
             peer.transport.write_eof()
         else:
             peer.transport.close()
-        return True  # keep our own write direction open: this is a half-close
+        # Keep our own write direction open (a half-close); TLS transports cannot do that.
+        return self._half_close
 
     def pause_writing(self) -> None:
         peer = self.peer

@@ -33,6 +33,7 @@ class Stream(asyncio.Protocol):
         self.error: Exception | None = None
         self._reading_paused = False
         self._writing_paused = False
+        self._half_close = True
         self._data_waiter: asyncio.Future[None] | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
 
@@ -41,6 +42,8 @@ class Stream(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        # TLS has no half-close: after the peer's close_notify the transport closes.
+        self._half_close = transport.get_extra_info("sslcontext") is None
 
     def data_received(self, data: bytes) -> None:
         if self.record is not None:
@@ -54,7 +57,7 @@ class Stream(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.eof = True
         self._wake_reader()
-        return True  # half-close: answers may still be written
+        return self._half_close  # half-close: answers may still be written
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
