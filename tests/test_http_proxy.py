@@ -392,3 +392,16 @@ async def test_block_route_over_http_answers_403() -> None:
 def test_backend_helper_is_a_real_server() -> None:
     with http_backend("x") as backend:
         assert isinstance(backend, Backend) and backend.port > 0
+
+
+@async_test()
+async def test_backend_connections_are_kept_alive_and_reused() -> None:
+    with http_backend("pooled") as backend:
+        port = free_port()
+        async with proxy([http_route(port, backend.port, name="b")]):
+            for i in range(3):  # three separate client connections, one after another
+                head, body = await exchange(port, f"GET /{i} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                assert head.status == 200
+            backend_addresses = {tuple(described(body)["client"])}
+    assert len(backend.connections) == 1, backend.connections
+    assert backend_addresses == backend.connections
