@@ -34,8 +34,13 @@ class Runtime:
         """Run a connection task, keeping a strong reference until it ends."""
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(self._task_done)
         return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("connection task failed", exc_info=exc)
 
     def start_sweeper(self) -> None:
         """Start the periodic check for idle and over-age connections."""

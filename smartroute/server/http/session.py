@@ -102,6 +102,9 @@ class HttpSession:
             return
         except (ConnectionError, HttpParseError) as exc:
             self.record.fail("error", f"http: {exc}")
+        except Exception as exc:  # a bug here must cost one connection, not the proxy
+            self.record.fail("internal-error", f"{type(exc).__name__}: {exc}")
+            log.error("HTTP session %s failed", self.record.id, exc_info=exc)
         self.client.close()
 
     async def _read_head(self) -> tuple[RequestHead, bytes] | None:
@@ -182,7 +185,12 @@ class HttpSession:
     async def _answer(self, head: RequestHead, raw: bytes) -> bool:
         """Handle one request; True when the connection may carry another one."""
         started = time.monotonic()
-        framing = request_framing(head)
+        try:
+            framing = request_framing(head)
+        except HttpParseError as exc:
+            await self._reply(text_response(exc.status, str(exc)), keep_alive=False)
+            self.record.fail("bad-request", str(exc))
+            return False
         keep_alive = wants_keep_alive(head)
         facts = self._facts(head)
         found = self.runtime.table.match(facts)
