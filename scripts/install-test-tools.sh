@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the programs the test suite drives besides Python packages: openssl (s_client),
-# curl, nc, and nginx (a real backend). Uses Debian's packages; does nothing for tools
-# already present. Services are not started: the tests run their own nginx.
+# curl, nc, nginx (a real backend) and pebble (a real ACME CA, with pebble-challtestsrv).
+# Uses Debian's packages; does nothing for tools already present. Services are not started:
+# the tests run their own nginx and pebble.
 set -euo pipefail
 
 need=()
@@ -9,6 +10,7 @@ command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v nc >/dev/null 2>&1 || need+=(netcat-openbsd)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
+[ -x /usr/bin/pebble ] || need+=(pebble)
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
   export DEBIAN_FRONTEND=noninteractive

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import logging
 import signal
 import sys
@@ -11,6 +12,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from smartroute import __version__
+from smartroute.certs.manager import auto_domains
+from smartroute.certs.settings import validate_acme
+from smartroute.certs.store import CertificateStore
 from smartroute.config import load_config
 from smartroute.demo import demo_routes, describe_demo
 from smartroute.errors import SmartRouteError
@@ -32,6 +36,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--demo-host", default="127.0.0.1", help="address the demo binds")
     check = sub.add_parser("check", help="validate a config and show its routes per port")
     check.add_argument("config")
+    certs = sub.add_parser("certs", help="automatic certificates of a config")
+    certs_sub = certs.add_subparsers(dest="certs_command", required=True)
+    listing = certs_sub.add_parser("list", help="stored certificates: domains, expiry, source")
+    listing.add_argument("config")
+    renew = certs_sub.add_parser("renew", help="renew auto certificates now (binds the ports)")
+    renew.add_argument("config")
+    renew.add_argument("domains", nargs="*", help="only these domains (default: all)")
     return parser
 
 
@@ -40,6 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "check":
             return _check(args.config)
+        if args.command == "certs":
+            return _certs(args)
         return _run(args)
     except SmartRouteError as exc:
         print(f"smartroute: error: {exc}", file=sys.stderr)
@@ -101,6 +114,63 @@ def _check(path: str) -> int:
     if disabled:
         print("disabled: " + ", ".join(disabled))
     return 0
+
+
+def _certs(args: argparse.Namespace) -> int:
+    loaded = load_config(args.config)
+    settings = validate_settings(loaded.settings)
+    routes = validate_routes(loaded.routes)
+    if settings.acme is None:
+        print(f"{args.config}: no acme setting, so no automatic certificates", file=sys.stderr)
+        return 2
+    acme = validate_acme(settings.acme)
+    wanted = auto_domains(routes)
+    if args.certs_command == "list":
+        return _list_certs(acme.certificate_store, wanted)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    results = asyncio.run(_renew(loaded.routes, loaded.settings, args.domains or None))
+    failed = False
+    for domain, status in sorted(results.items()):
+        failed |= status["state"] != "valid"
+        error = f"  error: {status['last_error']}" if status["last_error"] else ""
+        print(f"{domain}: {status['state']} until {status['not_after'] or '-'}{error}")
+    return 1 if failed or not results else 0
+
+
+def _list_certs(folder: str, wanted: set[str]) -> int:
+    now = datetime.datetime.now(datetime.UTC)
+    entries, problems = CertificateStore(folder).load()
+    print(f"certificate store {folder}: {len(entries)} certificates")
+    covered: set[str] = set()
+    for entry in sorted(entries, key=lambda e: e.domains):
+        covered.update(entry.domains)
+        left = entry.not_after - now
+        if left.total_seconds() <= 0:
+            state = "expired"
+        elif left < datetime.timedelta(days=30):
+            state = f"expires in {left.days} days"
+        else:
+            state = "valid"
+        print(
+            f"  {', '.join(entry.domains)}  until {entry.not_after:%Y-%m-%d %H:%M} UTC  "
+            f"source={entry.source}  issuer={entry.issuer}  {state}"
+        )
+    for problem in problems:
+        print(f"  {problem.name}  corrupt: {problem.reason} (it will be issued again)")
+    for domain in sorted(wanted - covered):
+        print(f"  {domain}  missing (it will be issued on start)")
+    return 0
+
+
+async def _renew(
+    routes: list[Any], settings: dict[str, Any], domains: list[str] | None
+) -> dict[str, dict[str, Any]]:
+    proxy = SmartRoute(routes, **settings)
+    await proxy.start()
+    try:
+        return await proxy.renew_certificates(domains)
+    finally:
+        await proxy.stop()
 
 
 def _explain(route: CompiledRoute) -> str:

@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any
 
+from smartroute.certs.manager import CertificateManager
+from smartroute.certs.settings import validate_acme
 from smartroute.errors import ConfigError, SmartRouteError
 from smartroute.routing.matcher import RouteTable
 from smartroute.routing.model import CertificatePair, CompiledRoute
@@ -39,6 +41,12 @@ class SmartRoute:
         )
         self._lock = asyncio.Lock()
         self._started = False
+        # Routes the proxy adds itself (the ACME HTTP-01 responder), kept across updates.
+        self._internal: dict[str, CompiledRoute] = {}
+        acme = validate_acme(self.settings.acme) if self.settings.acme is not None else None
+        self._certs = CertificateManager(self, acme, self.settings.certificate_provider)
+        self._runtime.alpn_responder = self._certs.alpn
+        self._check_auto(self._routes)
 
     # -- public surface ----------------------------------------------------------------------
 
@@ -60,6 +68,23 @@ class SmartRoute:
         """Connections active/total and bytes in/out, overall, per route and per client IP."""
         return self._runtime.stats.snapshot()
 
+    def certificate_status(self) -> dict[str, dict[str, Any]]:
+        """Per auto-certificate domain: state (valid, pending, renewing, failed), source,
+        expiry, last error and next attempt."""
+        return self._certs.status()
+
+    async def wait_for_certificates(self) -> dict[str, dict[str, Any]]:
+        """Wait until every auto certificate was issued or failed; returns their status."""
+        return await self._certs.settled()
+
+    async def renew_certificates(
+        self, domains: Iterable[str] | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """Renew auto certificates now (all of them by default); returns their status."""
+        if not self._started:
+            raise SmartRouteError("start the proxy before renewing certificates")
+        return await self._certs.renew(domains)
+
     async def start(self) -> None:
         """Bind every port the routes use; returns once all are listening."""
         async with self._lock:
@@ -69,13 +94,16 @@ class SmartRoute:
             await self._install(self._routes, bind=True)
             self._started = True
             self._runtime.start_sweeper()
+            await self._certs.start(self._routes)
         log.info("smartroute listening on %s", _describe_ports(self.listening_ports))
 
     async def update_routes(self, routes: Iterable[RouteInput]) -> None:
         """Replace the whole route set; ports are diffed, not rebound."""
         compiled = validate_routes(routes)
+        self._check_auto(compiled)
         async with self._lock:
             await self._install(compiled, bind=self._started)
+        self._certs.routes_changed(compiled)
 
     async def add_route(self, route: RouteInput) -> None:
         """Add one route after the existing ones."""
@@ -83,7 +111,9 @@ class SmartRoute:
             taken = [r.name for r in self._routes]
             index = max((r.index for r in self._routes), default=-1) + 1
             compiled = validate_route(route, index, path="route", taken_names=taken)
+            self._check_auto((compiled,))
             await self._install((*self._routes, compiled), bind=self._started)
+        self._certs.routes_changed(self._routes)
 
     async def remove_route(self, name: str) -> None:
         """Remove the route called ``name``; its port is released if no other route uses it."""
@@ -93,14 +123,19 @@ class SmartRoute:
                 known = ", ".join(repr(r.name) for r in self._routes) or "none"
                 raise ConfigError("remove_route", f"no route named {name!r} (routes: {known})")
             await self._install(kept, bind=self._started)
+        self._certs.routes_changed(self._routes)
 
     async def stop(self) -> None:
         """Stop accepting, let live connections finish (up to the grace period), close."""
         async with self._lock:
             if not self._started:
                 return
-            self._started = False
             runtime = self._runtime
+        await self._certs.stop()  # outside the lock: it removes its own route
+        async with self._lock:
+            if not self._started:
+                return
+            self._started = False
             runtime.accepting = False
             await self._ports.close()
             for record in list(runtime.stats.active):
@@ -141,13 +176,13 @@ class SmartRoute:
 
     async def _install(self, routes: tuple[CompiledRoute, ...], *, bind: bool) -> None:
         """Make ``routes`` current; on a bind failure the previous set stays in force."""
-        table = RouteTable(routes)
+        table = RouteTable((*self._internal.values(), *routes))
         provided = [
             r.tls.certificate
             for r in routes
             if r.tls is not None and isinstance(r.tls.certificate, CertificatePair)
         ]
-        self._runtime.certificates.replace(provided)
+        self._runtime.certificates.replace([*provided, *self._certs.pairs()])
         if bind:
             previous = self._runtime.table
             self._runtime.table = table  # new listeners must already see the new routes
@@ -159,6 +194,33 @@ class SmartRoute:
         else:
             self._runtime.table = table
         self._routes = routes
+
+    async def _set_internal_route(self, name: str, route: RouteInput | None) -> None:
+        """Add (or with None remove) a route of the proxy's own, kept across route updates."""
+        async with self._lock:
+            if route is None:
+                if self._internal.pop(name, None) is None:
+                    return
+            else:
+                self._internal[name] = validate_route(route, -1, path=name)
+            await self._install(self._routes, bind=self._started)
+
+    def _serve_certificate(self, new: CertificatePair, old: CertificatePair | None) -> None:
+        """Serve ``new`` to new handshakes; ``old`` stays with the connections that use it."""
+        self._runtime.certificates.add(new)
+        if old is not None and old != new:
+            self._runtime.certificates.remove(old)
+
+    def _check_auto(self, routes: Iterable[CompiledRoute]) -> None:
+        """``"certificate": "auto"`` needs the acme setting or a certificate provider."""
+        if self._certs.settings is not None or self._certs.provider is not None:
+            return
+        for route in routes:
+            if route.tls is not None and route.tls.certificate == "auto":
+                raise ConfigError(
+                    f"route {route.name!r}",
+                    'tls.certificate "auto" needs the acme setting (or a certificate_provider)',
+                )
 
 
 def _describe_ports(ports: dict[int, int]) -> str:

@@ -27,6 +27,8 @@ class Settings:
     accept_proxy_protocol: bool = False
     proxy_ips: tuple[str, ...] = field(default=())
     backlog: int = 1024
+    # async (domain) -> (cert_pem, key_pem) | {"cert", "key"} | None, asked before ACME
+    certificate_provider: Any = None
 
 
 _DURATIONS = (
@@ -86,6 +88,13 @@ def validate_settings(raw: Mapping[str, object]) -> Settings:
         elif name == "acme":
             if value is not None and not isinstance(value, Mapping):
                 raise ConfigError("settings.acme", f"expected a dict, got {type(value).__name__}")
+            values[name] = value
+        elif name == "certificate_provider":
+            if value is not None and not callable(value):
+                raise ConfigError(
+                    "settings.certificate_provider",
+                    f"expected an async function (domain) -> certificate, got {value!r}",
+                )
             values[name] = value
         elif name == "backlog":
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -211,6 +211,24 @@ class Connection:
                 return
         self.run_http(stream, info, secure)
 
+    async def answer_alpn_challenge(self, context: ssl.SSLContext, initial: bytes) -> None:
+        """Complete the handshake with the validation certificate; the CA then closes."""
+        stream = Stream(self.record, on_lost=self.finish)
+        try:
+            secure = await accept_tls(
+                self.transport,
+                stream,
+                context,
+                initial,
+                handshake_timeout=self.runtime.settings.initial_data_timeout,
+            )
+        except TlsHandshakeError as exc:
+            self.record.fail("tls-handshake", str(exc))
+            self.finish()
+            return
+        self.record.outcome = "acme-challenge"
+        secure.close()
+
     async def _http_follows(self, stream: Stream) -> bool:
         """Peek at the decrypted bytes: True when they are an HTTP/1.x request."""
         try:

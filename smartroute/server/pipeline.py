@@ -14,9 +14,11 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from smartroute.certs.tls_alpn import ACME_TLS_ALPN
 from smartroute.context import RouteContext
 from smartroute.errors import HttpParseError
 from smartroute.protocols.detect import OTHER, Detection, detect
+from smartroute.protocols.tls import ClientHello
 from smartroute.routing.matcher import ConnectionFacts, RouteMatch, RouteTable
 from smartroute.routing.model import ForwardAction, SocketHandlerAction
 from smartroute.routing.patterns import parse_ip
@@ -167,6 +169,24 @@ class InboundConnection(asyncio.Protocol):
             params=dict(found.params) if facts.path is not None else None,
         )
 
+    def _acme_challenge(self, hello: ClientHello) -> bool:
+        """Answer a TLS-ALPN-01 validation (RFC 8737) if one is pending for this name."""
+        responder = self.runtime.alpn_responder
+        if not responder or ACME_TLS_ALPN not in hello.alpn:
+            return False
+        context = responder.context_for(hello.sni, hello.alpn)
+        if context is None:
+            return False
+        assert self.transport is not None and self.record is not None
+        self.runtime.stats.routed(self.record, "acme-tls-alpn-01")
+        connection = Connection(
+            self.runtime, self.transport, self.record, port=self.port, server_ip=""
+        )
+        self.task = self.runtime.spawn(
+            connection.answer_alpn_challenge(context, bytes(self.buffer))
+        )
+        return True
+
     def _dispatch(self, detection: Detection | None) -> None:
         """Match the connection and start its action; reading stays paused until handover."""
         assert self.transport is not None and self.record is not None and self.table is not None
@@ -176,6 +196,9 @@ class InboundConnection(asyncio.Protocol):
         transport.pause_reading()
         facts = self._facts(detection)
         record.domain = facts.domain
+        hello = detection.hello if detection is not None else None
+        if hello is not None and self._acme_challenge(hello):
+            return
         found = self.table.match(facts)
         http_error = detection.error if detection is not None else None
         if not isinstance(http_error, HttpParseError):

@@ -6,12 +6,15 @@ import asyncio
 import logging
 import time
 from collections.abc import Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from smartroute.routing.matcher import RouteTable
 from smartroute.server.http.pool import BackendPool
 from smartroute.server.stats import ConnectionRecord, StatsBook
 from smartroute.server.tls import CertificateIndex
+
+if TYPE_CHECKING:
+    from smartroute.certs.tls_alpn import TlsAlpnResponder
 from smartroute.settings import Settings
 
 log = logging.getLogger("smartroute")
@@ -27,6 +30,7 @@ class Runtime:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.pool = BackendPool()
         self.certificates = CertificateIndex()
+        self.alpn_responder: TlsAlpnResponder | None = None  # pending TLS-ALPN-01 challenges
         self.accepting = True
         self._sweeper: asyncio.Task[None] | None = None
 
