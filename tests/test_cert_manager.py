@@ -1,0 +1,111 @@
+"""The certificate manager's scheduling decisions and the acme setting, without a CA."""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import TestCA
+
+from smartroute import ConfigError, SmartRoute
+from smartroute.certs.manager import CertificateManager, DomainStatus, auto_domains
+from smartroute.certs.settings import DIRECTORIES, AcmeSettings, validate_acme
+from smartroute.certs.store import CertificateStore
+from smartroute.routing.validation import validate_routes
+
+NOW = datetime.datetime.now(datetime.UTC)
+
+
+def auto_route(*domains: str, port: int = 443) -> dict[str, Any]:
+    return {
+        "name": "site",
+        "match": {"ports": port, "domains": list(domains)},
+        "action": {
+            "type": "forward",
+            "targets": [{"host": "127.0.0.1", "port": 8080}],
+            "tls": {"mode": "terminate", "certificate": "auto"},
+        },
+    }
+
+
+def manager(tmp_path: Path, **settings: Any) -> CertificateManager:
+    acme = AcmeSettings(certificate_store=str(tmp_path / "certs"), **settings)
+    proxy = SmartRoute([], acme={"certificate_store": str(tmp_path / "certs")})
+    return CertificateManager(proxy, acme)
+
+
+def test_auto_domains_are_the_exact_names_of_auto_routes() -> None:
+    routes = validate_routes(
+        [
+            auto_route("a.test", "*.wild.test", "B.test."),
+            {"match": {"ports": 80}, "action": {"type": "block"}},
+        ]
+    )
+    assert auto_domains(routes) == {"a.test", "b.test"}
+
+
+def test_due_follows_threshold_lifetime_ari_and_backoff(ca: TestCA, tmp_path: Path) -> None:
+    certs = manager(tmp_path, renew_threshold_days=2, retry_min=60, retry_max=600)
+    certs._wanted = {"a.test"}  # noqa: SLF001
+    status = certs._status.setdefault("a.test", DomainStatus())  # noqa: SLF001
+    assert certs._due("a.test", NOW) == NOW  # nothing stored: now  # noqa: SLF001
+    pair = ca.issue("a.test")  # valid 8 days (from yesterday to a week ahead)
+    entry = CertificateStore(tmp_path / "certs").save(
+        ["a.test"], pair.cert_pem, pair.key_pem, source="acme"
+    )
+    certs._install("a.test", entry, "store")  # noqa: SLF001
+    due = certs._due("a.test", NOW)  # noqa: SLF001
+    # A third of an 8-day lifetime is more than the 2-day threshold: the earlier one wins.
+    assert due == entry.not_after - entry.lifetime / 3
+    status.suggested = NOW - datetime.timedelta(minutes=1)  # the CA (ARI) says: renew now
+    assert certs._due("a.test", NOW) == status.suggested  # noqa: SLF001
+    status.suggested = None
+    delays = []
+    for _ in range(6):
+        certs._failed("a.test", "CA down")  # noqa: SLF001
+        assert status.next_attempt is not None
+        delays.append((status.next_attempt - datetime.datetime.now(datetime.UTC)).total_seconds())
+    assert 60 * 0.75 < delays[0] < 60 * 1.25 and 120 * 0.75 < delays[1] < 120 * 1.25
+    assert all(d <= 600 * 1.25 for d in delays) and delays[-1] > 600 * 0.75  # capped, jittered
+    assert status.state == "failed" and status.last_error == "CA down"
+    assert certs._due("a.test", NOW) == status.next_attempt  # noqa: SLF001
+
+
+def test_auto_routes_need_acme_or_a_provider() -> None:
+    with pytest.raises(ConfigError, match='"auto" needs the acme setting'):
+        SmartRoute([auto_route("a.test")])
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        (
+            {"directory_url": "ftp://x"},
+            "settings.acme.directory_url: expected 'production', 'staging' or an http(s) URL",
+        ),
+        ({"email": "nobody"}, "settings.acme.email: 'nobody' is not an email address"),
+        ({"port": 70000}, "settings.acme.port: 70000 is not a port (1-65535)"),
+        ({"challenge": "dns-01"}, "settings.acme.challenge: expected 'http-01' or 'tls-alpn-01'"),
+        (
+            {"renew_treshold_days": 3},
+            'settings.acme.renew_treshold_days: unknown acme setting (did you mean "renew_threshold_days"?)',
+        ),
+        ({"ca_bundle": "/nonexistent.pem"}, "settings.acme.ca_bundle: no such file"),
+        (
+            {"eab_kid": "kid"},
+            "settings.acme.eab_kid: external account binding needs both eab_kid and eab_hmac_key",
+        ),
+        ({"retry_min": 0}, "settings.acme.retry_min: expected a number >= 0.01"),
+    ],
+)
+def test_bad_acme_settings_name_the_field(given: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        validate_acme(given)
+    assert str(caught.value).startswith(message)
+
+
+def test_directory_names() -> None:
+    assert validate_acme({"directory_url": "staging"}).directory_url == DIRECTORIES["staging"]
+    assert validate_acme({}).directory_url == DIRECTORIES["production"]
