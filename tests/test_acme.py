@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -263,3 +265,42 @@ async def test_provider_certificates_come_first_and_provided_routes_never_order(
         cert = await served_certificate(https, "given.test", ca.pem)
         assert cert.subject.rfc4514_string() == "CN=given.test"
     assert asked == ["hook.test"]
+
+
+@async_test(120)
+async def test_certs_cli_renews_and_lists_against_a_config(
+    pebble: Pebble, backend: Backend, tmp_path: Path
+) -> None:
+    store = tmp_path / "certs"
+    config = tmp_path / "proxy.json"
+    config.write_text(
+        json.dumps(
+            {
+                "settings": {"bind_address": LOOPBACK, "acme": acme_settings(pebble, store)},
+                "routes": [site(["cli.acme.test"], backend, pebble.tls_port)],
+            }
+        )
+    )
+
+    async def cli(*args: str) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "smartroute", "certs", *args, str(config),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        out, _ = await asyncio.wait_for(proc.communicate(), 90)
+        assert proc.returncode is not None
+        return proc.returncode, out.decode()
+
+    code, out = await cli("list")
+    assert code == 0 and "cli.acme.test  missing" in out
+    code, out = await cli("renew")
+    assert code == 0, out
+    assert "cli.acme.test: valid until" in out
+    code, out = await cli("list")
+    assert code == 0 and "1 certificates" in out
+    assert "cli.acme.test  until" in out and "source=acme" in out and "valid" in out
+    (
+        store / next(p.name for p in store.iterdir() if p.name.startswith("cli")) / "key.pem"
+    ).write_text("broken")
+    code, out = await cli("list")
+    assert "corrupt" in out and "cli.acme.test  missing" in out
