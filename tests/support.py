@@ -209,3 +209,19 @@ def require_tool(name: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+async def curl(*args: str, timeout: float = 20) -> tuple[int, str, str]:
+    """Run curl (silent, errors shown, bounded); returns exit code, stdout and stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        require_tool("curl"),
+        "-sS",
+        "--max-time",
+        str(timeout),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout + 10)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")

@@ -9,7 +9,7 @@ import resource
 from typing import Any
 
 from http_backend import Backend, http_backend, unused_port
-from support import LOOPBACK, async_test, free_port, require_tool
+from support import LOOPBACK, async_test, curl, free_port, require_tool
 
 from smartroute import SmartRoute
 from smartroute.protocols.http_response import ResponseHead, parse_response_head
@@ -77,21 +77,6 @@ def described(body: bytes) -> dict[str, Any]:
     info: dict[str, Any] = json.loads(body)
     info["header_map"] = {k.lower(): v for k, v in info["headers"]}
     return info
-
-
-async def curl(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        require_tool("curl"),
-        "-sS",
-        "--max-time",
-        "20",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
 
 
 @async_test()

@@ -23,6 +23,7 @@ from support import (
     CertPair,
     TestCA,
     async_test,
+    curl,
     free_port,
     named_handler,
     require_tool,
@@ -71,21 +72,6 @@ def ca_file(ca: TestCA, tmp_path: Path) -> Path:
     path = tmp_path / "ca.pem"
     path.write_text(ca.pem)
     return path
-
-
-async def curl(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        require_tool("curl"),
-        "-sS",
-        "--max-time",
-        "20",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
 
 
 async def s_client(port: int, *args: str, request: bytes | None = None) -> tuple[int, str]:

@@ -12,7 +12,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from http_backend import http_backend
-from support import LOOPBACK, TestCA, async_test, free_port, require_tool
+from support import LOOPBACK, TestCA, async_test, curl, free_port
 
 from smartroute import SmartRoute
 from smartroute.protocols.http_response import ResponseHead, parse_response_head
@@ -99,21 +99,6 @@ async def raw_exchange(port: int, request: bytes) -> bytes:
         return data
     finally:
         writer.close()
-
-
-async def curl(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        require_tool("curl"),
-        "-sS",
-        "--max-time",
-        "20",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
 
 
 def headers_of(text: str) -> dict[str, str]:
