@@ -141,7 +141,7 @@ class RateLimitPolicy:
 
 @dataclass(frozen=True, slots=True)
 class BasicAuthPolicy:
-    users: Mapping[str, str]
+    users: Mapping[str, str] = field(repr=False)  # passwords: never in logs
     realm: str = "smartroute"
 
 

@@ -217,13 +217,24 @@ class InboundConnection(asyncio.Protocol):
             return
         route = found.route
         self.runtime.stats.routed(record, route.name)
-        ctx = self._context(facts, found, detection)
+        kind = detection.kind if detection is not None else "none"
         action = route.action
+        if route.security is not None:
+            refusal = self.runtime.gate.admit(route, facts.client_ip)
+            if refusal is not None:
+                status, reason = refusal
+                record.fail("refused", reason)
+                if kind == "http" or (kind == "none" and needs_http(action)):
+                    answer = text_response(status, reason)
+                    transport.write(response_head(answer, keep_alive=False) + answer.body)
+                transport.close()
+                return
+            record.admitted = route.name
+        ctx = self._context(facts, found, detection)
         connection = Connection(
             self.runtime, transport, record, port=self.port, server_ip=ctx.server_ip
         )
         initial, eof = bytes(self.buffer), self.eof
-        kind = detection.kind if detection is not None else "none"
         if route.terminates_tls and detection is not None and detection.hello is not None:
             self.task = self.runtime.spawn(
                 connection.terminate(route, ctx, detection.hello, initial)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from smartroute.routing.matcher import RouteTable
 from smartroute.server.http.pool import BackendPool
+from smartroute.server.security import SecurityGate
 from smartroute.server.stats import ConnectionRecord, StatsBook
 from smartroute.server.tls import CertificateIndex
 
@@ -26,7 +27,8 @@ class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.table = RouteTable(())
-        self.stats = StatsBook()
+        self.gate = SecurityGate()
+        self.stats = StatsBook(on_release=self.gate.release)
         self.tasks: set[asyncio.Task[Any]] = set()
         self.pool = BackendPool()
         self.certificates = CertificateIndex()

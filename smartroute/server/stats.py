@@ -10,6 +10,7 @@ import itertools
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,7 @@ class ConnectionRecord:
         "error",
         "last_seen",
         "closer",
+        "admitted",
     )
 
     def __init__(self, client_ip: str, client_port: int, port: int) -> None:
@@ -53,6 +55,7 @@ class ConnectionRecord:
         self.error: str | None = None
         self.last_seen = (0, self.started)  # (bytes moved, when) for the idle sweep
         self.closer: Any = None  # callable that closes the connection (set by the pipeline)
+        self.admitted: str | None = None  # the route whose security limits count it
 
     def fail(self, outcome: str, error: str) -> None:
         """Remember the first failure only, so each connection's error is logged once."""
@@ -85,6 +88,7 @@ class StatsBook:
     closed: _Totals = field(default_factory=_Totals)
     routes: defaultdict[str, _Totals] = field(default_factory=lambda: defaultdict(_Totals))
     ips: defaultdict[str, _Totals] = field(default_factory=lambda: defaultdict(_Totals))
+    on_release: Callable[[str, str], None] | None = None  # gives back a security admission
 
     def opened(self, record: ConnectionRecord) -> None:
         self.active.add(record)
@@ -100,6 +104,9 @@ class StatsBook:
         if record not in self.active:
             return
         self.active.discard(record)
+        if record.admitted is not None and self.on_release is not None:
+            self.on_release(record.admitted, record.client_ip)
+            record.admitted = None
         if record.outcome == "open":
             record.outcome = "ok"
         for totals in self._buckets(record):

@@ -34,6 +34,7 @@ from smartroute.server.http.redirect import render_redirect
 from smartroute.server.http.reverse_proxy import forward_request
 from smartroute.server.http.static import serve_static
 from smartroute.server.http.stream import Handover, Stream
+from smartroute.server.security import basic_auth_refusal, challenge_header, ip_refusal
 from smartroute.server.stats import ConnectionRecord
 
 if TYPE_CHECKING:
@@ -204,7 +205,10 @@ class HttpSession:
             action = found.route.action
             if self.record.route is None:
                 self.runtime.stats.routed(self.record, found.route.name)
-            if action.type == "block":
+            refusal = self._refusal(found, head)
+            if refusal is not None:
+                status, keep = await self.answer_locally(refusal, head, framing, keep_alive)
+            elif action.type == "block":
                 self.record.outcome = "blocked"
                 response = text_response(403, "forbidden")  # and close, as block always does
                 status, keep = await self.answer_locally(response, head, framing, False)
@@ -225,6 +229,21 @@ class HttpSession:
                 status, keep = await forward_request(self, head, framing, keep_alive, found, ctx)
         self._log(head, route_name, status, started)
         return keep
+
+    def _refusal(self, found: RouteMatch, head: RequestHead) -> Response | None:
+        """The route's security answer for this request (403, 401), or None to go on."""
+        policy = found.route.security
+        if policy is None:
+            return None
+        if (reason := ip_refusal(policy, self.client_address)) is not None:
+            self.record.fail("refused", reason)
+            return text_response(403, reason)
+        auth = policy.basic_auth
+        if auth is not None:
+            reason = basic_auth_refusal(auth, head.header("authorization"))
+            if reason is not None:
+                return text_response(401, reason, [challenge_header(auth)])
+        return None
 
     async def _hand_over(self, found: RouteMatch, ctx: RouteContext, raw: bytes) -> None:
         """Give the connection, this request's head included, to a raw pipe or a handler."""
