@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
 import ssl
 import sys
 from collections.abc import Iterator
@@ -304,3 +306,27 @@ async def test_certs_cli_renews_and_lists_against_a_config(
     ).write_text("broken")
     code, out = await cli("list")
     assert "corrupt" in out and "cli.acme.test  missing" in out
+
+
+@async_test(120)
+async def test_external_account_binding_when_the_ca_requires_it(
+    backend: Backend, tmp_path: Path
+) -> None:
+    require_tool("pebble")
+    hmac_key = base64.urlsafe_b64encode(os.urandom(32)).decode().rstrip("=")
+    (tmp_path / "pebble").mkdir()
+    with run_pebble(
+        tmp_path / "pebble", http_port=free_port(), tls_port=free_port(), eab={"kid-7": hmac_key}
+    ) as ca:
+        https = ca.tls_port
+        routes = [site(["eab.acme.test"], backend, https)]
+        missing = acme_settings(ca, tmp_path / "no-eab")
+        async with SmartRoute(routes, bind_address=LOOPBACK, acme=missing) as proxy:
+            status = (await proxy.wait_for_certificates())["eab.acme.test"]
+            assert (
+                status["state"] == "failed" and "external account binding" in status["last_error"]
+            )
+        bound = acme_settings(ca, tmp_path / "eab", eab_kid="kid-7", eab_hmac_key=hmac_key)
+        async with SmartRoute(routes, bind_address=LOOPBACK, acme=bound) as proxy:
+            status = (await proxy.wait_for_certificates())["eab.acme.test"]
+            assert status["state"] == "valid", status
