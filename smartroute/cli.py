@@ -24,6 +24,8 @@ from smartroute.routing.model import CompiledRoute, ForwardAction
 from smartroute.routing.validation import validate_routes
 from smartroute.settings import validate_settings
 
+log = logging.getLogger("smartroute")
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smartroute", description=__doc__)
@@ -77,16 +79,39 @@ def _run(args: argparse.Namespace) -> int:
             *describe_demo(args.demo_port, args.demo_host),
         ]
     proxy = SmartRoute(routes, **settings)
-    asyncio.run(_serve(proxy, banner))
+    asyncio.run(_serve(proxy, banner, args.config))
     return 0
 
 
-async def _serve(proxy: SmartRoute, banner: list[str]) -> None:
-    """Run until SIGINT or SIGTERM, then stop gracefully."""
+async def _reload(proxy: SmartRoute, path: str) -> None:
+    """Apply the config file's routes again; a broken file leaves the running routes alone."""
+    try:
+        loaded = load_config(path)
+        await proxy.update_routes(loaded.routes)
+    except Exception as exc:  # any error in the file: report it, keep serving
+        log.error("reload of %s rejected, the running routes stay: %s", path, exc)
+        return
+    if validate_settings(loaded.settings) != proxy.settings:
+        log.warning("reload of %s: changed settings take effect on restart only", path)
+    ports = ", ".join(str(p) for p in proxy.listening_ports)
+    log.info("reloaded %s: %d routes, listening on %s", path, len(proxy.routes), ports)
+
+
+async def _serve(proxy: SmartRoute, banner: list[str], config: str | None = None) -> None:
+    """Run until SIGINT or SIGTERM, then stop gracefully; SIGHUP reloads ``config``."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+    if config is not None:
+
+        def reload() -> None:
+            task = loop.create_task(_reload(proxy, config))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, reload)
     await proxy.start()
     for line in banner:
         print(line, flush=True)

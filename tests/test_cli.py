@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from support import LOOPBACK, async_test, free_port, free_port_range, read_line
 
@@ -191,3 +192,59 @@ def test_examples_run_and_show_what_they_promise() -> None:
         assert done.returncode == 0, done.stderr
         for line in lines:
             assert line in done.stdout, (name, done.stdout)
+
+
+@async_test(60)
+async def test_sighup_reloads_the_config_and_a_broken_file_keeps_the_running_routes(
+    tmp_path: Path,
+) -> None:
+    first, second = free_port(), free_port()
+    config = tmp_path / "proxy.json"
+
+    def write(ports: list[int]) -> None:
+        routes = [
+            {
+                "name": f"echo-{p}",
+                "match": {"ports": p},
+                "action": {
+                    "type": "socket-handler",
+                    "socket_handler": "smartroute.helpers:SocketHandlers.echo",
+                },
+            }
+            for p in ports
+        ]
+        config.write_text(json.dumps({"settings": {"bind_address": "127.0.0.1"}, "routes": routes}))
+
+    async def echoes(port: int) -> bool:
+        try:
+            reader, writer = await asyncio.open_connection(LOOPBACK, port)
+        except ConnectionRefusedError:
+            return False
+        writer.write(b"hi\n")
+        ok = await read_line(reader) == b"hi\n"
+        writer.close()
+        return ok
+
+    async def until(condition: Any) -> None:
+        for _ in range(200):  # bounded: the reload runs right after the signal
+            if await condition():
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError("the reload did not take effect")
+
+    write([first])
+    proc = await _start("run", str(config))
+    try:
+        await _wait_for_line(proc, f"listening on port {first}".encode())
+        assert await echoes(first) and not await echoes(second)
+        write([first, second])
+        proc.send_signal(signal.SIGHUP)
+        await until(lambda: echoes(second))
+        config.write_text("{ not json")
+        proc.send_signal(signal.SIGHUP)
+        await asyncio.sleep(0.3)
+        assert await echoes(first) and await echoes(second)  # still serving the last good set
+    finally:
+        code, err = await _stop(proc)
+    assert code == 0
+    assert b"reloaded" in err and b"rejected, the running routes stay" in err
