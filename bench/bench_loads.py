@@ -11,6 +11,7 @@ import json
 import re
 import socket
 import time
+import urllib.request
 from dataclasses import dataclass
 
 from bench_procs import ProcessError, Procs, cpu_seconds, established_to, rss_bytes, wait_listening
@@ -22,6 +23,13 @@ class Sample:
     work: float = 0.0  # units of work done: requests, connections, gigabytes
     cpu: float | None = None  # proxy CPU seconds over the run (None without a proxy)
     errors: int = 0  # failed requests/connections (wrk socket errors and non-2xx answers)
+    backend_connections: int | None = None  # connections nginx accepted during the run
+
+    @property
+    def backend_per_work(self) -> float | None:
+        if self.backend_connections is None or self.work <= 0:
+            return None
+        return self.backend_connections / self.work
 
     @property
     def cpu_per_work(self) -> float | None:
@@ -92,6 +100,14 @@ def iperf3(procs: Procs, server_port: int, port: int, duration: float, pid: int 
         work=float(received["bytes"]) / 1e9,
         cpu=None if before is None or after is None else after - before,
     )
+
+
+def nginx_accepts(port: int) -> int:
+    """nginx's count of accepted connections so far (stub_status), this request included."""
+    url = f"http://127.0.0.1:{port}/nginx-status"
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        text = answer.read().decode()
+    return int(text.splitlines()[2].split()[0])
 
 
 def _wait_count(port: int, count: int, timeout: float) -> None:

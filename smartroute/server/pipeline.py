@@ -18,6 +18,11 @@ from smartroute.certs.tls_alpn import ACME_TLS_ALPN
 from smartroute.context import RouteContext
 from smartroute.errors import HttpParseError
 from smartroute.protocols.detect import OTHER, Detection, detect
+from smartroute.protocols.proxy_protocol import (
+    ProxyProtocolError,
+    looks_like_proxy_protocol,
+    parse_proxy_header,
+)
 from smartroute.protocols.tls import ClientHello
 from smartroute.routing.matcher import ConnectionFacts, RouteMatch, RouteTable
 from smartroute.routing.model import ForwardAction, SocketHandlerAction
@@ -58,6 +63,7 @@ class InboundConnection(asyncio.Protocol):
         self.eof = False
         self.closed = False
         self.reads = 0
+        self.expect_proxy_header = False
 
     # -- asyncio callbacks -------------------------------------------------------------------
 
@@ -74,11 +80,27 @@ class InboundConnection(asyncio.Protocol):
         if not runtime.accepting or not table.has_port(self.port):
             record.fail("no-route", "the proxy is stopping or no route uses this port")
             transport.close()
-        elif table.needs_data(self.port):
+        elif runtime.settings.accept_proxy_protocol and runtime.trusts(record.client_ip):
+            # A trusted load balancer: its PROXY header comes first and names the real client.
+            self.expect_proxy_header = True
             self.timer = asyncio.get_running_loop().call_later(
                 runtime.settings.initial_data_timeout, self._on_initial_timeout
             )
         else:
+            self._after_client_known()
+
+    def _after_client_known(self) -> None:
+        """Peek at the first bytes if some route needs them, else dispatch at once."""
+        assert self.table is not None
+        if self.table.needs_data(self.port):
+            if self.timer is None:  # after a PROXY header its time counts too
+                self.timer = asyncio.get_running_loop().call_later(
+                    self.runtime.settings.initial_data_timeout, self._on_initial_timeout
+                )
+            if self.buffer:
+                self._peek()
+        else:
+            self._cancel_timer()
             self._dispatch(None)
 
     def data_received(self, data: bytes) -> None:
@@ -87,6 +109,39 @@ class InboundConnection(asyncio.Protocol):
         self.buffer += data
         if self.routed:
             return  # arrived before reading paused; delivered with the rest of the buffer
+        if self.expect_proxy_header:
+            self._read_proxy_header()
+        else:
+            self._peek()
+
+    def _read_proxy_header(self) -> None:
+        assert self.record is not None
+        try:
+            header = parse_proxy_header(self.buffer)
+        except ProxyProtocolError as exc:
+            self._refuse("bad-proxy-header", f"PROXY protocol: {exc}")
+            return
+        if header is None:
+            return
+        del self.buffer[: header.length]
+        self.expect_proxy_header = False
+        if header.source is not None:
+            ip, port = header.source
+            self.runtime.stats.moved(self.record, str(parse_ip(ip)), port)
+        self._after_client_known()
+
+    def _refuse(self, outcome: str, reason: str) -> None:
+        assert self.record is not None and self.transport is not None
+        self.routed = True
+        self._cancel_timer()
+        self.record.fail(outcome, reason)
+        self.transport.close()
+
+    def _peek(self) -> None:
+        if self.runtime.settings.accept_proxy_protocol and looks_like_proxy_protocol(self.buffer):
+            # Only proxy_ips may say who the client is; anyone else sending a header is refused.
+            self._refuse("untrusted-proxy-header", "PROXY header from an address not in proxy_ips")
+            return
         self.reads += 1
         detection = detect(self.buffer)
         if detection is None and (len(self.buffer) > MAX_PEEK or self.reads >= MAX_PEEK_READS):
@@ -96,7 +151,9 @@ class InboundConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
-        if not self.routed:
+        if self.expect_proxy_header and not self.routed:
+            self._refuse("no-proxy-header", "the connection ended before its PROXY header")
+        elif not self.routed:
             self._dispatch(detect(self.buffer) or OTHER)
         return True  # a half-close: the action may still answer
 
@@ -115,7 +172,9 @@ class InboundConnection(asyncio.Protocol):
 
     def _on_initial_timeout(self) -> None:
         self.timer = None
-        if not self.routed:
+        if self.expect_proxy_header:
+            self._refuse("no-proxy-header", "no PROXY header in time from a proxy_ips address")
+        elif not self.routed:
             self._dispatch(OTHER)
 
     def _cancel_timer(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from collections.abc import Coroutine
@@ -33,8 +34,14 @@ class Runtime:
         self.pool = BackendPool()
         self.certificates = CertificateIndex()
         self.alpn_responder: TlsAlpnResponder | None = None  # pending TLS-ALPN-01 challenges
+        self._proxies = [ipaddress.ip_network(n, strict=False) for n in settings.proxy_ips]
         self.accepting = True
         self._sweeper: asyncio.Task[None] | None = None
+
+    def trusts(self, client_ip: str) -> bool:
+        """True when ``client_ip`` is a proxy allowed to send PROXY protocol headers."""
+        address = ipaddress.ip_address(client_ip)
+        return any(address in network for network in self._proxies)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run a connection task, keeping a strong reference until it ends."""

@@ -95,6 +95,14 @@ class StatsBook:
         self.closed.total += 1
         self.ips[record.client_ip].total += 1
 
+    def moved(self, record: ConnectionRecord, client_ip: str, client_port: int) -> None:
+        """The connection came through a trusted proxy: count it for the real client."""
+        self.ips[record.client_ip].total -= 1
+        if not self.ips[record.client_ip].total:
+            del self.ips[record.client_ip]
+        record.client_ip, record.client_port = client_ip, client_port
+        self.ips[client_ip].total += 1
+
     def routed(self, record: ConnectionRecord, route: str) -> None:
         record.route = route
         self.routes[route].total += 1
