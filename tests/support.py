@@ -42,15 +42,17 @@ def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
             sock.close()
 
 
-def free_port_range(length: int, host: str = LOOPBACK) -> int:
-    """The first port of ``length`` consecutive free ports."""
+def free_port_range(length: int, *hosts: str) -> int:
+    """The first port of ``length`` consecutive ports free on every one of ``hosts``."""
+    hosts = hosts or (LOOPBACK,)
     for start in range(42000, 60000, length + 7):
         socks = []
         try:
-            for port in range(start, start + length):
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                socks.append(sock)
-                sock.bind((host, port))
+            for host in hosts:
+                for port in range(start, start + length):
+                    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                    socks.append(sock)
+                    sock.bind((host, port))
             return start
         except OSError:
             continue

@@ -100,7 +100,7 @@ async def test_half_close_reaches_the_backend_and_the_answer_comes_back() -> Non
 
 @async_test()
 async def test_preserve_forwards_to_the_same_port_number() -> None:
-    start = free_port_range(3, "127.0.0.2")
+    start = free_port_range(3, LOOPBACK, "127.0.0.2")
     ports = list(range(start, start + 3))
     servers = [
         await asyncio.start_server(named_handler(f"backend {p}"), "127.0.0.2", p) for p in ports

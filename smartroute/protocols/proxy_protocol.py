@@ -89,6 +89,7 @@ _V2_TLV = struct.Struct("!BH")
 
 _V1_PROTOCOLS = (b"TCP4 ", b"TCP6 ", b"UNKNOWN")
 _V1_UNKNOWN = b"PROXY UNKNOWN"
+_V1_UNKNOWN_ARGS = _V1_UNKNOWN + b" "
 _V1_PORT = re.compile(rb"0|[1-9][0-9]{0,4}")  # decimal, no sign, no heading zeroes
 # Four decimal octets 0-255 without heading zeroes (the spec's rule, and what ipaddress
 # accepts): text that matches is already canonical, so no conversion is needed.
@@ -161,7 +162,7 @@ def _parse_v1(head: bytes) -> ProxyHeader | None:
         raise ProxyProtocolError("PROXY v1 line ends with a bare LF instead of CRLF")
     line = head[: newline - 1]
     length = newline + 1
-    if line == _V1_UNKNOWN or line.startswith(_V1_UNKNOWN + b" "):
+    if line == _V1_UNKNOWN or line.startswith(_V1_UNKNOWN_ARGS):
         # The receiver must ignore whatever follows UNKNOWN and use the real endpoints.
         return ProxyHeader(1, "LOCAL", "UNSPEC", None, None, (), length)
     fields = line.split(b" ")
