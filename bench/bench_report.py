@@ -178,7 +178,13 @@ def goal_lines(results: Results, counts: Sequence[int]) -> list[str]:
     ):
         value = ratio(results, key, base)
         shown = f"{value:.2f}x" if value is not None else "—"
-        lines.append(f"- {text}: {_verdict(value, goal)} (measured {shown})")
+        line = f"- {text}: {_verdict(value, goal)} (measured {shown}"
+        if base == "haproxy":
+            mine = median_cpu(results.get((key, "smartroute"), []))
+            theirs = median_cpu(results.get((key, "haproxy"), []))
+            if mine and theirs:
+                line += f"; proxy CPU per unit of work, HAProxy / smartroute: {theirs / mine:.2f}x"
+        lines.append(line + ")")
     memory = results.get(("memory", "smartroute"))
     per_conn = median(memory) if memory else None
     shown = f"{per_conn:,.0f} bytes" if per_conn is not None else "—"
@@ -187,12 +193,17 @@ def goal_lines(results: Results, counts: Sequence[int]) -> list[str]:
         f"{_verdict(per_conn, 4096, at_most=True)} (measured {shown})"
     )
     low, high = results.get(routing_key(counts[0])), results.get(routing_key(counts[-1]))
-    cost = median(low) / median(high) if low and high else None
+    wall = median(low) / median(high) if low and high else None
+    low_cpu = median_cpu(low) if low else None
+    high_cpu = median_cpu(high) if high else None
+    cost = high_cpu / low_cpu if low_cpu and high_cpu else None
     shown = f"{cost:.2f}" if cost is not None else "—"
+    wall_shown = f"{wall:.2f}" if wall is not None else "—"
     lines.append(
         f"- routing cost flat within 20% from {counts[0]:,} to {counts[-1]:,} routes "
-        f"(µs per connection, {counts[-1]:,} / {counts[0]:,} <= 1.20): "
-        f"{_verdict(cost, 1.2, at_most=True)} (measured {shown})"
+        f"(smartroute CPU µs per connection, {counts[-1]:,} / {counts[0]:,} <= 1.20): "
+        f"{_verdict(cost, 1.2, at_most=True)} (measured {shown}; wall-clock µs per "
+        f"connection {wall_shown})"
     )
     return lines
 

@@ -150,9 +150,7 @@ def write_certificate(layout: Layout) -> None:
 
 def decoy_names(count: int) -> list[str]:
     """Domains routed before the measured one; about one in twenty is a wildcard."""
-    return [
-        f"*.w{i}.example.test" if i % 20 == 19 else f"h{i}.example.test" for i in range(count)
-    ]
+    return [f"*.w{i}.example.test" if i % 20 == 19 else f"h{i}.example.test" for i in range(count)]
 
 
 def nginx_conf(layout: Layout) -> str:

@@ -125,21 +125,25 @@ class Bench:
         root = layout.root
         (root / "nginx.conf").write_text(nginx_conf(layout))
         (root / "haproxy.cfg").write_text(haproxy_cfg(layout))
-        procs.start("nginx", ["nginx", "-p", str(root), "-e", str(root / "nginx-error.log"),
-                              "-c", str(root / "nginx.conf")])  # fmt: skip
+        error_log, conf = str(root / "nginx-error.log"), str(root / "nginx.conf")
+        procs.start("nginx", ["nginx", "-p", str(root), "-e", error_log, "-c", conf])
         procs.start("haproxy", ["haproxy", "-db", "-f", str(root / "haproxy.cfg")])
         routes = write_json(root / "smartroute.json", smartroute_routes(layout))
         procs.start("smartroute", [sys.executable, str(HERE / "smartroute_server.py"), str(routes)])
         for count in ROUTE_COUNTS:
             table = sni_routes(layout.routing[count], layout.nginx_https, count)
             path = write_json(root / f"routing-{count}.json", table)
-            procs.start(f"routing-{count}", [sys.executable, str(HERE / "smartroute_server.py"),
-                                             str(path)])  # fmt: skip
-        procs.start("idle-backend", [sys.executable, str(HERE / "idle_backend.py"),
-                                     str(layout.idle)])  # fmt: skip
+            procs.start(
+                f"routing-{count}", [sys.executable, str(HERE / "smartroute_server.py"), str(path)]
+            )
+        procs.start(
+            "idle-backend", [sys.executable, str(HERE / "idle_backend.py"), str(layout.idle)]
+        )
         wait_listening(procs, "nginx", [layout.nginx_http, layout.nginx_https])
         wait_listening(procs, "haproxy", [p for k, p in layout.haproxy.items() if k != "idle"])
-        wait_listening(procs, "smartroute", [p for k, p in layout.smartroute.items() if k != "idle"])
+        wait_listening(
+            procs, "smartroute", [p for k, p in layout.smartroute.items() if k != "idle"]
+        )
         for count in ROUTE_COUNTS:
             wait_listening(procs, f"routing-{count}", [layout.routing[count]], timeout=120)
         wait_listening(procs, "idle-backend", [layout.idle])
@@ -189,7 +193,9 @@ class Bench:
             proc = procs.start(name, ["haproxy", "-db", "-f", str(cfg)])
             port = layout.haproxy["idle"]
         else:
-            routes = write_json(layout.root / "smartroute-idle.json", smartroute_idle_routes(layout))
+            routes = write_json(
+                layout.root / "smartroute-idle.json", smartroute_idle_routes(layout)
+            )
             argv = [sys.executable, str(HERE / "smartroute_server.py"), str(routes)]
             proc = procs.start(name, argv)
             port = layout.smartroute["idle"]
@@ -219,8 +225,11 @@ def run_rounds(bench: Bench, options: Options) -> Results:
 
     def keep(where: tuple[str, str], sample: Sample, unit: str, round_no: int) -> None:
         results.setdefault(where, []).append(sample)
-        print(f"[{round_no}/{options.rounds}] {_describe(*where, sample, unit)}",
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"[{round_no}/{options.rounds}] {_describe(*where, sample, unit)}",
+            file=sys.stderr,
+            flush=True,
+        )
         time.sleep(PAUSE)
 
     print("warm-up (1 s per workload and system, not counted)", file=sys.stderr, flush=True)
@@ -299,8 +308,21 @@ def profile(bench: Bench, options: Options) -> None:
     raw = bench.layout.root / "profile.txt"
     pid = bench.procs.running["smartroute"].pid
     seconds = options.duration
-    argv = [py_spy, "record", "--nonblocking", "-r", "250", "-f", "raw", "-o", str(raw),
-            "-d", f"{seconds + 1:g}", "-p", str(pid)]  # fmt: skip
+    argv = [
+        py_spy,
+        "record",
+        "--nonblocking",
+        "-r",
+        "250",
+        "-f",
+        "raw",
+        "-o",
+        str(raw),
+        "-d",
+        f"{seconds + 1:g}",
+        "-p",
+        str(pid),
+    ]
     spy = bench.procs.start("py-spy", argv)
     time.sleep(0.5)
     sample = bench.measure(key, "smartroute", seconds)
@@ -364,8 +386,10 @@ def main(argv: Sequence[str]) -> int:
     options = parse_args(argv)
     missing = [tool for tool in TOOLS if shutil.which(tool) is None]
     if missing:
-        print(f"missing {', '.join(missing)}: run bash scripts/install-bench-tools.sh",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"missing {', '.join(missing)}: run bash scripts/install-bench-tools.sh",
+            file=sys.stderr,
+        )
         return 2
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGHUP, _terminate)
@@ -397,4 +421,8 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except KeyboardInterrupt:
+        print("interrupted; every process the suite started is stopped", file=sys.stderr)
+        sys.exit(130)

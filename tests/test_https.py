@@ -543,3 +543,20 @@ async def test_a_failed_handshake_is_cleaned_up_and_the_proxy_keeps_serving(
             assert json.loads(out)["path"] == "/still-here"
             await wait_idle(router)
             assert router.stats()["connections"]["total"] == 4
+
+
+@async_test()
+async def test_a_terminate_route_without_domains_takes_every_tls_client(
+    ca: TestCA, tmp_path: Path
+) -> None:
+    pair = ca.issue("any.example.test")
+    with http_backend("plain") as backend:
+        port = free_port()
+        route = tls_route(port, backend.port, name="any", cert=certificate(pair))
+        async with proxy([route]):
+            code, out, err = await curl(
+                "--cacert", str(ca_file(ca, tmp_path)),
+                "--resolve", f"any.example.test:{port}:127.0.0.1", f"https://any.example.test:{port}/x",
+            )  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["backend"] == "plain"

@@ -190,7 +190,8 @@ class RouteTable:
                 best = min(entries.values(), key=_by_key)[0]
             else:
                 best = (rank, _NO_DOMAIN, 0, path_rank, order)
-            needs_data = criteria.needs_data
+            # A route with a tls block only takes TLS connections: the ClientHello must be seen.
+            needs_data = criteria.needs_data or route.tls is not None
             for port in criteria.ports:
                 index = ports.get(port)
                 if index is None:
