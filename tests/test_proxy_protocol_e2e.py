@@ -8,7 +8,7 @@ from typing import Any
 from support import LOOPBACK, async_test, free_port
 
 from smartroute import RouteContext, SmartRoute
-from smartroute.protocols.proxy_protocol import encode_v2
+from smartroute.protocols.proxy_protocol import encode_v2, parse_proxy_header
 
 
 def whoami_routes(port: int, seen: list[RouteContext]) -> list[dict[str, Any]]:
@@ -73,3 +73,53 @@ async def test_headers_from_others_are_refused_and_trusted_peers_must_send_one()
         assert await send(port, b"hello\n") == b""  # trusted, but no header: refused
         assert await send(port, b"PROXY TCP4 999.1.1.1 127.0.0.1 1 2\r\n") == b""  # malformed
     assert seen == []
+
+
+@async_test()
+async def test_send_proxy_protocol_tells_targets_who_the_client_is() -> None:
+    received: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def capture(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = b""
+        while True:  # the PROXY header, then at least one line of the client's bytes
+            chunk = await reader.read(4096)
+            data += chunk
+            header = parse_proxy_header(data)
+            if not chunk or (header is not None and b"\n" in data[header.length :]):
+                break
+        await received.put(data)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(capture, LOOPBACK, 0)
+    backend = server.sockets[0].getsockname()[1]
+    tcp_port, http_port = free_port(), free_port()
+    routes = [
+        {"match": {"ports": tcp_port}, "action": {"type": "forward", "protocol": "tcp",
+         "targets": [{"host": LOOPBACK, "port": backend, "send_proxy_protocol": "v1"}]}},
+        {"match": {"ports": http_port}, "action": {"type": "forward", "protocol": "http",
+         "targets": [{"host": LOOPBACK, "port": backend, "send_proxy_protocol": "v2"}]}},
+    ]  # fmt: skip
+    try:
+        async with SmartRoute(routes, bind_address=LOOPBACK):
+            await send(tcp_port, b"raw bytes\n", source="127.0.0.2")
+            data = await asyncio.wait_for(received.get(), 5)
+            header = parse_proxy_header(data)
+            assert header is not None and header.version == 1
+            assert header.source is not None and header.source[0] == "127.0.0.2"
+            assert header.destination == (LOOPBACK, tcp_port)
+            assert data[header.length :] == b"raw bytes\n"
+            answer = await send(
+                http_port,
+                b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+                source="127.0.0.3",
+            )
+            assert answer.endswith(b"ok\n")
+            data = await asyncio.wait_for(received.get(), 5)
+            header = parse_proxy_header(data)
+            assert header is not None and header.version == 2
+            assert header.source is not None and header.source[0] == "127.0.0.3"
+            assert data[header.length :].startswith(b"GET /x HTTP/1.1\r\n")
+    finally:
+        server.close()

@@ -53,6 +53,7 @@ class TargetSpec:
 
     host: tuple[str, ...] | HostFunction
     port: int | Literal["preserve"] | PortFunction
+    send_proxy_protocol: Literal["v1", "v2"] | None = None  # tell the target who the client is
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ as the one list of allowed keys. Definitions therefore go leaf first.
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Required, TypeAlias, TypedDict
+from typing import Any, Literal, NotRequired, Required, TypeAlias, TypedDict
 
 from smartroute.routing.model import (
     ForwardProtocol,
@@ -100,6 +100,7 @@ TlsInput: TypeAlias = TlsDict | Tls
 class TargetDict(TypedDict):
     host: str | Sequence[str] | HostFunction
     port: int | Literal["preserve"] | PortFunction
+    send_proxy_protocol: NotRequired[Literal["v1", "v2"]]
 
 
 @dataclass(slots=True)
@@ -108,6 +109,7 @@ class Target:
 
     host: str | Sequence[str] | HostFunction
     port: int | Literal["preserve"] | PortFunction
+    send_proxy_protocol: Literal["v1", "v2"] | None = None
 
 
 TargetInput: TypeAlias = TargetDict | Target

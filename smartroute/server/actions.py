@@ -101,8 +101,8 @@ class Connection:
             candidates,
             self.runtime.settings.connect_timeout,
             self.finish,
+            ctx,
             reencrypt=reencrypt,
-            client_sni=ctx.domain,
         )
         if client_side is None:
             log.warning("route %r: %s; closing %s", ctx.route_name, record.error, record.id)

@@ -11,8 +11,10 @@ import inspect
 import logging
 import ssl
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from smartroute.context import RouteContext
+from smartroute.protocols.proxy_protocol import encode_v1, encode_v2, encode_v2_local
 from smartroute.routing.model import ForwardAction, TlsSettings
 from smartroute.server.http.stream import Stream
 from smartroute.server.relay import RelaySide
@@ -26,9 +28,31 @@ class TargetError(Exception):
     """A target callable failed or returned something unusable."""
 
 
-async def resolve_targets(action: ForwardAction, ctx: RouteContext) -> list[tuple[str, int]]:
-    """Every (host, port) the action offers, rotated so that successive calls round-robin."""
-    candidates: list[tuple[str, int]] = []
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One place to connect to, and whether to open with a PROXY protocol header."""
+
+    host: str
+    port: int
+    proxy_protocol: str | None = None
+
+    def proxy_header(self, ctx: RouteContext) -> bytes:
+        """The PROXY header naming the client of ``ctx`` (empty when not asked for)."""
+        if self.proxy_protocol is None:
+            return b""
+        source = (ctx.client_ip, ctx.client_port)
+        destination = (ctx.server_ip or "0.0.0.0", ctx.port)
+        try:
+            if self.proxy_protocol == "v1":
+                return encode_v1(source, destination)
+            return encode_v2(source, destination)
+        except ValueError:  # mixed address families: say nothing about the addresses
+            return b"PROXY UNKNOWN\r\n" if self.proxy_protocol == "v1" else encode_v2_local()
+
+
+async def resolve_targets(action: ForwardAction, ctx: RouteContext) -> list[Candidate]:
+    """Every place the action offers, rotated so that successive calls round-robin."""
+    candidates: list[Candidate] = []
     for target in action.targets:
         hosts: object = target.host
         if callable(hosts):
@@ -51,7 +75,7 @@ async def resolve_targets(action: ForwardAction, ctx: RouteContext) -> list[tupl
         for host in hosts:
             if not isinstance(host, str) or not host:
                 raise TargetError(f"target host must be a non-empty str, got {host!r}")
-            candidates.append((host, port))
+            candidates.append(Candidate(host, port, target.send_proxy_protocol))
     start = action.rotation.next() % len(candidates)
     return candidates[start:] + candidates[:start]
 
@@ -59,12 +83,12 @@ async def resolve_targets(action: ForwardAction, ctx: RouteContext) -> list[tupl
 async def connect_relay(
     client: asyncio.Transport,
     record: ConnectionRecord,
-    candidates: list[tuple[str, int]],
+    candidates: list[Candidate],
     connect_timeout: float,
     done: Callable[[], None],
+    ctx: RouteContext,
     *,
     reencrypt: TlsSettings | None = None,
-    client_sni: str | None = None,
 ) -> RelaySide | None:
     """Connect to the first reachable candidate and return the client's relay side.
 
@@ -78,9 +102,14 @@ async def connect_relay(
     client_side.peer, backend_side.peer = backend_side, client_side
     client_side.connection_made(client)
     failures: list[str] = []
-    for host, port in candidates:
+    for candidate in candidates:
+        host, port = candidate.host, candidate.port
         context = backend_context(reencrypt) if reencrypt is not None else None
-        sni = backend_server_name(reencrypt, client_sni, host) if reencrypt is not None else None
+        sni = backend_server_name(reencrypt, ctx.domain, host) if reencrypt is not None else None
+        header = candidate.proxy_header(ctx)
+        if header and context is not None:
+            failures.append(f"{host}:{port} send_proxy_protocol cannot precede re-encryption")
+            continue
         try:
             async with asyncio.timeout(connect_timeout):
                 await loop.create_connection(
@@ -96,6 +125,9 @@ async def connect_relay(
             failures.append(f"{host}:{port} {getattr(exc, 'strerror', None) or exc}")
         else:
             record.target = f"{host}:{port}"
+            if header:
+                assert backend_side.transport is not None
+                backend_side.transport.write(header)  # before any byte of the client's
             return client_side
     record.fail("backend-unreachable", "; ".join(failures))
     return None

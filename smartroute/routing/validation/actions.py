@@ -93,7 +93,14 @@ def _target(value: object, path: str) -> TargetSpec:
     host, port = raw.get("host"), raw.get("port")
     if host is None or port is None:
         require(raw, path, "host", "port")
-    return TargetSpec(_host(host, f"{path}.host"), _target_port(port, f"{path}.port"))
+    version = raw.get("send_proxy_protocol")
+    if version not in (None, "v1", "v2"):
+        raise ConfigError(f"{path}.send_proxy_protocol", f"expected 'v1' or 'v2', got {version!r}")
+    return TargetSpec(
+        _host(host, f"{path}.host"),
+        _target_port(port, f"{path}.port"),
+        version,
+    )
 
 
 def _forward(raw: Raw, path: str) -> ForwardAction:

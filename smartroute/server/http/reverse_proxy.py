@@ -95,6 +95,7 @@ class _Exchange:
         self.found = found
         self.action = action
         self.ctx = ctx
+        self.private = False  # True: the backend connection must not be pooled
         tokens = connection_tokens(head.headers)
         self.upgrade = head.header("upgrade") if "upgrade" in tokens else None
 
@@ -109,7 +110,9 @@ class _Exchange:
         pool = session.runtime.pool
         timeout = session.runtime.settings.connect_timeout
         failures = []
-        for host, port in candidates:
+        for candidate in candidates:
+            host, port = candidate.host, candidate.port
+            header = candidate.proxy_header(self.ctx)
             context: ssl.SSLContext | None = None
             sni = None
             if tls is not None and tls.mode == "terminate-and-reencrypt":
@@ -117,7 +120,12 @@ class _Exchange:
                 sni = backend_server_name(tls, self.ctx.domain, host)
             key = pool.key(host, port, context, sni)
             session.record.target = f"{host}:{port}"
-            stream = pool.take(key) if reuse and self.upgrade is None else None
+            # A connection that announced one client by PROXY header serves that client only.
+            if header and context is not None:
+                failures.append(f"{host}:{port} send_proxy_protocol cannot precede re-encryption")
+                continue
+            pooled = reuse and self.upgrade is None and not header
+            stream = pool.take(key) if pooled else None
             if stream is not None:
                 return stream, key, True
             try:
@@ -127,6 +135,9 @@ class _Exchange:
             except (OSError, ssl.SSLError) as exc:
                 failures.append(f"{host}:{port} {getattr(exc, 'strerror', None) or exc}")
             else:
+                if header:
+                    stream.write(header)
+                    self.private = True
                 return stream, key, False
         raise _Failed(502, "backend unreachable: " + "; ".join(failures))
 
@@ -178,7 +189,7 @@ class _Exchange:
         except BaseException:
             backend.close()
             raise
-        if backend_keep:
+        if backend_keep and not self.private:
             session.runtime.pool.release(key, backend)
         else:
             backend.close()
