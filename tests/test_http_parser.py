@@ -7,6 +7,8 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from replay import replay_error as replay_fails
+from replay import replay_ok
 
 from smartroute.errors import HttpParseError
 from smartroute.protocols.http import (
@@ -22,33 +24,11 @@ TRAILING = [b"body", b"GET / HTTP/1.1\r\n\r\n", b"\r\n\r\n", b"\x00\xff\n\n"]
 
 
 def replay(data: bytes, max_size: int = DEFAULT_MAX_HEAD_SIZE) -> RequestHead:
-    """Every proper prefix needs more bytes; the whole gives the result, also with trailing data
-    and as bytearray or memoryview."""
-    for end in range(len(data)):
-        assert parse_request_head(data[:end], max_size) is None, f"prefix of {end} bytes"
-    result = parse_request_head(data, max_size)
-    assert result is not None
-    assert result.length == len(data)
-    for trailing in TRAILING:
-        assert parse_request_head(data + trailing, max_size) == result
-    assert parse_request_head(bytearray(data), max_size) == result
-    assert parse_request_head(memoryview(data), max_size) == result
-    return result
+    return replay_ok(lambda d: parse_request_head(d, max_size), data, TRAILING)
 
 
 def replay_error(data: bytes, max_size: int = DEFAULT_MAX_HEAD_SIZE) -> HttpParseError:
-    """No prefix gives a result, and the whole raises (also with trailing data)."""
-    for end in range(len(data)):
-        try:
-            assert parse_request_head(data[:end], max_size) is None, f"prefix of {end} bytes"
-        except HttpParseError:
-            pass
-    for trailing in TRAILING:
-        with pytest.raises(HttpParseError):
-            parse_request_head(data + trailing, max_size)
-    with pytest.raises(HttpParseError) as info:
-        parse_request_head(data, max_size)
-    return info.value
+    return replay_fails(lambda d: parse_request_head(d, max_size), data, TRAILING, HttpParseError)
 
 
 GOOD: dict[str, tuple[bytes, dict[str, Any]]] = {
