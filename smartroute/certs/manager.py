@@ -98,15 +98,8 @@ def _provided_entry(domain: str, pair: CertificatePair) -> StoredCertificate:
     key = serialization.load_pem_private_key(pair.key_pem.encode(), password=None)
     if key.public_key().public_numbers() != leaf.public_key().public_numbers():  # type: ignore[union-attr]
         raise ValueError(f"the provider's key for {domain} does not match its certificate")
-    return StoredCertificate(
-        domains=(domain,),
-        cert_pem=pair.cert_pem,
-        key_pem=pair.key_pem,
-        not_before=leaf.not_valid_before_utc,
-        not_after=leaf.not_valid_after_utc,
-        issuer=leaf.issuer.rfc4514_string(),
-        source="provider",
-        stored_at=_now(),
+    return StoredCertificate.describe(
+        (domain,), pair.cert_pem, pair.key_pem, leaf, "provider", _now()
     )
 
 

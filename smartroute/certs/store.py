@@ -78,6 +78,31 @@ class StoredCertificate:
     cert_path: str | None = None
     key_path: str | None = None
 
+    @classmethod
+    def describe(
+        cls,
+        domains: tuple[str, ...],
+        cert_pem: str,
+        key_pem: str,
+        leaf: x509.Certificate,
+        source: str,
+        stored_at: datetime.datetime,
+        folder: Path | None = None,
+    ) -> StoredCertificate:
+        """The entry for a parsed leaf; ``folder`` is where its files are (None: memory only)."""
+        return cls(
+            domains=domains,
+            cert_pem=cert_pem,
+            key_pem=key_pem,
+            not_before=leaf.not_valid_before_utc,
+            not_after=leaf.not_valid_after_utc,
+            issuer=leaf.issuer.rfc4514_string(),
+            source=source,
+            stored_at=stored_at,
+            cert_path=None if folder is None else str(folder / CERT_FILE),
+            key_path=None if folder is None else str(folder / KEY_FILE),
+        )
+
     @property
     def pair(self) -> CertificatePair:
         """What the TLS layer serves."""
@@ -186,18 +211,7 @@ class CertificateStore:
                     (META_FILE, _json_bytes(meta), META_MODE),
                 ],
             )
-        return StoredCertificate(
-            domains=names,
-            cert_pem=cert_pem,
-            key_pem=key_pem,
-            not_before=leaf.not_valid_before_utc,
-            not_after=leaf.not_valid_after_utc,
-            issuer=leaf.issuer.rfc4514_string(),
-            source=source,
-            stored_at=stored_at,
-            cert_path=str(entry / CERT_FILE),
-            key_path=str(entry / KEY_FILE),
-        )
+        return StoredCertificate.describe(names, cert_pem, key_pem, leaf, source, stored_at, entry)
 
     def load(self) -> tuple[list[StoredCertificate], list[StoreProblem]]:
         """Every entry, sorted by folder name; broken ones come back as problems, not entries.
@@ -390,18 +404,7 @@ def _read_entry(entry: Path) -> StoredCertificate:
         raise _Broken(f"the certificate does not cover {', '.join(uncovered)}")
     if not_after != leaf.not_valid_after_utc:
         raise _Broken(f"not_after in {META_FILE} differs from the certificate's")
-    return StoredCertificate(
-        domains=names,
-        cert_pem=cert_pem,
-        key_pem=key_pem,
-        not_before=leaf.not_valid_before_utc,
-        not_after=leaf.not_valid_after_utc,
-        issuer=leaf.issuer.rfc4514_string(),
-        source=source,
-        stored_at=stored_at,
-        cert_path=str(entry / CERT_FILE),
-        key_path=str(entry / KEY_FILE),
-    )
+    return StoredCertificate.describe(names, cert_pem, key_pem, leaf, source, stored_at, entry)
 
 
 def _field(meta: dict[str, Any], key: str, kind: type) -> Any:
