@@ -146,13 +146,6 @@ class AcmeClient:
         self._client, self._key = acme, key
         return acme
 
-    def account_uri(self) -> str:
-        def work() -> str:
-            acme = self._connect()
-            return str(acme.net.account.uri) if acme.net.account else ""
-
-        return self._call(work)
-
     # -- orders ----------------------------------------------------------------------------
 
     def order(self, domains: Sequence[str]) -> PendingOrder:

@@ -40,11 +40,6 @@ class DomainPattern:
             return True
         return domain.endswith("." + self.suffix)
 
-    @property
-    def specificity(self) -> int:
-        """2 for exact, 1 for wildcard; longer wildcard suffixes sort first via ``suffix``."""
-        return 2 if self.exact else 1
-
 
 def compile_domain(raw: str) -> DomainPattern:
     """Compile one domain pattern; wildcards are allowed only as a whole leftmost label."""

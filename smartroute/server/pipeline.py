@@ -28,7 +28,7 @@ from smartroute.routing.matcher import ConnectionFacts, RouteMatch, RouteTable
 from smartroute.routing.model import ForwardAction, SocketHandlerAction
 from smartroute.routing.patterns import parse_ip
 from smartroute.server.actions import Connection, needs_http, speaks_http
-from smartroute.server.http.messages import response_head, text_response
+from smartroute.server.http.messages import closing_answer
 from smartroute.server.stats import ConnectionRecord
 
 if TYPE_CHECKING:
@@ -41,10 +41,8 @@ MAX_PEEK = 65536 + 5 * 8  # the largest ClientHello we accept, spread over a few
 # would make that quadratic, so after this many reads the connection is routed as "other".
 MAX_PEEK_READS = 256
 
-NOT_FOUND = response_head(text_response(404, "no route for this request"), keep_alive=False)
-NOT_FOUND += text_response(404, "no route for this request").body
-BAD_REQUEST = response_head(text_response(400, "this port expects HTTP"), keep_alive=False)
-BAD_REQUEST += text_response(400, "this port expects HTTP").body
+NOT_FOUND = closing_answer(404, "no route for this request")
+BAD_REQUEST = closing_answer(400, "this port expects HTTP")
 
 
 class InboundConnection(asyncio.Protocol):
@@ -266,8 +264,7 @@ class InboundConnection(asyncio.Protocol):
             # Bytes that looked like HTTP get an HTTP answer: what was wrong, or no route.
             if http_error is not None:
                 record.fail("bad-request", str(http_error))
-                answer = text_response(http_error.status, str(http_error))
-                transport.write(response_head(answer, keep_alive=False) + answer.body)
+                transport.write(closing_answer(http_error.status, str(http_error)))
             else:
                 record.fail("no-route", "no route matches")
                 if detection is not None and detection.kind == "http":
@@ -284,8 +281,7 @@ class InboundConnection(asyncio.Protocol):
                 status, reason = refusal
                 record.fail("refused", reason)
                 if kind == "http" or (kind == "none" and needs_http(action)):
-                    answer = text_response(status, reason)
-                    transport.write(response_head(answer, keep_alive=False) + answer.body)
+                    transport.write(closing_answer(status, reason))
                 transport.close()
                 return
             record.admitted = route.name

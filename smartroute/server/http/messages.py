@@ -60,6 +60,12 @@ def response_head(response: Response, *, keep_alive: bool) -> bytes:
     return render_head(response.status, headers)
 
 
+def closing_answer(status: int, message: str) -> bytes:
+    """A whole short text answer, after which the connection closes."""
+    response = text_response(status, message)
+    return response_head(response, keep_alive=False) + response.body
+
+
 def text_response(
     status: int, message: str, headers: list[tuple[str, str]] | None = None
 ) -> Response:

@@ -29,6 +29,7 @@ from smartroute.routing.model import (
 )
 from smartroute.routing.patterns import parse_ip
 from smartroute.server.http.body import copy_body
+from smartroute.server.http.headers import connection_tokens
 from smartroute.server.http.messages import RequestInfo, Response, response_head, text_response
 from smartroute.server.http.redirect import render_redirect
 from smartroute.server.http.reverse_proxy import forward_request
@@ -324,7 +325,7 @@ class HttpSession:
 
 def wants_keep_alive(head: RequestHead) -> bool:
     """HTTP/1.1 keeps the connection unless told to close; HTTP/1.0 only when asked."""
-    tokens = {t.strip().lower() for t in (head.header("connection") or "").split(",")}
+    tokens = connection_tokens(head.headers)
     if head.version == "HTTP/1.0":
         return "keep-alive" in tokens
     return "close" not in tokens

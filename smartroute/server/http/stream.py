@@ -124,10 +124,6 @@ class Stream(asyncio.Protocol):
         if self.closed:
             raise ConnectionResetError("the peer closed the connection")
 
-    def write_eof(self) -> None:
-        if self.transport is not None and not self.closed and self.transport.can_write_eof():
-            self.transport.write_eof()
-
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
