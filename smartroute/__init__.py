@@ -36,6 +36,7 @@ from smartroute.routing.schema import (
     SocketHandler,
     Static,
     Target,
+    Timeouts,
     Tls,
 )
 from smartroute.routing.validation import validate_routes
@@ -64,6 +65,7 @@ __all__ = [
     "SmartRouteError",
     "Static",
     "Target",
+    "Timeouts",
     "Tls",
     "TlsParseError",
     "__version__",

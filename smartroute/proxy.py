@@ -12,6 +12,7 @@ from typing import Any
 from smartroute.certs.manager import CertificateManager
 from smartroute.certs.settings import validate_acme
 from smartroute.errors import ConfigError, SmartRouteError
+from smartroute.routing.defaults import apply_all
 from smartroute.routing.matcher import RouteTable
 from smartroute.routing.model import CertificatePair, CompiledRoute
 from smartroute.routing.schema import RouteInput
@@ -64,9 +65,10 @@ class SmartRoute:
     def is_running(self) -> bool:
         return self._started
 
-    def stats(self) -> dict[str, Any]:
-        """Connections active/total and bytes in/out, overall, per route and per client IP."""
-        return self._runtime.stats.snapshot()
+    def stats(self, top_clients: int = 20) -> dict[str, Any]:
+        """Connections active/total and bytes in/out, overall and per route; the
+        ``top_clients`` busiest client IPs; throughput over the last 10, 60 and 300 s."""
+        return self._runtime.stats.snapshot(top_clients)
 
     def certificate_status(self) -> dict[str, dict[str, Any]]:
         """Per auto-certificate domain: state (valid, pending, renewing, failed), source,
@@ -176,7 +178,15 @@ class SmartRoute:
 
     async def _install(self, routes: tuple[CompiledRoute, ...], *, bind: bool) -> None:
         """Make ``routes`` current; on a bind failure the previous set stays in force."""
-        table = RouteTable((*self._internal.values(), *routes))
+        runtime = self._runtime
+        # The proxy's own routes (ACME challenges) must stay reachable by the CA: the default
+        # security block (an IP allow list, say) is for user routes only.
+        table = RouteTable(
+            [
+                *apply_all(self._internal.values(), runtime.timeouts, None),
+                *apply_all(routes, runtime.timeouts, self.settings.security),
+            ]
+        )
         provided = [
             r.tls.certificate
             for r in routes

@@ -9,20 +9,32 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from smartroute.errors import ConfigError
+from smartroute.routing.model import OPTIONAL_TIMEOUTS, SecurityPolicy, Timeouts
+from smartroute.routing.validation._fields import expect_seconds
+from smartroute.routing.validation.security import compile_security
+
+_DEFAULT = Timeouts()
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """Every duration is in seconds; ``None`` turns a limit off."""
+    """Every duration is in seconds; ``None`` turns a limit off.
+
+    The timeouts are the proxy-wide defaults; a route's ``timeouts`` block overrides them and
+    ``security`` is the default security block of every route (see the README).
+    """
 
     bind_address: str = "0.0.0.0"
-    initial_data_timeout: float = 10.0
-    connect_timeout: float = 10.0
-    idle_timeout: float | None = 3600.0
-    max_connection_lifetime: float | None = 86400.0
+    initial_data_timeout: float = _DEFAULT.initial_data
+    connect_timeout: float = _DEFAULT.connect
+    idle_timeout: float | None = _DEFAULT.idle
+    max_connection_lifetime: float | None = _DEFAULT.max_lifetime
+    half_close_timeout: float | None = _DEFAULT.half_close
+    http_header_timeout: float = _DEFAULT.http_header
+    http_keepalive_timeout: float = _DEFAULT.http_keepalive
+    backend_timeout: float = _DEFAULT.backend
     graceful_shutdown_timeout: float = 30.0
-    http_keepalive_timeout: float = 60.0
-    backend_timeout: float = 60.0
+    security: SecurityPolicy | None = None
     acme: Mapping[str, Any] | None = None
     accept_proxy_protocol: bool = False
     proxy_ips: tuple[str, ...] = field(default=())
@@ -30,26 +42,27 @@ class Settings:
     # async (domain) -> (cert_pem, key_pem) | {"cert", "key"} | None, asked before ACME
     certificate_provider: Any = None
 
-
-_DURATIONS = (
-    "initial_data_timeout",
-    "connect_timeout",
-    "graceful_shutdown_timeout",
-    "http_keepalive_timeout",
-    "backend_timeout",
-)
-_OPTIONAL_DURATIONS = ("idle_timeout", "max_connection_lifetime")
+    @property
+    def timeouts(self) -> Timeouts:
+        """The proxy-wide time limits, under their route-level names."""
+        return Timeouts(
+            **{name: getattr(self, setting) for name, setting in TIMEOUT_SETTINGS.items()}
+        )
 
 
-def _duration(name: str, value: object, *, optional: bool) -> float | None:
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        expected = "a number of seconds or None" if optional else "a number of seconds"
-        raise ConfigError(f"settings.{name}", f"expected {expected}, got {value!r}")
-    if value <= 0:
-        raise ConfigError(f"settings.{name}", f"must be greater than 0, got {value!r}")
-    return float(value)
+# Route-level timeout name -> the setting that gives its proxy-wide value.
+TIMEOUT_SETTINGS = {
+    "initial_data": "initial_data_timeout",
+    "connect": "connect_timeout",
+    "idle": "idle_timeout",
+    "max_lifetime": "max_connection_lifetime",
+    "half_close": "half_close_timeout",
+    "http_header": "http_header_timeout",
+    "http_keepalive": "http_keepalive_timeout",
+    "backend": "backend_timeout",
+}
+_DURATIONS = {setting: name in OPTIONAL_TIMEOUTS for name, setting in TIMEOUT_SETTINGS.items()}
+_DURATIONS["graceful_shutdown_timeout"] = False
 
 
 def validate_settings(raw: Mapping[str, object]) -> Settings:
@@ -62,9 +75,11 @@ def validate_settings(raw: Mapping[str, object]) -> Settings:
             hint = f' (did you mean "{close[0]}"?)' if close else ""
             raise ConfigError(f"settings.{name}", f"unknown setting{hint}")
         if name in _DURATIONS:
-            values[name] = _duration(name, value, optional=False)
-        elif name in _OPTIONAL_DURATIONS:
-            values[name] = _duration(name, value, optional=True)
+            values[name] = expect_seconds(value, f"settings.{name}", can_be_off=_DURATIONS[name])
+        elif name == "security":
+            values[name] = (
+                None if value is None else compile_security(value, "settings.security", "")
+            )
         elif name == "bind_address":
             if not isinstance(value, str) or not value:
                 raise ConfigError("settings.bind_address", f"expected an address, got {value!r}")

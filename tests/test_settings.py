@@ -31,6 +31,17 @@ def test_defaults_and_accepted_forms() -> None:
     assert SmartRoute([], connect_timeout=3).settings.connect_timeout == 3.0
 
 
+def test_zero_switches_an_optional_limit_off_and_timeouts_use_route_names() -> None:
+    settings = validate_settings(
+        {"idle_timeout": 0, "half_close_timeout": 0, "http_header_timeout": 2.5}
+    )
+    assert settings.idle_timeout is None and settings.half_close_timeout is None
+    timeouts = settings.timeouts
+    assert (timeouts.idle, timeouts.half_close, timeouts.http_header) == (None, None, 2.5)
+    assert timeouts.max_lifetime == settings.max_connection_lifetime == 86400.0
+    assert timeouts.connect == settings.connect_timeout == 10.0
+
+
 @pytest.mark.parametrize(
     ("given", "message"),
     [
@@ -39,9 +50,12 @@ def test_defaults_and_accepted_forms() -> None:
         ({"connect_timeout": "5"}, "settings.connect_timeout: expected a number of seconds, got '5'"),
         ({"connect_timeout": True}, "settings.connect_timeout: expected a number of seconds, got True"),
         ({"connect_timeout": None}, "settings.connect_timeout: expected a number of seconds, got None"),
-        ({"initial_data_timeout": 0}, "settings.initial_data_timeout: must be greater than 0, got 0"),
-        ({"idle_timeout": -1}, "settings.idle_timeout: must be greater than 0, got -1"),
-        ({"idle_timeout": "x"}, "settings.idle_timeout: expected a number of seconds or None, got 'x'"),
+        ({"initial_data_timeout": 0}, "settings.initial_data_timeout: must be a finite number greater than 0, got 0"),
+        ({"idle_timeout": -1}, "settings.idle_timeout: must be a finite number greater than 0, got -1"),
+        ({"idle_timeout": "x"}, "settings.idle_timeout: expected a number of seconds (0 or None: no limit), got 'x'"),
+        ({"http_header_timeout": float("inf")}, "settings.http_header_timeout: must be a finite number greater than 0, got inf"),
+        ({"security": {"max_connections": 0}}, "settings.security.max_connections: expected an int >= 1, got 0"),
+        ({"security": {"ip_alow_list": ["10.0.0.0/8"]}}, 'settings.security: unknown key "ip_alow_list" (did you mean "ip_allow_list"?)'),
         ({"bind_address": ""}, "settings.bind_address: expected an address, got ''"),
         ({"accept_proxy_protocol": 1}, "settings.accept_proxy_protocol: expected True or False, got 1"),
         ({"proxy_ips": ["10.0.0.1", "nope"]}, "settings.proxy_ips[1]: 'nope' is not an IP address or network"),

@@ -553,7 +553,7 @@ BAD: list[tuple[str, object, str]] = [
         "key-unknown",
         [block(zzz=1)],
         f'{R0}: unknown key "zzz" '
-        '(allowed: "action", "enabled", "match", "name", "priority", "security")',
+        '(allowed: "action", "enabled", "match", "name", "priority", "security", "timeouts")',
     ),
     (
         "key-of-action-in-match",

@@ -15,7 +15,7 @@ from operator import itemgetter
 from types import MappingProxyType
 from typing import TypeAlias
 
-from smartroute.routing.model import CompiledRoute, MatchCriteria
+from smartroute.routing.model import CompiledRoute, MatchCriteria, Timeouts
 from smartroute.routing.patterns import IPAddress
 
 # The winner ordering, smallest first:
@@ -134,7 +134,15 @@ def _first(bucket: list[_Entry], facts: ConnectionFacts, bound: _Key | None) -> 
 class _PortIndex:
     """The buckets of one port."""
 
-    __slots__ = ("exact", "wildcard", "wildcard_floor", "no_domain", "routes", "needs_data")
+    __slots__ = (
+        "exact",
+        "wildcard",
+        "wildcard_floor",
+        "no_domain",
+        "routes",
+        "needs_data",
+        "waits",
+    )
 
     def __init__(self) -> None:
         self.exact: dict[str, list[_Entry]] = {}
@@ -143,6 +151,16 @@ class _PortIndex:
         self.no_domain: list[_Entry] = []
         self.routes: list[tuple[_Key, CompiledRoute]] = []  # best-case key, for ordered()
         self.needs_data = False
+        # (initial data, HTTP header) timeouts before the route is known: the most patient
+        # route on the port sets them; None when no route carries its effective timeouts.
+        self.waits: tuple[float, float] | None = None
+
+    def add_waits(self, timeouts: Timeouts) -> None:
+        if self.waits is None:
+            self.waits = (timeouts.initial_data, timeouts.http_header)
+        else:
+            initial, header = self.waits
+            self.waits = (max(initial, timeouts.initial_data), max(header, timeouts.http_header))
 
     def finish(self) -> None:
         for bucket in self.exact.values():
@@ -156,16 +174,27 @@ class _PortIndex:
         self.no_domain.sort(key=_by_key)
 
 
+def shortest_limit(timeouts: Timeouts, so_far: float | None) -> float | None:
+    """The shortest of the switched-on idle, half-close and lifetime limits (and ``so_far``)."""
+    for limit in (timeouts.idle, timeouts.half_close, timeouts.max_lifetime):
+        if limit is not None and (so_far is None or limit < so_far):
+            so_far = limit
+    return so_far
+
+
 class RouteTable:
     """The enabled routes, indexed for matching; disabled routes are ignored entirely."""
 
-    __slots__ = ("_ports",)
+    __slots__ = ("_ports", "shortest_limit")
 
     def __init__(self, routes: Sequence[CompiledRoute]) -> None:
         ports: dict[int, _PortIndex] = {}
+        shortest: float | None = None  # the shortest idle/half-close/lifetime limit
         for route in routes:
             if not route.enabled:
                 continue
+            if route.timeouts is not None:
+                shortest = shortest_limit(route.timeouts, shortest)
             criteria = route.match
             rank = -route.priority
             path_rank = _path_rank(criteria)
@@ -197,6 +226,8 @@ class RouteTable:
                 if index is None:
                     index = ports[port] = _PortIndex()
                 index.routes.append((best, route))
+                if route.timeouts is not None:
+                    index.add_waits(route.timeouts)
                 if needs_data:
                     index.needs_data = True
                 if not entries:
@@ -212,6 +243,7 @@ class RouteTable:
         for index in ports.values():
             index.finish()
         self._ports = ports
+        self.shortest_limit = shortest
 
     @property
     def port_counts(self) -> dict[int, int]:
@@ -225,6 +257,15 @@ class RouteTable:
         """True when some route on ``port`` needs the client's first bytes to be matched."""
         index = self._ports.get(port)
         return index is not None and index.needs_data
+
+    def waits(self, port: int) -> tuple[float, float] | None:
+        """How long to wait for the first bytes and for a first HTTP head on ``port``.
+
+        These waits come before any route is chosen, so the most patient route on the port
+        decides; None when the routes carry no effective timeouts (use the settings).
+        """
+        index = self._ports.get(port)
+        return None if index is None else index.waits
 
     def match(self, facts: ConnectionFacts) -> RouteMatch | None:
         """The winning route for ``facts``, or None when no route matches."""

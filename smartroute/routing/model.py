@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal, TypeAlias
 
 from smartroute.context import RouteContext
@@ -157,6 +157,28 @@ class SecurityPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Every time limit of a connection, in seconds; ``None`` turns a limit off.
+
+    The proxy-wide values come from the settings; a route's ``timeouts`` block overrides some
+    of them for the connections it takes (see :func:`smartroute.routing.defaults.apply`).
+    """
+
+    initial_data: float = 10.0  # first client bytes, when routing needs them (slowloris guard)
+    connect: float = 10.0  # connecting to a backend
+    idle: float | None = 3600.0  # no byte in either direction
+    max_lifetime: float | None = 86400.0  # whatever the traffic
+    half_close: float | None = 60.0  # no byte after one side sent EOF
+    http_header: float = 10.0  # a request head, from its first byte to its end
+    http_keepalive: float = 60.0  # waiting for the next request on a kept-alive connection
+    backend: float = 60.0  # waiting for a backend's response head
+
+
+TIMEOUT_NAMES = tuple(f.name for f in fields(Timeouts))
+OPTIONAL_TIMEOUTS = ("idle", "max_lifetime", "half_close")  # the limits that can be off
+
+
+@dataclass(frozen=True, slots=True)
 class CompiledRoute:
     """One validated route. ``index`` is its definition order, the last tie-breaker."""
 
@@ -169,6 +191,11 @@ class CompiledRoute:
     tls: TlsSettings | None = None
     security: SecurityPolicy | None = None
     named: bool = True  # False when the name was generated ("route-3")
+    # The route's own ``timeouts`` block: name -> seconds (None: no limit).
+    timeout_overrides: Mapping[str, float | None] = field(default_factory=dict)
+    # Every limit in force for the route, settings and overrides combined; the proxy fills it
+    # in when it installs the route (None on a route that was only validated).
+    timeouts: Timeouts | None = field(default=None, compare=False)
 
     @property
     def terminates_tls(self) -> bool:

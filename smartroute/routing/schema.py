@@ -252,6 +252,39 @@ class Security:
 
 SecurityInput: TypeAlias = SecurityDict | Security
 
+# -- timeouts ----------------------------------------------------------------------------------
+
+
+class TimeoutsDict(TypedDict, total=False):
+    """A route's own time limits in seconds; each overrides the proxy-wide setting.
+
+    ``idle``, ``max_lifetime`` and ``half_close`` accept 0 for "no limit".
+    """
+
+    initial_data: float
+    connect: float
+    idle: float
+    max_lifetime: float
+    half_close: float
+    http_header: float
+    http_keepalive: float
+    backend: float
+
+
+@dataclass(slots=True)
+class Timeouts:
+    initial_data: float | None = None
+    connect: float | None = None
+    idle: float | None = None
+    max_lifetime: float | None = None
+    half_close: float | None = None
+    http_header: float | None = None
+    http_keepalive: float | None = None
+    backend: float | None = None
+
+
+TimeoutsInput: TypeAlias = TimeoutsDict | Timeouts
+
 # -- route -------------------------------------------------------------------------------------
 
 
@@ -262,6 +295,7 @@ class RouteDict(TypedDict, total=False):
     match: Required[MatchInput]
     action: Required[ActionInput]
     security: SecurityInput
+    timeouts: TimeoutsInput
 
 
 @dataclass(slots=True)
@@ -274,6 +308,7 @@ class Route:
     priority: int = 0
     enabled: bool = True
     security: SecurityInput | None = None
+    timeouts: TimeoutsInput | None = None
 
 
 # Routes built at run time (by a helper factory, from a config file) are plain mappings that
@@ -315,6 +350,9 @@ __all__ = [
     "Target",
     "TargetDict",
     "TargetInput",
+    "Timeouts",
+    "TimeoutsDict",
+    "TimeoutsInput",
     "Tls",
     "TlsDict",
     "TlsInput",

@@ -99,7 +99,7 @@ class Connection:
             transport,
             record,
             candidates,
-            self.runtime.settings.connect_timeout,
+            record.timeouts.connect,
             self.finish,
             ctx,
             reencrypt=reencrypt,
@@ -191,7 +191,7 @@ class Connection:
                 stream,
                 context,
                 initial,
-                handshake_timeout=runtime.settings.initial_data_timeout,
+                handshake_timeout=record.timeouts.initial_data,
             )
         except TlsHandshakeError as exc:
             record.fail("tls-handshake", str(exc))
@@ -220,7 +220,7 @@ class Connection:
                 stream,
                 context,
                 initial,
-                handshake_timeout=self.runtime.settings.initial_data_timeout,
+                handshake_timeout=self.record.timeouts.initial_data,
             )
         except TlsHandshakeError as exc:
             self.record.fail("tls-handshake", str(exc))
@@ -232,7 +232,7 @@ class Connection:
     async def _http_follows(self, stream: Stream) -> bool:
         """Peek at the decrypted bytes: True when they are an HTTP/1.x request."""
         try:
-            async with asyncio.timeout(self.runtime.settings.initial_data_timeout):
+            async with asyncio.timeout(self.record.timeouts.initial_data):
                 while True:
                     found = detect(stream.buffer)
                     if found is not None:

@@ -143,6 +143,7 @@ def splice(client: asyncio.Transport, client_side: RelaySide, initial: bytes, eo
         backend.transport.write(initial)
     if eof:
         client_side.eof = True
+        client_side.record.half_closed = True
         if backend.lost or backend.eof:
             client_side.close()
         else:

@@ -69,10 +69,10 @@ class InboundConnection(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         peer = transport.get_extra_info("peername") or ("0.0.0.0", 0)
-        record = ConnectionRecord(str(parse_ip(peer[0])), int(peer[1]), self.port)
+        runtime = self.runtime
+        record = ConnectionRecord(str(parse_ip(peer[0])), int(peer[1]), self.port, runtime.timeouts)
         record.closer = transport.abort
         self.record = record
-        runtime = self.runtime
         runtime.stats.opened(record)
         table = self.table = runtime.table
         if not runtime.accepting or not table.has_port(self.port):
@@ -82,7 +82,7 @@ class InboundConnection(asyncio.Protocol):
             # A trusted load balancer: its PROXY header comes first and names the real client.
             self.expect_proxy_header = True
             self.timer = asyncio.get_running_loop().call_later(
-                runtime.settings.initial_data_timeout, self._on_initial_timeout
+                self._initial_wait(), self._on_initial_timeout
             )
         else:
             self._after_client_known()
@@ -93,13 +93,19 @@ class InboundConnection(asyncio.Protocol):
         if self.table.needs_data(self.port):
             if self.timer is None:  # after a PROXY header its time counts too
                 self.timer = asyncio.get_running_loop().call_later(
-                    self.runtime.settings.initial_data_timeout, self._on_initial_timeout
+                    self._initial_wait(), self._on_initial_timeout
                 )
             if self.buffer:
                 self._peek()
         else:
             self._cancel_timer()
             self._dispatch(None)
+
+    def _initial_wait(self) -> float:
+        """Seconds to wait for the first bytes: the most patient route on the port decides."""
+        assert self.table is not None
+        waits = self.table.waits(self.port)
+        return self.runtime.timeouts.initial_data if waits is None else waits[0]
 
     def data_received(self, data: bytes) -> None:
         assert self.record is not None
@@ -235,7 +241,7 @@ class InboundConnection(asyncio.Protocol):
         if context is None:
             return False
         assert self.transport is not None and self.record is not None
-        self.runtime.stats.routed(self.record, "acme-tls-alpn-01")
+        self.runtime.stats.routed(self.record, "acme-tls-alpn-01", None)
         connection = Connection(
             self.runtime, self.transport, self.record, port=self.port, server_ip=""
         )
@@ -272,7 +278,7 @@ class InboundConnection(asyncio.Protocol):
             transport.close()
             return
         route = found.route
-        self.runtime.stats.routed(record, route.name)
+        self.runtime.stats.routed(record, route.name, route.timeouts)
         kind = detection.kind if detection is not None else "none"
         action = route.action
         if route.security is not None:

@@ -5,7 +5,8 @@ transport. Backpressure: when a transport's write buffer passes its high-water m
 calls ``pause_writing`` on the protocol that owns it, and the relay stops reading from the
 other side until ``resume_writing``. Memory per connection is therefore bounded by the two
 write buffers. Half-close is passed on with ``write_eof``; both sides close after both EOFs or
-when either side is lost.
+when either side is lost, and a half-closed pipe that goes quiet for ``half_close`` seconds is
+closed by the runtime's sweep.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class RelaySide(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
+        self.record.half_closed = True  # from now on the half_close limit applies too
         peer = self.peer
         assert peer is not None and peer.transport is not None
         if peer.eof or peer.lost:

@@ -9,7 +9,7 @@ import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
-from smartroute.routing.matcher import RouteTable
+from smartroute.routing.matcher import RouteTable, shortest_limit
 from smartroute.server.http.pool import BackendPool
 from smartroute.server.security import SecurityGate
 from smartroute.server.stats import ConnectionRecord, StatsBook
@@ -27,6 +27,7 @@ class Runtime:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.timeouts = settings.timeouts  # proxy-wide; routes carry their own
         self.table = RouteTable(())
         self.gate = SecurityGate()
         self.stats = StatsBook(on_release=self.gate.release)
@@ -56,15 +57,9 @@ class Runtime:
             log.error("connection task failed", exc_info=exc)
 
     def start_sweeper(self) -> None:
-        """Start the periodic check for idle and over-age connections."""
-        limits = [
-            t
-            for t in (self.settings.idle_timeout, self.settings.max_connection_lifetime)
-            if t is not None
-        ]
-        if limits and self._sweeper is None:
-            interval = max(0.05, min(5.0, min(limits) / 4))
-            self._sweeper = asyncio.get_running_loop().create_task(self._sweep(interval))
+        """Start the housekeeping task: idle, half-close and lifetime limits, stats samples."""
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
     async def stop_sweeper(self) -> None:
         if self._sweeper is not None:
@@ -72,28 +67,44 @@ class Runtime:
             await asyncio.gather(self._sweeper, return_exceptions=True)
             self._sweeper = None
 
-    async def _sweep(self, interval: float) -> None:
-        """Close connections that moved no byte for ``idle_timeout`` or outlived their limit.
+    def sweep_interval(self) -> float:
+        """A few checks per shortest limit in force (settings or any route), 50 ms to 1 s."""
+        shortest = shortest_limit(self.timeouts, self.table.shortest_limit)
+        return max(0.05, min(1.0, (shortest or 4.0) / 4))
+
+    async def _sweep(self) -> None:
+        """Close connections over their limits; sample the stats once a second.
 
         Runs a few times per timeout rather than touching a timer per chunk: the hot path only
-        counts bytes, and this compares the counts between sweeps.
+        counts bytes, and this compares the counts between sweeps. A connection is idle when
+        no byte moved either way; once one side sent EOF the (shorter) half-close limit
+        applies too.
         """
-        idle = self.settings.idle_timeout
-        lifetime = self.settings.max_connection_lifetime
+        next_sample = 0.0
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(self.sweep_interval())
             now = time.monotonic()
+            if now >= next_sample:
+                self.stats.sample(now)
+                next_sample = now + 1.0
             for record in list(self.stats.active):
-                moved = record.bytes_in + record.bytes_out
-                if moved != record.last_seen[0]:
-                    record.last_seen = (moved, now)
-                    idle_for = 0.0
-                else:
-                    idle_for = now - record.last_seen[1]
-                if idle is not None and idle_for >= idle:
-                    self._expire(record, "idle", f"no data for {idle:g}s")
-                elif lifetime is not None and now - record.started >= lifetime:
-                    self._expire(record, "lifetime", f"open longer than {lifetime:g}s")
+                self._check(record, now)
+
+    def _check(self, record: ConnectionRecord, now: float) -> None:
+        limits = record.timeouts
+        moved = record.bytes_in + record.bytes_out
+        if moved != record.last_seen[0]:
+            record.last_seen = (moved, now)
+            idle_for = 0.0
+        else:
+            idle_for = now - record.last_seen[1]
+        idle, half, lifetime = limits.idle, limits.half_close, limits.max_lifetime
+        if idle is not None and idle_for >= idle:
+            self._expire(record, "idle", f"no data for {idle:g}s")
+        elif record.half_closed and half is not None and idle_for >= half:
+            self._expire(record, "half-closed", f"half-closed with no data for {half:g}s")
+        elif lifetime is not None and now - record.started >= lifetime:
+            self._expire(record, "lifetime", f"open longer than {lifetime:g}s")
 
     @staticmethod
     def _expire(record: ConnectionRecord, outcome: str, why: str) -> None:

@@ -1,7 +1,9 @@
 """Connection records and the counters behind ``SmartRoute.stats()``.
 
 The hot path only adds to two integers on a :class:`ConnectionRecord`; totals per route and
-per client IP are folded in once, when the connection ends.
+per client IP are folded in once, when the connection ends. Per-client totals are kept for at
+most :data:`MAX_CLIENT_IPS` addresses (the busiest survive a prune), and a sample of the
+running totals taken once a second gives the throughput over recent windows.
 """
 
 from __future__ import annotations
@@ -9,10 +11,12 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from smartroute.routing.model import Timeouts
 
 access_log = logging.getLogger("smartroute.access")
 
@@ -38,9 +42,11 @@ class ConnectionRecord:
         "last_seen",
         "closer",
         "admitted",
+        "timeouts",
+        "half_closed",
     )
 
-    def __init__(self, client_ip: str, client_port: int, port: int) -> None:
+    def __init__(self, client_ip: str, client_port: int, port: int, timeouts: Timeouts) -> None:
         self.id = f"c{next(_ids)}"
         self.client_ip = client_ip
         self.client_port = client_port
@@ -56,6 +62,8 @@ class ConnectionRecord:
         self.last_seen = (0, self.started)  # (bytes moved, when) for the idle sweep
         self.closer: Any = None  # callable that closes the connection (set by the pipeline)
         self.admitted: str | None = None  # the route whose security limits count it
+        self.timeouts = timeouts  # the limits in force: the settings', then the route's
+        self.half_closed = False  # one side sent EOF: the half_close limit applies
 
     def fail(self, outcome: str, error: str) -> None:
         """Remember the first failure only, so each connection's error is logged once."""
@@ -80,6 +88,11 @@ class _Totals:
         }
 
 
+MAX_CLIENT_IPS = 10_000  # client addresses whose totals are kept
+WINDOWS = (10, 60, 300)  # seconds: the throughput windows of stats()
+TOP_CLIENTS = 20  # client addresses listed by stats(), busiest first
+
+
 @dataclass(slots=True)
 class StatsBook:
     """Active connections and closed-connection totals."""
@@ -89,6 +102,11 @@ class StatsBook:
     routes: defaultdict[str, _Totals] = field(default_factory=lambda: defaultdict(_Totals))
     ips: defaultdict[str, _Totals] = field(default_factory=lambda: defaultdict(_Totals))
     on_release: Callable[[str, str], None] | None = None  # gives back a security admission
+    # (monotonic time, connections, bytes in, bytes out), one per second, oldest first
+    samples: deque[tuple[float, int, int, int]] = field(
+        default_factory=lambda: deque(maxlen=WINDOWS[-1] + 2)
+    )
+    max_ips: int = MAX_CLIENT_IPS
 
     def opened(self, record: ConnectionRecord) -> None:
         self.active.add(record)
@@ -103,8 +121,11 @@ class StatsBook:
         record.client_ip, record.client_port = client_ip, client_port
         self.ips[client_ip].total += 1
 
-    def routed(self, record: ConnectionRecord, route: str) -> None:
+    def routed(self, record: ConnectionRecord, route: str, timeouts: Timeouts | None) -> None:
+        """The connection (or its latest HTTP request) went to ``route``, under its limits."""
         record.route = route
+        if timeouts is not None:
+            record.timeouts = timeouts
         self.routes[route].total += 1
 
     def finished(self, record: ConnectionRecord) -> None:
@@ -120,6 +141,8 @@ class StatsBook:
         for totals in self._buckets(record):
             totals.bytes_in += record.bytes_in
             totals.bytes_out += record.bytes_out
+        if len(self.ips) > self.max_ips:
+            self._prune_ips()
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(
                 "%s %s:%d -> :%d route=%s domain=%s target=%s in=%d out=%d time=%.3fs %s%s",
@@ -143,8 +166,52 @@ class StatsBook:
             buckets.append(self.routes[record.route])
         return buckets
 
-    def snapshot(self) -> dict[str, Any]:
-        """A plain dict: totals, then per route and per client IP (active ones included)."""
+    def _prune_ips(self) -> None:
+        """Forget the quietest clients without a live connection, down to 90 % of the cap.
+
+        Runs once per 10 % of growth, so its sort is paid rarely; the overall totals are kept
+        apart and lose nothing.
+        """
+        live = {record.client_ip for record in self.active}
+        idle = [ip for ip in self.ips if ip not in live]
+        excess = len(self.ips) - self.max_ips * 9 // 10
+        idle.sort(key=lambda ip: _volume(self.ips[ip]))
+        for ip in idle[:excess]:
+            del self.ips[ip]
+
+    def sample(self, now: float) -> None:
+        """Record the running totals (called about once a second) for the throughput windows."""
+        connections, bytes_in, bytes_out = self._running()
+        self.samples.append((now, connections, bytes_in, bytes_out))
+
+    def _running(self) -> tuple[int, int, int]:
+        """Connections ever opened and bytes ever moved, live connections included."""
+        bytes_in, bytes_out = self.closed.bytes_in, self.closed.bytes_out
+        for record in self.active:
+            bytes_in += record.bytes_in
+            bytes_out += record.bytes_out
+        return self.closed.total, bytes_in, bytes_out
+
+    def throughput(self, now: float) -> dict[str, dict[str, float]]:
+        """Per window: connections/s and bytes/s in and out, over the samples in it."""
+        connections, bytes_in, bytes_out = self._running()
+        rates: dict[str, dict[str, float]] = {}
+        for window in WINDOWS:
+            since = next((s for s in self.samples if s[0] >= now - window), None)
+            span = now - since[0] if since is not None else 0.0
+            if since is None or span <= 0:
+                rates[f"{window}s"] = {"connections": 0.0, "bytes_in": 0.0, "bytes_out": 0.0}
+                continue
+            rates[f"{window}s"] = {
+                "connections": round((connections - since[1]) / span, 3),
+                "bytes_in": round((bytes_in - since[2]) / span, 1),
+                "bytes_out": round((bytes_out - since[3]) / span, 1),
+            }
+        return rates
+
+    def snapshot(self, top_clients: int = TOP_CLIENTS) -> dict[str, Any]:
+        """A plain dict: totals, per route, the busiest client IPs (active ones included) and
+        the throughput over the last 10, 60 and 300 seconds."""
         overall = _Totals(total=self.closed.total)
         routes: dict[str, _Totals] = {
             name: _Totals(total=t.total, bytes_in=t.bytes_in, bytes_out=t.bytes_out)
@@ -163,9 +230,17 @@ class StatsBook:
                 totals.active += 1
                 totals.bytes_in += record.bytes_in
                 totals.bytes_out += record.bytes_out
+        busiest = sorted(ips.items(), key=lambda item: _volume(item[1]), reverse=True)
         return {
             "connections": {"active": overall.active, "total": overall.total},
             "bytes": {"in": overall.bytes_in, "out": overall.bytes_out},
             "routes": {name: t.as_dict() for name, t in sorted(routes.items())},
-            "client_ips": {ip: t.as_dict() for ip, t in sorted(ips.items())},
+            "client_ips": {ip: t.as_dict() for ip, t in busiest[:top_clients]},
+            "client_ips_tracked": len(ips),
+            "throughput": self.throughput(time.monotonic()),
         }
+
+
+def _volume(totals: _Totals) -> tuple[int, int, int]:
+    """How busy a client is: live connections, then bytes moved, then connections made."""
+    return (totals.active, totals.bytes_in + totals.bytes_out, totals.total)

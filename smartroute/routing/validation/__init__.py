@@ -5,15 +5,16 @@ shape it stands for (shallowly; fields left at their defaults are omitted), then
 through the one dict validator below. Every error is a :class:`ConfigError` whose path names the
 field exactly: ``routes[2].match.ports[1]: 70000 is not a port (1-65535)``.
 
-One module per part of a route (:mod:`.match`, :mod:`.actions`, :mod:`.tls`, :mod:`.security`)
-over the shared keys, messages and small checks of :mod:`._fields`; this module puts a route
-together and holds the public entry points.
+One module per part of a route (:mod:`.match`, :mod:`.actions`, :mod:`.tls`, :mod:`.security`,
+:mod:`.timeouts`) over the shared keys, messages and small checks of :mod:`._fields`; this
+module puts a route together and holds the public entry points.
 """
 
 from __future__ import annotations
 
 import gc
 from collections.abc import Callable, Collection, Iterable, Mapping
+from types import MappingProxyType
 
 from smartroute.errors import ConfigError
 from smartroute.routing import schema
@@ -32,11 +33,14 @@ from smartroute.routing.validation._fields import (
 from smartroute.routing.validation.actions import compile_action
 from smartroute.routing.validation.match import compile_match
 from smartroute.routing.validation.security import compile_security
+from smartroute.routing.validation.timeouts import compile_timeouts
 from smartroute.routing.validation.tls import compile_tls
 
 __all__ = ["validate_route", "validate_routes"]
 
 # (given name or None, route index, path of the name) -> (name, whether it was given)
+_NO_OVERRIDES: Mapping[str, float | None] = MappingProxyType({})
+
 _NameResolver = Callable[[str | None, int, str], tuple[str, bool]]
 
 
@@ -58,7 +62,7 @@ def _compile_route(raw: Raw, index: int, path: str, resolve_name: _NameResolver)
     match = compile_match(raw["match"], f"{path}.match", path)
     action, tls_value = compile_action(raw["action"], f"{path}.action", path)
     tls = None if tls_value is None else compile_tls(tls_value, f"{path}.action.tls", action, path)
-    security = raw.get("security")
+    security, timeouts = raw.get("security"), raw.get("timeouts")
     return CompiledRoute(
         name=name,
         match=match,
@@ -71,6 +75,9 @@ def _compile_route(raw: Raw, index: int, path: str, resolve_name: _NameResolver)
         if security is None
         else compile_security(security, f"{path}.security", path, action, tls),
         named=named,
+        timeout_overrides=_NO_OVERRIDES
+        if timeouts is None
+        else compile_timeouts(timeouts, f"{path}.timeouts", path),
     )
 
 

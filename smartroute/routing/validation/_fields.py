@@ -44,6 +44,7 @@ STATIC_KEYS = _keys(schema.StaticDict)
 SECURITY_KEYS = _keys(schema.SecurityDict)
 RATE_KEYS = _keys(schema.RateLimitDict)
 AUTH_KEYS = _keys(schema.BasicAuthDict)
+TIMEOUT_KEYS = _keys(schema.TimeoutsDict)
 ACTION_KEYS: Final = {
     "forward": _keys(schema.ForwardActionDict),
     "redirect": _keys(schema.RedirectActionDict),
@@ -64,6 +65,7 @@ for _section, _section_keys in (
     ("security", SECURITY_KEYS),
     ("security.rate_limit", RATE_KEYS),
     ("security.basic_auth", AUTH_KEYS),
+    ("timeouts", TIMEOUT_KEYS),
     ("action.redirect", REDIRECT_KEYS),
     ("action.static", STATIC_KEYS),
 ):
@@ -153,6 +155,18 @@ def expect_int(value: object, path: str, minimum: int | None = None) -> int:
     if minimum is not None and value < minimum:
         raise ConfigError(path, f"expected an int >= {minimum}, got {value}")
     return value
+
+
+def expect_seconds(value: object, path: str, *, can_be_off: bool = False) -> float | None:
+    """A duration in seconds (int or float, > 0); with ``can_be_off``, None or 0 mean "off"."""
+    if can_be_off and (value is None or (value == 0 and not isinstance(value, bool))):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        off = " (0 or None: no limit)" if can_be_off else ""
+        raise ConfigError(path, f"expected a number of seconds{off}, got {got(value)}")
+    if not value > 0 or value == float("inf"):
+        raise ConfigError(path, f"must be a finite number greater than 0, got {value!r}")
+    return float(value)
 
 
 def expect_port(value: object, path: str) -> int:

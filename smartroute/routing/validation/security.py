@@ -59,7 +59,7 @@ def _basic_auth(value: object, path: str, route: str) -> BasicAuthPolicy:
     return BasicAuthPolicy(MappingProxyType(checked), realm)
 
 
-def _http_blocker(action: Action, tls: TlsSettings | None) -> str | None:
+def http_blocker(action: Action, tls: TlsSettings | None) -> str | None:
     """Why this route can never see HTTP, or None when it can."""
     if isinstance(action, SocketHandlerAction):
         return 'a "socket-handler" action gets the raw connection'
@@ -71,8 +71,17 @@ def _http_blocker(action: Action, tls: TlsSettings | None) -> str | None:
 
 
 def compile_security(
-    value: object, path: str, route: str, action: Action, tls: TlsSettings | None
+    value: object,
+    path: str,
+    route: str,
+    action: Action | None = None,
+    tls: TlsSettings | None = None,
 ) -> SecurityPolicy | None:
+    """The policy of a route's ``security`` block, or None when it sets nothing.
+
+    Without ``action`` (the proxy-wide defaults) ``basic_auth`` is accepted as is: it then
+    applies to the routes that serve HTTP.
+    """
     raw = mapping(value, path, schema.Security)
     check_keys(raw, SECURITY_KEYS, path, "security", route)
     get = raw.get
@@ -100,7 +109,7 @@ def compile_security(
     auth_policy: BasicAuthPolicy | None = None
     if auth is not None:
         auth_policy = _basic_auth(auth, f"{path}.basic_auth", route)
-        blocker = _http_blocker(action, tls)
+        blocker = None if action is None else http_blocker(action, tls)
         if blocker is not None:
             raise ConfigError(f"{path}.basic_auth", f"needs an HTTP route, but {blocker}")
     policy = SecurityPolicy(

@@ -108,7 +108,7 @@ class _Exchange:
             raise _Failed(502, f"no usable target: {exc}") from None
         tls = self.found.route.tls
         pool = session.runtime.pool
-        timeout = session.runtime.settings.connect_timeout
+        timeout = session.record.timeouts.connect
         failures = []
         for candidate in candidates:
             host, port = candidate.host, candidate.port
@@ -197,7 +197,7 @@ class _Exchange:
 
     async def response(self, backend: Stream, reused: bool) -> ResponseHead:
         """The backend's final response head; interim 1xx answers are passed on."""
-        timeout = self.session.runtime.settings.backend_timeout
+        timeout = self.session.record.timeouts.backend
         while True:
             try:
                 response = await _read_response(backend, timeout)

@@ -110,32 +110,48 @@ class HttpSession:
         self.client.close()
 
     async def _read_head(self) -> tuple[RequestHead, bytes] | None:
-        """The next request head and its raw bytes, or None when the session should end."""
-        settings = self.runtime.settings
-        timeout = (
-            settings.initial_data_timeout if self.requests == 0 else settings.http_keepalive_timeout
-        )
+        """The next request head and its raw bytes, or None when the session should end.
+
+        Two limits: waiting for the request to start (``initial_data`` for the first one,
+        ``http_keepalive`` between requests), then ``http_header`` from its first byte to the
+        end of its head (a slowloris guard). Before the first request the route is not known,
+        so the most patient route on the port sets both; later the last request's route does.
+        """
         client = self.client
-        try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    try:
-                        head = parse_request_head(client.buffer)
-                    except HttpParseError as exc:
-                        await self._reply(text_response(exc.status, str(exc)), keep_alive=False)
-                        self.record.fail("bad-request", str(exc))
-                        return None
-                    if head is not None:
-                        self.requests += 1
-                        return head, client.consume(head.length)
+        timeouts = self.record.timeouts
+        first_wait, header_wait = timeouts.http_keepalive, timeouts.http_header
+        if self.requests == 0:
+            waits = self.runtime.table.waits(self.port)
+            first_wait, header_wait = (
+                (timeouts.initial_data, timeouts.http_header) if waits is None else waits
+            )
+        if not client.buffer:
+            try:
+                async with asyncio.timeout(first_wait):
                     if not await client.fill():
                         return None
-        except TimeoutError:
-            if client.buffer:
-                await self._reply(
-                    text_response(408, "request head not received in time"), keep_alive=False
-                )
+            except TimeoutError:
+                return None
+        try:
+            head = parse_request_head(client.buffer)
+            if head is None:
+                async with asyncio.timeout(header_wait):
+                    while head is None:
+                        if not await client.fill():
+                            return None
+                        head = parse_request_head(client.buffer)
+        except HttpParseError as exc:
+            await self._reply(text_response(exc.status, str(exc)), keep_alive=False)
+            self.record.fail("bad-request", str(exc))
             return None
+        except TimeoutError:
+            self.record.fail("timeout", f"request head not complete within {header_wait:g}s")
+            await self._reply(
+                text_response(408, "request head not received in time"), keep_alive=False
+            )
+            return None
+        self.requests += 1
+        return head, client.consume(head.length)
 
     # -- one request -----------------------------------------------------------------------
 
@@ -205,7 +221,9 @@ class HttpSession:
         else:
             action = found.route.action
             if self.record.route is None:
-                self.runtime.stats.routed(self.record, found.route.name)
+                self.runtime.stats.routed(self.record, found.route.name, found.route.timeouts)
+            elif found.route.timeouts is not None:
+                self.record.timeouts = found.route.timeouts  # each request's route's limits
             refusal = self._refusal(found, head)
             if refusal is not None:
                 status, keep = await self.answer_locally(refusal, head, framing, keep_alive)
