@@ -32,26 +32,42 @@ _BACKEND_KEYS = ("backend_verify", "backend_ca", "backend_server_name")
 _PEM_KEY = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
 
 
+_SECRET_LOOKING = re.compile(r"[A-Za-z0-9+/=_-]{40,}")
+
+
+def _shown(value: str, path: str) -> str:
+    """``value`` for an error message, unless it could be key material given by mistake."""
+    if path.endswith(".key") and (len(value) > 200 or _SECRET_LOOKING.fullmatch(value.strip())):
+        return "(value not shown: it may be a key)"
+    return repr(value)
+
+
 def _pem(value: object, path: str) -> tuple[str, str | None]:
-    """PEM text as given, or read from a file path: (text, absolute path or None)."""
+    """PEM text as given, or read from a file path: (text, absolute path or None).
+
+    Error messages never repeat what could be key material: bytes are named by type only and
+    a long or base64-looking "path" given for a key is not shown.
+    """
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
     if isinstance(value, bytes) and b"-----BEGIN" in value:
         value = value.decode("ascii", errors="replace")
     if not isinstance(value, str) or not value.strip():
-        raise ConfigError(path, f"expected PEM text or a file path, got {got(value)}")
+        shown = type(value).__name__ if isinstance(value, bytes) else got(value)
+        raise ConfigError(path, f"expected PEM text or a file path, got {shown}")
     if "-----BEGIN" in value or "\n" in value:
         return value, None
     try:
         text = Path(value).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(path, f"file {value!r} does not exist") from None
+        raise ConfigError(path, f"file {_shown(value, path)} does not exist") from None
     except UnicodeDecodeError:
         raise ConfigError(
-            path, f"{value!r} is not a PEM file (binary; DER must be converted)"
+            path, f"{_shown(value, path)} is not a PEM file (binary; DER must be converted)"
         ) from None
     except OSError as exc:
-        raise ConfigError(path, f"cannot read {value!r} ({exc.strerror or exc})") from None
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(path, f"cannot read {_shown(value, path)} ({reason})") from None
     return text, os.path.abspath(value)
 
 
