@@ -2,7 +2,8 @@
 
 The client transport is switched from the routing protocol to a StreamReaderProtocol; bytes
 already read for routing are fed to the reader first, so the handler sees the stream whole.
-A handler that raises closes its own connection and nothing else.
+A handler that raises closes its own connection and nothing else. When the proxy ends the
+connection itself (idle or lifetime limit, shutdown), the handler's task is cancelled too.
 """
 
 from __future__ import annotations
@@ -89,10 +90,19 @@ async def _run(
     ctx: RouteContext,
     record: ConnectionRecord,
 ) -> None:
+    task = asyncio.current_task()
+    assert task is not None
+
+    def close() -> None:
+        """The proxy ends the connection (idle, lifetime, shutdown): stop the handler too."""
+        writer.transport.abort()
+        task.cancel()
+
+    record.closer = close
     try:
         await handler(reader, writer, ctx)
     except asyncio.CancelledError:
-        record.fail("cancelled", "handler cancelled at shutdown")
+        record.fail("cancelled", "handler cancelled")
         writer.transport.abort()
         raise
     except Exception as exc:  # a user handler must never take the proxy down
