@@ -24,7 +24,6 @@ from support import LOOPBACK, async_test, free_port
 
 from smartroute import RouteContext, SmartRoute
 from smartroute.routing.model import SocketHandler
-from smartroute.settings import Settings
 
 HELLOS = Path(__file__).parent / "fixtures" / "clienthello"
 HELLO = (HELLOS / "python.bin").read_bytes()  # one record, SNI python.example.test
@@ -581,10 +580,7 @@ async def test_invalid_chunked_bodies_get_400_and_are_never_completed_upstream()
 
 def slow_head_settings(limit: float) -> dict[str, float]:
     """Settings that bound how long a request head may take to arrive to about ``limit``."""
-    settings = {"initial_data_timeout": limit}
-    if "http_header_timeout" in Settings.__dataclass_fields__:  # the slowloris guard, if any
-        settings["http_header_timeout"] = limit
-    return settings
+    return {"initial_data_timeout": limit, "http_header_timeout": limit}
 
 
 async def read_until_closed(sock: socket.socket, into: bytearray) -> None:
