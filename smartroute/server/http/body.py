@@ -50,12 +50,18 @@ async def copy_chunked(source: Stream, sink: Stream | None, *, chunked: bool = T
 
 
 async def copy_until_close(source: Stream, sink: Stream, *, chunked: bool) -> None:
-    """Move everything until ``source`` closes (a response framed by closing the connection)."""
+    """Move everything until ``source`` closes (a response framed by closing the connection).
+
+    Only an orderly close ends such a body: a connection lost with an error (a reset, a TLS
+    connection closed without close_notify) may have cut it, so that is a :class:`BodyCut`.
+    """
     while source.buffer or await source.fill():
         data = source.consume(CHUNK)
         if data:
             sink.write(encode_chunk(data) if chunked else data)
             await sink.drain()
+    if source.error is not None:
+        raise BodyCut(f"the connection was lost before the end of the body: {source.error}")
     if chunked:
         sink.write(LAST_CHUNK)
 

@@ -165,6 +165,7 @@ class _Exchange:
         session, head, framing = self.session, self.head, self.framing
         client = session.client
         backend, key, reused = await self.connect(reuse)
+        backend.serve(client)  # losing the client ends the exchange, whatever it waits for
         try:
             backend.write(self.request_head())
             if framing.kind != "none":
@@ -189,6 +190,8 @@ class _Exchange:
         except BaseException:
             backend.close()
             raise
+        finally:
+            backend.serve(None)
         if backend_keep and not self.private:
             session.runtime.pool.release(key, backend)
         else:

@@ -36,6 +36,8 @@ class Stream(asyncio.Protocol):
         self._half_close = True
         self._data_waiter: asyncio.Future[None] | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
+        self._client: Stream | None = None  # see serve()
+        self._served: Stream | None = None  # the backend stream serving this client now
 
     # -- protocol callbacks ----------------------------------------------------------------
 
@@ -65,6 +67,10 @@ class Stream(asyncio.Protocol):
         self.error = exc
         self._wake_reader()
         self._wake_writer()
+        served = self._served
+        if served is not None:  # the exchange for this client must end now
+            served._wake_reader()
+            served._wake_writer()
         if self.on_lost is not None:
             self.on_lost()
 
@@ -75,18 +81,37 @@ class Stream(asyncio.Protocol):
         self._writing_paused = False
         self._wake_writer()
 
+    def serve(self, client: Stream | None) -> None:
+        """Tie this backend stream to the ``client`` it answers (``None`` unties it).
+
+        While tied, losing the client's connection ends any wait for this stream's bytes or
+        drain with :class:`ConnectionResetError`: an exchange must not outlive its client while
+        the backend is slow to answer or stalls mid-body.
+        """
+        if self._client is not None:
+            self._client._served = None
+        self._client = client
+        if client is not None:
+            client._served = self
+
+    def _check_client(self) -> None:
+        if self._client is not None and self._client.closed:
+            raise ConnectionResetError("the client closed the connection")
+
     # -- reading ---------------------------------------------------------------------------
 
     async def fill(self) -> bool:
         """Wait for more bytes; False when none will come (EOF or connection lost)."""
         if self.eof:
             return False
+        self._check_client()
         self._resume_reading()
         waiter = self._data_waiter = asyncio.get_running_loop().create_future()
         try:
             await waiter
         finally:
             self._data_waiter = None
+        self._check_client()
         return not (self.eof and not self.buffer)
 
     def consume(self, count: int) -> bytes:
@@ -116,6 +141,7 @@ class Stream(asyncio.Protocol):
             raise ConnectionResetError("the peer closed the connection")
         if not self._writing_paused:
             return
+        self._check_client()
         waiter = self._drain_waiter = asyncio.get_running_loop().create_future()
         try:
             await waiter
@@ -123,6 +149,7 @@ class Stream(asyncio.Protocol):
             self._drain_waiter = None
         if self.closed:
             raise ConnectionResetError("the peer closed the connection")
+        self._check_client()
 
     def close(self) -> None:
         if self.transport is not None:
