@@ -17,6 +17,7 @@ from smartroute.routing.matcher import RouteTable
 from smartroute.routing.model import CertificatePair, CompiledRoute
 from smartroute.routing.schema import RouteInput
 from smartroute.routing.validation import validate_route, validate_routes
+from smartroute.server.http.pool import targets_named_by
 from smartroute.server.pipeline import InboundConnection
 from smartroute.server.port_manager import PortManager
 from smartroute.server.runtime import Runtime
@@ -181,12 +182,11 @@ class SmartRoute:
         runtime = self._runtime
         # The proxy's own routes (ACME challenges) must stay reachable by the CA: the default
         # security block (an IP allow list, say) is for user routes only.
-        table = RouteTable(
-            [
-                *apply_all(self._internal.values(), runtime.timeouts, None),
-                *apply_all(routes, runtime.timeouts, self.settings.security),
-            ]
-        )
+        effective = [
+            *apply_all(self._internal.values(), runtime.timeouts, None),
+            *apply_all(routes, runtime.timeouts, self.settings.security),
+        ]
+        table = RouteTable(effective)
         provided = [
             r.tls.certificate
             for r in routes
@@ -204,6 +204,7 @@ class SmartRoute:
         else:
             self._runtime.table = table
         self._routes = routes
+        runtime.pool.retain(targets_named_by(effective))  # no idle links to dropped backends
 
     async def _set_internal_route(self, name: str, route: RouteInput | None) -> None:
         """Add (or with None remove) a route of the proxy's own, kept across route updates."""

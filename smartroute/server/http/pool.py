@@ -5,23 +5,29 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+from collections.abc import Callable, Iterable
 
+from smartroute.routing.model import CompiledRoute, ForwardAction
 from smartroute.server.http.stream import Stream
 
 PoolKey = tuple[str, int, int, str | None]  # host, port, id of the TLS context (0: none), SNI
+TargetFilter = Callable[[str, int], bool]  # (host, port) -> still named by some route
 
 
 class BackendPool:
     """Idle backend connections by target; a connection is reused only if it is quiet.
 
     A connection that received bytes or EOF while idle is discarded: the backend closed it
-    or is out of step, and reusing it would mix responses.
+    or is out of step, and reusing it would mix responses. Idle connections are closed after
+    ``idle_seconds`` (by :meth:`prune`, which the runtime calls every second) and as soon as
+    no route names their target any more (:meth:`retain`).
     """
 
     def __init__(self, *, per_target: int = 16, idle_seconds: float = 30.0) -> None:
         self._idle: dict[PoolKey, list[tuple[Stream, float]]] = {}
         self._per_target = per_target
         self._idle_seconds = idle_seconds
+        self._wanted: TargetFilter | None = None  # None: every target may be pooled
 
     @staticmethod
     def key(host: str, port: int, context: ssl.SSLContext | None, sni: str | None) -> PoolKey:
@@ -63,7 +69,8 @@ class BackendPool:
 
     def release(self, key: PoolKey, stream: Stream) -> None:
         """Keep ``stream`` for the next request to the same target, if it is clean."""
-        if stream.closed or stream.eof or stream.buffer:
+        dropped = self._wanted is not None and not self._wanted(key[0], key[1])
+        if stream.closed or stream.eof or stream.buffer or dropped:
             stream.close()
             return
         idle = self._idle.setdefault(key, [])
@@ -71,8 +78,55 @@ class BackendPool:
         while len(idle) > self._per_target:
             idle.pop(0)[0].close()
 
+    def retain(self, wanted: TargetFilter | None) -> None:
+        """From now on pool only targets for which ``wanted(host, port)`` is true (None: all);
+        idle connections to other targets are closed now."""
+        self._wanted = wanted
+        if wanted is not None:
+            self._drop(lambda key, since: not wanted(key[0], key[1]))
+
+    def prune(self, now: float) -> None:
+        """Close connections idle for longer than the limit, or closed by their backend."""
+        limit = self._idle_seconds
+        self._drop(lambda key, since: now - since > limit, check_streams=True)
+
+    def _drop(
+        self, doomed: Callable[[PoolKey, float], bool], *, check_streams: bool = False
+    ) -> None:
+        for key in list(self._idle):
+            kept = []
+            for stream, since in self._idle[key]:
+                gone = check_streams and (stream.closed or stream.eof or bool(stream.buffer))
+                if gone or doomed(key, since):
+                    stream.close()
+                else:
+                    kept.append((stream, since))
+            if kept:
+                self._idle[key] = kept
+            else:
+                del self._idle[key]
+
     def close(self) -> None:
         for idle in self._idle.values():
             for stream, _ in idle:
                 stream.close()
         self._idle.clear()
+
+
+def targets_named_by(routes: Iterable[CompiledRoute]) -> TargetFilter | None:
+    """Which (host, port) backends ``routes`` can send requests to; None when a target is
+    computed per connection (a callable host or port), so any backend may still be asked."""
+    exact: set[tuple[str, int]] = set()
+    any_port: set[str] = set()  # targets with "port": "preserve"
+    for route in routes:
+        action = route.action
+        if not isinstance(action, ForwardAction):
+            continue
+        for target in action.targets:
+            if callable(target.host) or callable(target.port):
+                return None
+            if target.port == "preserve":
+                any_port.update(target.host)
+            else:
+                exact.update((host, target.port) for host in target.host)
+    return lambda host, port: (host, port) in exact or host in any_port

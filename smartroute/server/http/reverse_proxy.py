@@ -41,10 +41,12 @@ NO_BODY = BodyFraming("none")
 class _Failed(Exception):
     """The exchange failed before the response head reached the client: answer ``status``."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, *, broken_request: bool = False) -> None:
         super().__init__(message)
         self.status = status
-        self.body_consumed = False
+        self.body_consumed = broken_request
+        # The client's own request was malformed mid-body: its connection cannot be reused.
+        self.broken_request = broken_request
 
 
 class _Stale(Exception):
@@ -72,7 +74,8 @@ async def forward_request(
         session.record.fail("backend-error", str(failure))
         response = text_response(failure.status, str(failure))
         left = NO_BODY if failure.body_consumed else framing
-        return await session.answer_locally(response, head, left, keep_alive)
+        keep = keep_alive and not failure.broken_request
+        return await session.answer_locally(response, head, left, keep)
 
 
 class _Exchange:
@@ -176,6 +179,11 @@ class _Exchange:
                 except BodyCut:
                     backend.abort()
                     raise
+                except HttpParseError as exc:
+                    # A malformed body (bad chunk size, ...): the backend never sees the
+                    # request complete, and the client is told why before its connection ends.
+                    backend.abort()
+                    raise _Failed(exc.status, str(exc), broken_request=True) from None
             response = await self.response(backend, reused)
             if response.status == 101 and self.upgrade is not None:
                 upgraded = response.header("upgrade") or self.upgrade
