@@ -1,10 +1,16 @@
-"""Kept-alive backend connections for the reverse proxy, a few per target."""
+"""Kept-alive backend connections for the reverse proxy, reused per target.
+
+Only idle connections are counted against a cap (``max_idle`` per target); connections in use
+are not limited here, so the pool grows to the concurrency the clients bring instead of closing
+and reopening connections under load. Idle ones age out after ``idle_seconds``.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 
 from smartroute.routing.model import CompiledRoute, ForwardAction
@@ -23,9 +29,9 @@ class BackendPool:
     no route names their target any more (:meth:`retain`).
     """
 
-    def __init__(self, *, per_target: int = 16, idle_seconds: float = 30.0) -> None:
-        self._idle: dict[PoolKey, list[tuple[Stream, float]]] = {}
-        self._per_target = per_target
+    def __init__(self, *, max_idle: int = 256, idle_seconds: float = 30.0) -> None:
+        self._idle: dict[PoolKey, deque[tuple[Stream, float]]] = {}
+        self._max_idle = max_idle
         self._idle_seconds = idle_seconds
         self._wanted: TargetFilter | None = None  # None: every target may be pooled
 
@@ -73,10 +79,12 @@ class BackendPool:
         if stream.closed or stream.eof or stream.buffer or dropped:
             stream.close()
             return
-        idle = self._idle.setdefault(key, [])
+        idle = self._idle.get(key)
+        if idle is None:
+            idle = self._idle[key] = deque()
         idle.append((stream, time.monotonic()))
-        while len(idle) > self._per_target:
-            idle.pop(0)[0].close()
+        if len(idle) > self._max_idle:
+            idle.popleft()[0].close()  # the longest idle one goes
 
     def retain(self, wanted: TargetFilter | None) -> None:
         """From now on pool only targets for which ``wanted(host, port)`` is true (None: all);
@@ -94,7 +102,7 @@ class BackendPool:
         self, doomed: Callable[[PoolKey, float], bool], *, check_streams: bool = False
     ) -> None:
         for key in list(self._idle):
-            kept = []
+            kept: deque[tuple[Stream, float]] = deque()
             for stream, since in self._idle[key]:
                 gone = check_streams and (stream.closed or stream.eof or bool(stream.buffer))
                 if gone or doomed(key, since):
