@@ -251,15 +251,15 @@ class _Exchange:
 
 
 async def _read_response(backend: Stream, timeout: float) -> ResponseHead:
+    deadline = asyncio.get_running_loop().time() + timeout
     try:
-        async with asyncio.timeout(timeout):
-            while True:
-                response = parse_response_head(backend.buffer)
-                if response is not None:
-                    backend.consume(response.length)
-                    return response
-                if not await backend.fill():
-                    raise _Failed(502, "the backend closed the connection without answering")
+        while True:
+            response = parse_response_head(backend.buffer) if backend.buffer else None
+            if response is not None:
+                backend.skip(response.length)
+                return response
+            if not await backend.fill(deadline):
+                raise _Failed(502, "the backend closed the connection without answering")
     except TimeoutError:
         raise _Failed(504, f"the backend did not answer within {timeout:g}s") from None
     except HttpParseError as exc:

@@ -81,6 +81,7 @@ class HttpSession:
         self.server_ip = server_ip
         self.tls = tls
         self.client_address = parse_ip(record.client_ip)
+        self.loop = asyncio.get_running_loop()
         self.requests = 0
         self.connection: Connection | None = None  # set by whoever starts the session
 
@@ -125,21 +126,21 @@ class HttpSession:
             first_wait, header_wait = (
                 (timeouts.initial_data, timeouts.http_header) if waits is None else waits
             )
+        # Deadlines rather than a timeout context per wait: see Stream.fill.
         if not client.buffer:
             try:
-                async with asyncio.timeout(first_wait):
-                    if not await client.fill():
-                        return None
+                if not await client.fill(self.loop.time() + first_wait):
+                    return None
             except TimeoutError:
                 return None
         try:
             head = parse_request_head(client.buffer)
             if head is None:
-                async with asyncio.timeout(header_wait):
-                    while head is None:
-                        if not await client.fill():
-                            return None
-                        head = parse_request_head(client.buffer)
+                deadline = self.loop.time() + header_wait
+                while head is None:
+                    if not await client.fill(deadline):
+                        return None
+                    head = parse_request_head(client.buffer)
         except HttpParseError as exc:
             await self._reply(text_response(exc.status, str(exc)), keep_alive=False)
             self.record.fail("bad-request", str(exc))

@@ -5,6 +5,12 @@ heads straight out of it and, when a connection changes hands (an upgrade, a soc
 gives the unread bytes to the next owner. Reading pauses above ``HIGH_WATER`` buffered bytes
 and writing callers wait in :meth:`Stream.drain` while the transport's buffer is full, so
 memory stays bounded whatever either peer does.
+
+Waits can carry a deadline (:meth:`Stream.fill`). A stream keeps one timer for them that is
+not cancelled when a wait ends early: the next wait moves the deadline, and the timer, when it
+fires, either ends a wait that is over time or sets itself for the current deadline. A
+kept-alive connection therefore costs no timer operation per request, where a timeout context
+per wait would schedule and cancel one each time.
 """
 
 from __future__ import annotations
@@ -38,6 +44,9 @@ class Stream(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         self._client: Stream | None = None  # see serve()
         self._served: Stream | None = None  # the backend stream serving this client now
+        self._deadline: float | None = None  # loop time at which the current wait fails
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
 
     # -- protocol callbacks ----------------------------------------------------------------
 
@@ -65,6 +74,9 @@ class Stream(asyncio.Protocol):
         self.closed = True
         self.eof = True
         self.error = exc
+        if self._timer is not None:  # a cancelled handle lets go of this stream at once
+            self._timer.cancel()
+            self._timer = None
         self._wake_reader()
         self._wake_writer()
         served = self._served
@@ -100,19 +112,46 @@ class Stream(asyncio.Protocol):
 
     # -- reading ---------------------------------------------------------------------------
 
-    async def fill(self) -> bool:
-        """Wait for more bytes; False when none will come (EOF or connection lost)."""
+    async def fill(self, deadline: float | None = None) -> bool:
+        """Wait for more bytes; False when none will come (EOF or connection lost).
+
+        ``deadline`` (in the event loop's time) bounds the wait: past it, ``TimeoutError``.
+        """
         if self.eof:
             return False
-        self._check_client()
-        self._resume_reading()
-        waiter = self._data_waiter = asyncio.get_running_loop().create_future()
+        if self._client is not None and self._client.closed:
+            raise ConnectionResetError("the client closed the connection")
+        if self._reading_paused:
+            self._resume_reading()
+        loop = asyncio.get_running_loop()
+        waiter = self._data_waiter = loop.create_future()
+        if deadline is not None:
+            self._deadline = deadline
+            timer = self._timer
+            if timer is None or self._timer_at > deadline:
+                if timer is not None:
+                    timer.cancel()
+                self._timer_at = deadline
+                self._timer = loop.call_at(deadline, self._on_timer)
         try:
             await waiter
         finally:
             self._data_waiter = None
-        self._check_client()
+            self._deadline = None
+        if self._client is not None and self._client.closed:
+            raise ConnectionResetError("the client closed the connection")
         return not (self.eof and not self.buffer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        deadline, waiter = self._deadline, self._data_waiter
+        if deadline is None or waiter is None or waiter.done():
+            return  # no bounded wait now; the next one sets the timer again
+        if deadline <= self._timer_at:
+            waiter.set_exception(TimeoutError())
+            return
+        self._timer_at = deadline
+        self._timer = asyncio.get_running_loop().call_at(deadline, self._on_timer)
 
     def consume(self, count: int) -> bytes:
         """Take ``count`` bytes (or fewer, if fewer are buffered) off the front of the buffer."""
@@ -122,8 +161,17 @@ class Stream(asyncio.Protocol):
             self._resume_reading()
         return data
 
+    def skip(self, count: int) -> None:
+        """Drop ``count`` bytes off the front of the buffer (already parsed, not needed)."""
+        del self.buffer[:count]
+        if self._reading_paused and len(self.buffer) < LOW_WATER:
+            self._resume_reading()
+
     def detach(self) -> bytes:
         """Everything buffered, for the next owner of the connection."""
+        if self._timer is not None:  # this stream will not wait again
+            self._timer.cancel()
+            self._timer = None
         return self.consume(len(self.buffer))
 
     # -- writing ---------------------------------------------------------------------------
