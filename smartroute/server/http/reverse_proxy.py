@@ -170,12 +170,20 @@ class _Exchange:
         backend, key, reused = await self.connect(reuse)
         backend.serve(client)  # losing the client ends the exchange, whatever it waits for
         try:
-            backend.write(self.request_head())
-            if framing.kind != "none":
+            request_head = self.request_head()
+            if framing.kind == "none":
+                backend.write(request_head)
+            else:
                 if (head.header("expect") or "").lower() == "100-continue":
                     client.write(CONTINUE)
                 try:
-                    await copy_body(client, backend, framing, chunked_out=framing.kind == "chunked")
+                    await copy_body(
+                        client,
+                        backend,
+                        framing,
+                        chunked_out=framing.kind == "chunked",
+                        prefix=request_head,
+                    )
                 except BodyCut:
                     backend.abort()
                     raise
@@ -243,10 +251,12 @@ class _Exchange:
         elif rechunk and head.method != "HEAD":
             headers.append(("Transfer-Encoding", "chunked"))
         headers.append(("Connection", "keep-alive" if client_keep else "close"))
-        client.write(render_head(response.status, headers))
-        if out.kind != "none":
-            await copy_body(backend, client, out, chunked_out=rechunk)
-        await client.drain()
+        # The head goes out with the body bytes already here: one send for a small answer.
+        await copy_body(
+            backend, client, out, chunked_out=rechunk, prefix=render_head(response.status, headers)
+        )
+        if client.blocked:
+            await client.drain()
         return client_keep, backend_keep
 
 

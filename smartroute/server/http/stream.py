@@ -86,6 +86,11 @@ class Stream(asyncio.Protocol):
         if self.on_lost is not None:
             self.on_lost()
 
+    @property
+    def blocked(self) -> bool:
+        """True when a writer must wait in :meth:`drain` (or learn there that the peer left)."""
+        return self._writing_paused or self.closed
+
     def pause_writing(self) -> None:
         self._writing_paused = True
 
