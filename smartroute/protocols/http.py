@@ -52,6 +52,17 @@ _AUTHORITY_END = re.compile(r"[/?]")
 _HOST_NAME = re.compile(r"(?:[A-Za-z0-9_-]{1,63}\.)*[A-Za-z0-9_-]{1,63}\.?")
 _PORT = re.compile(r"[0-9]{0,5}")
 _OWS = " \t"
+# Header lines as the line-by-line parsers accept them (no control bytes, no bare CR), each
+# ending in LF or CRLF; the empty line after them ends the head.
+_FIELD_LINES = rb"((?:[" + _TCHAR + rb"]+:[\t\x20-\x7e\x80-\xff]*\r?\n)*)\r?\n"
+_FAST_REQUEST = re.compile(
+    rb"([" + _TCHAR + rb"]+) (/[\x21\x22\x24-\x7e]*) (HTTP/1\.[01])\r?\n" + _FIELD_LINES
+)
+# One of those lines: its name, and its value without the whitespace around it (a value is
+# runs of other characters separated by spaces and tabs, so no backtracking is quadratic).
+_FIELD_PAIR = re.compile(r"([^:\r\n]+):[ \t]*((?:[^ \t\r\n]+(?:[ \t]+[^ \t\r\n]+)*)?)[ \t]*\r?\n")
+_HOSTS_SEEN: dict[str, tuple[str | None, int | None]] = {}
+_HOSTS_SEEN_MAX = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +120,79 @@ def parse_request_head(
     Empty lines before the request line are skipped (RFC 9112 section 2.2) and counted in
     ``length``. A head that has not ended within ``max_size`` bytes raises 431 at once.
     """
+    # The common head (origin-form target, HTTP/1.x, clean lines) is checked by one regular
+    # expression and its fields taken in one pass; anything else, every malformed head
+    # included, goes line by line, which has the last word. Only a head whose end has arrived
+    # is tried, so a head sent a byte at a time costs no more than it did.
+    end = _END_OF_HEAD.search(data, 0, max_size)
+    if end is not None:
+        fast = _FAST_REQUEST.match(data, 0, end.end())
+        if fast is not None and fast.end() == end.end():
+            head = _fast_request_head(fast)
+            if head is not None:
+                return head
+    return _parse_request_head(data, max_size)
+
+
+def _fast_request_head(found: re.Match[bytes]) -> RequestHead | None:
+    """The head that :func:`_parse_request_head` would return for this match, or None when
+    it is a case left to that function (CONNECT, several Host headers)."""
+    method = found.group(1).decode("ascii")
+    if method == "CONNECT":
+        return None
+    headers = field_lines(found.group(4))
+    host_value: str | None = None
+    lengths: list[str] = []
+    encodings: list[str] = []
+    for name, value in headers:
+        lower = name.lower()
+        if lower == "host":
+            if host_value is not None:
+                return None  # two Host headers: the long way compares them
+            host_value = value
+        elif lower == "content-length":
+            lengths.append(value)
+        elif lower == "transfer-encoding":
+            encodings.append(value)
+    if lengths or encodings:
+        _check_framing(lengths, encodings)
+    host, port = (None, None) if host_value is None else split_host(host_value)
+    target = found.group(2).decode("ascii")
+    path, question, query = target.partition("?")
+    return RequestHead(
+        method=method,
+        target=target,
+        path=path,
+        query=query if question else None,
+        version=found.group(3).decode("ascii"),
+        headers=headers,
+        host=host,
+        port=port,
+        length=found.end(),
+    )
+
+
+def field_lines(block: bytes) -> tuple[tuple[str, str], ...]:
+    """(name, value) pairs of header lines that :data:`_FIELD_LINES` matched whole, values
+    without surrounding whitespace, as the line-by-line parsers give them."""
+    return tuple(_FIELD_PAIR.findall(block.decode("latin-1")))
+
+
+def split_host(value: str) -> tuple[str | None, int | None]:
+    """:func:`_split_authority` of a Host value, remembered (clients repeat theirs)."""
+    known = _HOSTS_SEEN.get(value)
+    if known is None:
+        known = _split_authority(value)
+        if len(_HOSTS_SEEN) >= _HOSTS_SEEN_MAX:
+            _HOSTS_SEEN.clear()
+        _HOSTS_SEEN[value] = known
+    return known
+
+
+def _parse_request_head(
+    data: bytes | bytearray | memoryview, max_size: int = DEFAULT_MAX_HEAD_SIZE
+) -> RequestHead | None:
+    """:func:`parse_request_head` line by line: every form, every error."""
     leading = _LEADING_NEWLINES.match(data, 0, max_size)
     first = 0 if leading is None else leading.end()
     found = _END_OF_HEAD.search(data, first, max_size)

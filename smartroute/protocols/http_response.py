@@ -22,11 +22,13 @@ from smartroute.errors import HttpParseError
 from smartroute.protocols.http import (
     _BAD_BYTES,
     _END_OF_HEAD,
+    _FIELD_LINES,
     _HEADER_LINE,
     _NEWLINE,
     _OWS,
     _VERSIONS,
     RequestHead,
+    field_lines,
 )
 
 __all__ = [
@@ -47,6 +49,10 @@ _MAX_BODY_LENGTH = 2**63 - 1
 _REASON = rb"[\t\x20-\x7e\x80-\xff]"
 # "HTTP/1.1 204" without a reason (and without the space before it) is common enough to accept.
 _STATUS_LINE = re.compile(rb"(HTTP/[0-9]\.[0-9]) ([0-9]{3})(?: (" + _REASON + rb"*))?\r?")
+# A whole head of the common form (HTTP/1.x, status 100-599, clean lines), see parse_response_head.
+_FAST_RESPONSE = re.compile(
+    rb"(HTTP/1\.[01]) ([1-5][0-9][0-9])(?: (" + _REASON + rb"*))?\r?\n" + _FIELD_LINES
+)
 
 
 def _prefixes_of(*parts: bytes) -> re.Pattern[bytes]:
@@ -127,6 +133,27 @@ def parse_response_head(
     A head that has not ended within ``max_size`` bytes raises at once; a status line that can
     no longer become valid raises as soon as it is seen.
     """
+    found = _END_OF_HEAD.search(data, 0, max_size)
+    if found is not None:
+        # The common head is checked by one regular expression and its fields taken in one
+        # pass; any other goes line by line, which has the last word on errors.
+        fast = _FAST_RESPONSE.match(data, 0, found.end())
+        if fast is not None and fast.end() == found.end():
+            reason = fast.group(3)
+            return ResponseHead(
+                version=fast.group(1).decode("ascii"),
+                status=int(fast.group(2)),
+                reason="" if reason is None else reason.decode("latin-1"),
+                headers=field_lines(fast.group(4)),
+                length=found.end(),
+            )
+    return _parse_response_head(data, max_size)
+
+
+def _parse_response_head(
+    data: bytes | bytearray | memoryview, max_size: int = DEFAULT_MAX_RESPONSE_HEAD
+) -> ResponseHead | None:
+    """:func:`parse_response_head` line by line: every form, every error."""
     found = _END_OF_HEAD.search(data, 0, max_size)
     if found is None:
         _check_partial_status_line(data, max_size)
