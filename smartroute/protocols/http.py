@@ -82,8 +82,9 @@ class RequestHead:
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` (case-insensitive), or ``None``."""
         wanted = name.lower()
+        size = len(wanted)
         for key, value in self.headers:
-            if key.lower() == wanted:
+            if len(key) == size and key.lower() == wanted:
                 return value
         return None
 

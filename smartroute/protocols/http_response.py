@@ -90,8 +90,9 @@ class ResponseHead:
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` (case-insensitive), or ``None``."""
         wanted = name.lower()
+        size = len(wanted)
         for key, value in self.headers:
-            if key.lower() == wanted:
+            if len(key) == size and key.lower() == wanted:
                 return value
         return None
 
@@ -243,10 +244,10 @@ def _message_framing(
     lengths: list[str] = []
     encodings: list[str] = []
     for name, value in headers:
-        lower = name.lower()
-        if lower == "content-length":
+        size = len(name)  # most names are neither: no need to lower-case them
+        if size == 14 and name.lower() == "content-length":
             lengths.append(value)
-        elif lower == "transfer-encoding":
+        elif size == 17 and name.lower() == "transfer-encoding":
             encodings.append(value)
     if encodings:
         if lengths:
@@ -266,6 +267,10 @@ def _message_framing(
 
 def _content_length(values: list[str], error_status: int) -> int:
     """The one length that Content-Length values agree on ("5, 5" is 5, RFC 9110 8.6)."""
+    if len(values) == 1:
+        text = values[0]
+        if len(text) <= 18 and text.isascii() and text.isdigit():
+            return int(text)  # one plain number below 2**63
     items = {item.strip(_OWS) for value in values for item in value.split(",")}
     if len(items) != 1:
         raise HttpParseError("invalid Content-Length: differing values", status=error_status)

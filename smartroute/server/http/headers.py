@@ -3,6 +3,10 @@
 Incoming ``X-Forwarded-*`` and ``Forwarded`` values are never trusted: the proxy appends the
 client it saw to the ``X-Forwarded-For`` / ``Forwarded`` chains and overwrites
 ``X-Forwarded-Proto`` and ``X-Forwarded-Host`` with what it knows itself.
+
+:func:`end_to_end` and :func:`forwarding_headers` say what the rewriting is;
+:func:`request_lines` and :func:`response_lines` do the same in one pass per message, giving
+the rendered ``Name: value`` lines that the proxy sends.
 """
 
 from __future__ import annotations
@@ -22,13 +26,19 @@ HOP_BY_HOP = frozenset(
         "proxy-authorization",
     }
 )
+# The forwarding headers the proxy writes itself.
+_FORWARDING = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded"})
+_END_TO_END_DROP = HOP_BY_HOP | {"expect", "content-length"}
+_RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
+_SUFFIXES: dict[tuple[str, str, str | None], str] = {}  # see request_lines
+_SUFFIXES_MAX = 1024
 
 
 def connection_tokens(headers: Iterable[tuple[str, str]]) -> set[str]:
     """The lower-cased options named in every ``Connection`` header."""
     tokens: set[str] = set()
     for name, value in headers:
-        if name.lower() == "connection":
+        if len(name) == 10 and name.lower() == "connection":
             tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
     return tokens
 
@@ -63,3 +73,55 @@ def forwarding_headers(
             element += f';host="{host}"'
     kept.append(("Forwarded", ", ".join([*previous_fwd, element])))
     return kept
+
+
+def render_lines(headers: Iterable[tuple[str, str]]) -> str:
+    return "".join([f"{name}: {value}\r\n" for name, value in headers])
+
+
+def request_lines(
+    headers: Iterable[tuple[str, str]], tokens: set[str], *, client_ip: str, proto: str
+) -> str:
+    """The header lines of a request going to a backend: ``forwarding_headers`` of
+    ``end_to_end`` of ``headers`` (``expect`` and ``content-length`` dropped too), rendered,
+    with the first ``Host`` as the forwarded host. ``tokens`` are the request's
+    :func:`connection_tokens`."""
+    lines = []
+    host: str | None = None
+    previous: list[tuple[str, str]] = []  # the forwarding chains the client sent
+    for name, value in headers:
+        lower = name.lower()
+        if lower == "host" and host is None:
+            host = value
+        if lower in _END_TO_END_DROP or tokens and lower in tokens:
+            continue
+        if lower in _FORWARDING:
+            previous.append((name, value))
+            continue
+        lines.append(f"{name}: {value}\r\n")
+    if previous:
+        forwarding = forwarding_headers(previous, client_ip=client_ip, proto=proto, host=host)
+        lines.append(render_lines(forwarding))
+        return "".join(lines)
+    # The usual case: no chain to extend, so these lines depend on the client, proto and Host
+    # only, which a connection repeats.
+    key = (client_ip, proto, host)
+    suffix = _SUFFIXES.get(key)
+    if suffix is None:
+        suffix = render_lines(forwarding_headers([], client_ip=client_ip, proto=proto, host=host))
+        if len(_SUFFIXES) >= _SUFFIXES_MAX:
+            _SUFFIXES.clear()
+        _SUFFIXES[key] = suffix
+    lines.append(suffix)
+    return "".join(lines)
+
+
+def response_lines(
+    headers: Iterable[tuple[str, str]], tokens: set[str], *, keep_length: bool = False
+) -> str:
+    """``end_to_end`` of a response's ``headers`` (``content-length`` dropped too unless
+    ``keep_length``), rendered; ``tokens`` are its :func:`connection_tokens`."""
+    drop = HOP_BY_HOP if keep_length else _RESPONSE_DROP
+    if tokens:
+        drop = drop | tokens
+    return "".join([f"{name}: {value}\r\n" for name, value in headers if name.lower() not in drop])

@@ -41,9 +41,23 @@ def reason(status: int) -> str:
         return "Status"
 
 
+_STATUS_LINES: dict[int, str] = {}
+
+
+def status_line(status: int) -> str:
+    """``HTTP/1.1 <status> <reason>`` and its CRLF (remembered: statuses are few)."""
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        line = _STATUS_LINES[status] = f"HTTP/1.1 {status} {reason(status)}\r\n"
+    return line
+
+
 def render_head(status: int, headers: list[tuple[str, str]], *, version: str = "HTTP/1.1") -> bytes:
     """The status line and headers, ending with the blank line."""
-    lines = [f"{version} {status} {reason(status)}\r\n"]
+    first = (
+        status_line(status) if version == "HTTP/1.1" else f"{version} {status} {reason(status)}\r\n"
+    )
+    lines = [first]
     lines += [f"{name}: {value}\r\n" for name, value in headers]
     lines.append("\r\n")
     return "".join(lines).encode("latin-1")

@@ -1,14 +1,17 @@
 """The HTTP ``forward`` action: one request to a backend and its response back.
 
-Backend connections come from a small pool per target and go back to it when the exchange
-ended cleanly; a pooled connection the backend closed meanwhile is replaced once, for
-requests without a body. Bodies stream both ways with backpressure. ``Upgrade`` requests
-(WebSocket) become a two-way byte tunnel after the backend's 101.
+Backend connections come from a pool per target and go back to it when the exchange ended
+cleanly; a pooled connection the backend closed meanwhile is replaced once, for requests
+without a body. Bodies stream both ways with backpressure. ``Upgrade`` requests (WebSocket)
+become a two-way byte tunnel after the backend's 101.
+
+This runs once per proxied request, so it keeps to one pass over each message's headers, one
+write per head (with the body bytes already there) and no work for what a request does not
+use: the :class:`RouteContext` is only built for target callables and PROXY headers.
 """
 
 from __future__ import annotations
 
-import asyncio
 import ssl
 from typing import TYPE_CHECKING
 
@@ -21,12 +24,12 @@ from smartroute.protocols.http_response import (
     parse_response_head,
     response_framing,
 )
-from smartroute.routing.matcher import RouteMatch
+from smartroute.routing.matcher import ConnectionFacts, RouteMatch
 from smartroute.routing.model import ForwardAction
-from smartroute.server.forward import resolve_targets, tunnel
+from smartroute.server.forward import Candidate, resolve_targets, tunnel
 from smartroute.server.http.body import BodyCut, copy_body
-from smartroute.server.http.headers import connection_tokens, end_to_end, forwarding_headers
-from smartroute.server.http.messages import render_head, text_response
+from smartroute.server.http.headers import connection_tokens, request_lines, response_lines
+from smartroute.server.http.messages import status_line, text_response
 from smartroute.server.http.pool import PoolKey
 from smartroute.server.http.stream import Handover, Stream
 from smartroute.server.tls import backend_context, backend_server_name
@@ -59,12 +62,16 @@ async def forward_request(
     framing: BodyFraming,
     keep_alive: bool,
     found: RouteMatch,
-    ctx: RouteContext,
+    facts: ConnectionFacts,
+    tokens: set[str],
 ) -> tuple[int | str, bool]:
-    """Proxy one request; returns the status for the log and whether the client stays."""
+    """Proxy one request; returns the status for the log and whether the client stays.
+
+    ``tokens`` are the request's ``Connection`` options.
+    """
     action = found.route.action
     assert isinstance(action, ForwardAction)
-    exchange = _Exchange(session, head, framing, keep_alive, found, action, ctx)
+    exchange = _Exchange(session, head, framing, keep_alive, found, action, facts, tokens)
     try:
         try:
             return await exchange.run(reuse=True)
@@ -78,6 +85,24 @@ async def forward_request(
         return await session.answer_locally(response, head, left, keep)
 
 
+def _fixed_candidates(action: ForwardAction, port: int) -> list[Candidate] | None:
+    """What :func:`resolve_targets` gives when no target is a callable (else None), without
+    awaiting it."""
+    candidates = []
+    for target in action.targets:
+        hosts, target_port = target.host, target.port
+        if callable(hosts) or callable(target_port):
+            return None
+        if target_port == "preserve":
+            target_port = port
+        for host in hosts:
+            candidates.append(Candidate(host, target_port, target.send_proxy_protocol))
+    if not candidates:
+        return None  # resolve_targets says why
+    start = action.rotation.next() % len(candidates)
+    return candidates[start:] + candidates[:start] if start else candidates
+
+
 class _Exchange:
     """One request/response exchange with a backend."""
 
@@ -89,7 +114,8 @@ class _Exchange:
         keep_alive: bool,
         found: RouteMatch,
         action: ForwardAction,
-        ctx: RouteContext,
+        facts: ConnectionFacts,
+        tokens: set[str],
     ) -> None:
         self.session = session
         self.head = head
@@ -97,30 +123,40 @@ class _Exchange:
         self.keep_alive = keep_alive
         self.found = found
         self.action = action
-        self.ctx = ctx
+        self.facts = facts
+        self.tokens = tokens
+        self._ctx: RouteContext | None = None
         self.private = False  # True: the backend connection must not be pooled
-        tokens = connection_tokens(head.headers)
         self.upgrade = head.header("upgrade") if "upgrade" in tokens else None
+
+    @property
+    def ctx(self) -> RouteContext:
+        if self._ctx is None:
+            self._ctx = self.session.context(self.head, self.facts, self.found)
+        return self._ctx
 
     async def connect(self, reuse: bool) -> tuple[Stream, PoolKey, bool]:
         """A backend connection (pooled if possible) to the first target that answers."""
         session = self.session
-        try:
-            candidates = await resolve_targets(self.action, self.ctx)
-        except Exception as exc:  # a user callable must not take the proxy down
-            raise _Failed(502, f"no usable target: {exc}") from None
+        candidates = _fixed_candidates(self.action, session.port)
+        if candidates is None:
+            try:
+                candidates = await resolve_targets(self.action, self.ctx)
+            except Exception as exc:  # a user callable must not take the proxy down
+                raise _Failed(502, f"no usable target: {exc}") from None
         tls = self.found.route.tls
+        reencrypt = tls is not None and tls.mode == "terminate-and-reencrypt"
         pool = session.runtime.pool
-        timeout = session.record.timeouts.connect
         failures = []
         for candidate in candidates:
             host, port = candidate.host, candidate.port
-            header = candidate.proxy_header(self.ctx)
+            header = b"" if candidate.proxy_protocol is None else candidate.proxy_header(self.ctx)
             context: ssl.SSLContext | None = None
             sni = None
-            if tls is not None and tls.mode == "terminate-and-reencrypt":
+            if reencrypt:
+                assert tls is not None
                 context = backend_context(tls, alpn=("http/1.1",))
-                sni = backend_server_name(tls, self.ctx.domain, host)
+                sni = backend_server_name(tls, self.facts.domain, host)
             key = pool.key(host, port, context, sni)
             session.record.target = f"{host}:{port}"
             # A connection that announced one client by PROXY header serves that client only.
@@ -132,7 +168,9 @@ class _Exchange:
             if stream is not None:
                 return stream, key, True
             try:
-                stream = await pool.connect(host, port, timeout=timeout, context=context, sni=sni)
+                stream = await pool.connect(
+                    host, port, timeout=session.record.timeouts.connect, context=context, sni=sni
+                )
             except TimeoutError:
                 failures.append(f"{host}:{port} timed out")
             except (OSError, ssl.SSLError) as exc:
@@ -146,23 +184,19 @@ class _Exchange:
 
     def request_head(self) -> bytes:
         head, framing, session = self.head, self.framing, self.session
-        headers = end_to_end(head.headers, drop=frozenset({"expect", "content-length"}))
-        headers = forwarding_headers(
-            headers,
+        lines = request_lines(
+            head.headers,
+            self.tokens,
             client_ip=session.record.client_ip,
-            proto="https" if session.tls is not None else "http",
-            host=head.header("host"),
+            proto="http" if session.tls is None else "https",
         )
         if framing.kind == "length":
-            headers.append(("Content-Length", str(framing.length)))
+            lines += f"Content-Length: {framing.length}\r\n"
         elif framing.kind == "chunked":
-            headers.append(("Transfer-Encoding", "chunked"))
+            lines += "Transfer-Encoding: chunked\r\n"
         if self.upgrade is not None:
-            headers += [("Connection", "upgrade"), ("Upgrade", self.upgrade)]
-        lines = [f"{head.method} {head.target} HTTP/1.1\r\n"]
-        lines += [f"{name}: {value}\r\n" for name, value in headers]
-        lines.append("\r\n")
-        return "".join(lines).encode("latin-1")
+            lines += f"Connection: upgrade\r\nUpgrade: {self.upgrade}\r\n"
+        return f"{head.method} {head.target} HTTP/1.1\r\n{lines}\r\n".encode("latin-1")
 
     async def run(self, *, reuse: bool) -> tuple[int | str, bool]:
         session, head, framing = self.session, self.head, self.framing
@@ -193,14 +227,16 @@ class _Exchange:
                     backend.abort()
                     raise _Failed(exc.status, str(exc), broken_request=True) from None
             response = await self.response(backend, reused)
+            response_tokens = connection_tokens(response.headers)
             if response.status == 101 and self.upgrade is not None:
                 upgraded = response.header("upgrade") or self.upgrade
-                headers = [*end_to_end(response.headers), ("Connection", "upgrade")]
-                client.write(render_head(101, [*headers, ("Upgrade", upgraded)]))
+                lines = response_lines(response.headers, response_tokens, keep_length=True)
+                lines += f"Connection: upgrade\r\nUpgrade: {upgraded}\r\n"
+                client.write(f"{status_line(101)}{lines}\r\n".encode("latin-1"))
                 session.record.outcome = "upgraded"
                 tunnel(client, backend, session.record, session.finish)
                 raise Handover
-            keep, backend_keep = await self.relay_response(backend, response)
+            keep, backend_keep = await self.relay_response(backend, response, response_tokens)
         except Handover:
             raise
         except BaseException:
@@ -215,62 +251,64 @@ class _Exchange:
         return response.status, keep
 
     async def response(self, backend: Stream, reused: bool) -> ResponseHead:
-        """The backend's final response head; interim 1xx answers are passed on."""
-        timeout = self.session.record.timeouts.backend
+        """The backend's final response head; interim 1xx answers are passed on.
+
+        Each head must arrive within the route's ``backend`` timeout.
+        """
+        session = self.session
+        timeout = session.record.timeouts.backend
         while True:
+            deadline = session.loop.time() + timeout
             try:
-                response = await _read_response(backend, timeout)
+                try:
+                    response = parse_response_head(backend.buffer) if backend.buffer else None
+                    while response is None:
+                        if not await backend.fill(deadline):
+                            raise _Failed(
+                                502, "the backend closed the connection without answering"
+                            )
+                        response = parse_response_head(backend.buffer)
+                except TimeoutError:
+                    raise _Failed(504, f"the backend did not answer within {timeout:g}s") from None
+                except HttpParseError as exc:
+                    raise _Failed(502, f"the backend sent an invalid response: {exc}") from None
             except _Failed as failure:
                 if reused and self.framing.kind == "none" and backend.eof and not backend.buffer:
                     raise _Stale from None
                 failure.body_consumed = True
                 raise
+            backend.skip(response.length)
             if response.status >= 200 or response.status == 101:
                 return response
             if self.head.version == "HTTP/1.1" and response.status != 100:
-                self.session.client.write(
-                    render_head(response.status, end_to_end(response.headers))
+                lines = response_lines(
+                    response.headers, connection_tokens(response.headers), keep_length=True
                 )
+                session.client.write(f"{status_line(response.status)}{lines}\r\n".encode("latin-1"))
 
-    async def relay_response(self, backend: Stream, response: ResponseHead) -> tuple[bool, bool]:
-        """Send the response to the client; returns (client stays, backend reusable)."""
+    async def relay_response(
+        self, backend: Stream, response: ResponseHead, tokens: set[str]
+    ) -> tuple[bool, bool]:
+        """Send the response to the client; returns (client stays, backend reusable).
+
+        ``tokens`` are the response's ``Connection`` options.
+        """
         head, client = self.head, self.session.client
         out = response_framing(head.method, response)
-        backend_keep = (
-            out.kind != "close"
-            and response.version == "HTTP/1.1"
-            and "close" not in connection_tokens(response.headers)
-        )
-        rechunk = out.kind == "chunked" or (out.kind == "close" and head.version == "HTTP/1.1")
-        client_keep = self.keep_alive and (out.kind != "close" or rechunk)
+        kind = out.kind
+        backend_keep = kind != "close" and response.version == "HTTP/1.1" and "close" not in tokens
+        rechunk = kind == "chunked" or (kind == "close" and head.version == "HTTP/1.1")
+        client_keep = self.keep_alive and (kind != "close" or rechunk)
         # A body-less answer (HEAD, 304) keeps the Content-Length the backend stated.
-        drop = frozenset() if out.kind == "none" else frozenset({"content-length"})
-        headers = end_to_end(response.headers, drop=drop)
-        if out.kind == "length":
-            headers.append(("Content-Length", str(out.length)))
+        lines = response_lines(response.headers, tokens, keep_length=kind == "none")
+        if kind == "length":
+            lines += f"Content-Length: {out.length}\r\n"
         elif rechunk and head.method != "HEAD":
-            headers.append(("Transfer-Encoding", "chunked"))
-        headers.append(("Connection", "keep-alive" if client_keep else "close"))
+            lines += "Transfer-Encoding: chunked\r\n"
+        connection = "keep-alive" if client_keep else "close"
+        prefix = f"{status_line(response.status)}{lines}Connection: {connection}\r\n\r\n"
         # The head goes out with the body bytes already here: one send for a small answer.
-        await copy_body(
-            backend, client, out, chunked_out=rechunk, prefix=render_head(response.status, headers)
-        )
+        await copy_body(backend, client, out, chunked_out=rechunk, prefix=prefix.encode("latin-1"))
         if client.blocked:
             await client.drain()
         return client_keep, backend_keep
-
-
-async def _read_response(backend: Stream, timeout: float) -> ResponseHead:
-    deadline = asyncio.get_running_loop().time() + timeout
-    try:
-        while True:
-            response = parse_response_head(backend.buffer) if backend.buffer else None
-            if response is not None:
-                backend.skip(response.length)
-                return response
-            if not await backend.fill(deadline):
-                raise _Failed(502, "the backend closed the connection without answering")
-    except TimeoutError:
-        raise _Failed(504, f"the backend did not answer within {timeout:g}s") from None
-    except HttpParseError as exc:
-        raise _Failed(502, f"the backend sent an invalid response: {exc}") from None

@@ -210,7 +210,8 @@ class HttpSession:
             await self._reply(text_response(exc.status, str(exc)), keep_alive=False)
             self.record.fail("bad-request", str(exc))
             return False
-        keep_alive = wants_keep_alive(head)
+        tokens = connection_tokens(head.headers)
+        keep_alive = _keeps_alive(head.version, tokens)
         facts = self._facts(head)
         found = self.runtime.table.match(facts)
         route_name = found.route.name if found else None
@@ -245,8 +246,9 @@ class HttpSession:
                 await self._hand_over(found, self.context(head, facts, found), raw)
                 raise Handover
             else:
-                ctx = self.context(head, facts, found)
-                status, keep = await forward_request(self, head, framing, keep_alive, found, ctx)
+                status, keep = await forward_request(
+                    self, head, framing, keep_alive, found, facts, tokens
+                )
         self._log(head, route_name, status, started)
         return keep
 
@@ -344,7 +346,10 @@ class HttpSession:
 
 def wants_keep_alive(head: RequestHead) -> bool:
     """HTTP/1.1 keeps the connection unless told to close; HTTP/1.0 only when asked."""
-    tokens = connection_tokens(head.headers)
-    if head.version == "HTTP/1.0":
+    return _keeps_alive(head.version, connection_tokens(head.headers))
+
+
+def _keeps_alive(version: str, tokens: set[str]) -> bool:
+    if version == "HTTP/1.0":
         return "keep-alive" in tokens
     return "close" not in tokens
