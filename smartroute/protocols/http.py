@@ -58,9 +58,6 @@ _FIELD_LINES = rb"((?:[" + _TCHAR + rb"]+:[\t\x20-\x7e\x80-\xff]*\r?\n)*)\r?\n"
 _FAST_REQUEST = re.compile(
     rb"([" + _TCHAR + rb"]+) (/[\x21\x22\x24-\x7e]*) (HTTP/1\.[01])\r?\n" + _FIELD_LINES
 )
-# One of those lines: its name, and its value without the whitespace around it (a value is
-# runs of other characters separated by spaces and tabs, so no backtracking is quadratic).
-_FIELD_PAIR = re.compile(r"([^:\r\n]+):[ \t]*((?:[^ \t\r\n]+(?:[ \t]+[^ \t\r\n]+)*)?)[ \t]*\r?\n")
 _HOSTS_SEEN: dict[str, tuple[str | None, int | None]] = {}
 _HOSTS_SEEN_MAX = 512
 
@@ -176,7 +173,11 @@ def _fast_request_head(found: re.Match[bytes]) -> RequestHead | None:
 def field_lines(block: bytes) -> tuple[tuple[str, str], ...]:
     """(name, value) pairs of header lines that :data:`_FIELD_LINES` matched whole, values
     without surrounding whitespace, as the line-by-line parsers give them."""
-    return tuple(_FIELD_PAIR.findall(block.decode("latin-1")))
+    lines = block.decode("latin-1").split("\n")
+    lines.pop()  # the block ends with a line end
+    # Names hold no ":", values no CR but the one before LF.
+    fields = [line.partition(":") for line in lines]
+    return tuple([(name, value.strip(" \t\r")) for name, _, value in fields])
 
 
 def split_host(value: str) -> tuple[str | None, int | None]:

@@ -27,7 +27,7 @@ from smartroute.protocols.http_response import (
 from smartroute.routing.matcher import ConnectionFacts, RouteMatch
 from smartroute.routing.model import ForwardAction
 from smartroute.server.forward import Candidate, resolve_targets, tunnel
-from smartroute.server.http.body import BodyCut, copy_body
+from smartroute.server.http.body import CHUNK, BodyCut, copy_body
 from smartroute.server.http.headers import connection_tokens, request_lines, response_lines
 from smartroute.server.http.messages import status_line, text_response
 from smartroute.server.http.pool import PoolKey
@@ -308,7 +308,14 @@ class _Exchange:
         connection = "keep-alive" if client_keep else "close"
         prefix = f"{status_line(response.status)}{lines}Connection: {connection}\r\n\r\n"
         # The head goes out with the body bytes already here: one send for a small answer.
-        await copy_body(backend, client, out, chunked_out=rechunk, prefix=prefix.encode("latin-1"))
+        if kind == "none":
+            client.write(prefix.encode("latin-1"))
+        elif kind == "length" and out.length <= len(backend.buffer) and out.length <= CHUNK:
+            client.write(prefix.encode("latin-1") + backend.consume(out.length))
+        else:
+            await copy_body(
+                backend, client, out, chunked_out=rechunk, prefix=prefix.encode("latin-1")
+            )
         if client.blocked:
             await client.drain()
         return client_keep, backend_keep
