@@ -54,6 +54,9 @@ def needs_http(action: Action) -> bool:
 class Connection:
     """A routed client connection and what the actions need to take it over."""
 
+    # Its ``finish`` stays referenced by a relay for the connection's whole life.
+    __slots__ = ("runtime", "transport", "record", "port", "server_ip")
+
     def __init__(
         self,
         runtime: Runtime,

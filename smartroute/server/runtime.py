@@ -95,11 +95,11 @@ class Runtime:
     def _check(self, record: ConnectionRecord, now: float) -> None:
         limits = record.timeouts
         moved = record.bytes_in + record.bytes_out
-        if moved != record.last_seen[0]:
-            record.last_seen = (moved, now)
+        if moved != record.seen_bytes:
+            record.seen_bytes, record.seen_at = moved, now
             idle_for = 0.0
         else:
-            idle_for = now - record.last_seen[1]
+            idle_for = now - record.seen_at
         idle, half, lifetime = limits.idle, limits.half_close, limits.max_lifetime
         if idle is not None and idle_for >= idle:
             self._expire(record, "idle", f"no data for {idle:g}s")

@@ -39,7 +39,8 @@ class ConnectionRecord:
         "bytes_out",
         "outcome",
         "error",
-        "last_seen",
+        "seen_bytes",
+        "seen_at",
         "closer",
         "admitted",
         "timeouts",
@@ -59,7 +60,8 @@ class ConnectionRecord:
         self.bytes_out = 0  # proxy -> client
         self.outcome = "open"
         self.error: str | None = None
-        self.last_seen = (0, self.started)  # (bytes moved, when) for the idle sweep
+        self.seen_bytes = 0  # bytes moved when the idle sweep last saw a change ...
+        self.seen_at = self.started  # ... and when that was
         self.closer: Any = None  # callable that closes the connection (set by the pipeline)
         self.admitted: str | None = None  # the route whose security limits count it
         self.timeouts = timeouts  # the limits in force: the settings', then the route's
