@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from types import TracebackType
@@ -21,6 +22,12 @@ from smartroute.server.http.pool import targets_named_by
 from smartroute.server.pipeline import InboundConnection
 from smartroute.server.port_manager import PortManager
 from smartroute.server.runtime import Runtime
+from smartroute.server.workers import (
+    WORKER_TOP_CLIENTS,
+    WorkerPool,
+    encode_routes,
+    merge_snapshots,
+)
 from smartroute.settings import Settings, validate_settings
 
 log = logging.getLogger("smartroute")
@@ -32,17 +39,48 @@ class SmartRoute:
     Routes are validated when given (a :class:`~smartroute.ConfigError` names the bad field);
     :meth:`start` binds every port they use, once each. Route updates at runtime bind new
     ports, release unused ones and leave live connections on the other ports alone.
+
+    With ``workers=N`` (N > 1) :meth:`start` also forks N - 1 worker processes that serve the
+    same ports (see :mod:`smartroute.server.workers`); route changes reach every process and
+    :meth:`stats` sums them.
     """
 
     def __init__(self, routes: Iterable[RouteInput] = (), **settings: Any) -> None:
-        self.settings: Settings = validate_settings(settings)
-        self._routes: tuple[CompiledRoute, ...] = validate_routes(routes)
+        self._setup(validate_settings(settings), validate_routes(routes))
+
+    @classmethod
+    def _worker(
+        cls, routes: tuple[CompiledRoute, ...], settings: Settings, slot: int
+    ) -> SmartRoute:
+        """The proxy of a forked worker: the parent's routes, its ports bound with SO_REUSEPORT."""
+        proxy = cls.__new__(cls)
+        proxy._setup(settings, routes, reuse_port=True, worker=slot)
+        return proxy
+
+    def _setup(
+        self,
+        settings: Settings,
+        routes: tuple[CompiledRoute, ...],
+        *,
+        reuse_port: bool = False,
+        worker: int = 0,
+    ) -> None:
+        self.settings: Settings = settings
+        self._routes: tuple[CompiledRoute, ...] = routes
         self._runtime = Runtime(self.settings)
         self._ports = PortManager(
-            self.settings.bind_address, self._protocol_factory, backlog=self.settings.backlog
+            self.settings.bind_address,
+            self._protocol_factory,
+            backlog=self.settings.backlog,
+            reuse_port=reuse_port or self.settings.workers > 1,
+            check_free=not worker,  # a worker binds ports its parent already holds
         )
         self._lock = asyncio.Lock()
         self._started = False
+        self._name = f"smartroute worker {worker} (pid {os.getpid()})" if worker else "smartroute"
+        self._workers: WorkerPool | None = None
+        if self.settings.workers > 1:
+            self._workers = WorkerPool(self.settings.workers, self._fork_state, self._lock)
         # Routes the proxy adds itself (the ACME HTTP-01 responder), kept across updates.
         self._internal: dict[str, CompiledRoute] = {}
         acme = validate_acme(self.settings.acme) if self.settings.acme is not None else None
@@ -68,8 +106,18 @@ class SmartRoute:
 
     def stats(self, top_clients: int = 20) -> dict[str, Any]:
         """Connections active/total and bytes in/out, overall and per route; the
-        ``top_clients`` busiest client IPs; throughput over the last 10, 60 and 300 s."""
-        return self._runtime.stats.snapshot(top_clients)
+        ``top_clients`` busiest client IPs; throughput over the last 10, 60 and 300 s;
+        ``workers``, the number of processes counted.
+
+        With ``workers=N`` the figures are this process's plus the latest snapshot of each
+        worker (sent about once a second, so up to about a second old), summed field by field.
+        """
+        workers = self._workers
+        if workers is None:
+            return {**self._own_snapshot(top_clients), "workers": 1}
+        own = self._own_snapshot(max(top_clients, WORKER_TOP_CLIENTS))
+        merged = merge_snapshots([own, *workers.snapshots()], top_clients)
+        return {**merged, "workers": workers.count}
 
     def certificate_status(self) -> dict[str, dict[str, Any]]:
         """Per auto-certificate domain: state (valid, pending, renewing, failed), source,
@@ -89,7 +137,9 @@ class SmartRoute:
         return await self._certs.renew(domains)
 
     async def start(self) -> None:
-        """Bind every port the routes use; returns once all are listening."""
+        """Bind every port the routes use; returns once all are listening (in every worker
+        process too, with ``workers=N``)."""
+        failed: BaseException | None = None
         async with self._lock:
             if self._started:
                 raise SmartRouteError("the proxy is already started")
@@ -98,14 +148,23 @@ class SmartRoute:
             self._started = True
             self._runtime.start_sweeper()
             await self._certs.start(self._routes)
-        log.info("smartroute listening on %s", _describe_ports(self.listening_ports))
+            if self._workers is not None:
+                self._warn_per_worker_limits()
+                try:
+                    await self._workers.start()
+                except BaseException as exc:  # undo it all (below, outside the lock)
+                    failed = exc
+        if failed is not None:
+            await self.stop()
+            raise failed
+        log.info("%s listening on %s", self._name, _describe_ports(self.listening_ports))
 
     async def update_routes(self, routes: Iterable[RouteInput]) -> None:
         """Replace the whole route set; ports are diffed, not rebound."""
         compiled = validate_routes(routes)
         self._check_auto(compiled)
         async with self._lock:
-            await self._install(compiled, bind=self._started)
+            await self._change(compiled)
         self._certs.routes_changed(compiled)
 
     async def add_route(self, route: RouteInput) -> None:
@@ -115,7 +174,7 @@ class SmartRoute:
             index = max((r.index for r in self._routes), default=-1) + 1
             compiled = validate_route(route, index, path="route", taken_names=taken)
             self._check_auto((compiled,))
-            await self._install((*self._routes, compiled), bind=self._started)
+            await self._change((*self._routes, compiled))
         self._certs.routes_changed(self._routes)
 
     async def remove_route(self, name: str) -> None:
@@ -125,7 +184,7 @@ class SmartRoute:
             if len(kept) == len(self._routes):
                 known = ", ".join(repr(r.name) for r in self._routes) or "none"
                 raise ConfigError("remove_route", f"no route named {name!r} (routes: {known})")
-            await self._install(kept, bind=self._started)
+            await self._change(kept)
         self._certs.routes_changed(self._routes)
 
     async def stop(self) -> None:
@@ -141,6 +200,12 @@ class SmartRoute:
             self._started = False
             runtime.accepting = False
             await self._ports.close()
+            grace = self.settings.graceful_shutdown_timeout
+            workers = (
+                asyncio.get_running_loop().create_task(self._workers.stop(grace))
+                if self._workers is not None
+                else None
+            )
             for record in list(runtime.stats.active):
                 if record.route is None and record.closer is not None:
                     record.closer()  # still being routed: nothing to drain
@@ -157,7 +222,9 @@ class SmartRoute:
             await runtime.stop_sweeper()
             runtime.pool.close()
             await asyncio.sleep(0)  # let transports deliver connection_lost
-        log.info("smartroute stopped")
+            if workers is not None:
+                await workers  # every worker reaped: stopped, or killed after the grace period
+        log.info("%s stopped", self._name)
 
     async def __aenter__(self) -> SmartRoute:
         await self.start()
@@ -173,11 +240,59 @@ class SmartRoute:
 
     # -- internals ---------------------------------------------------------------------------
 
+    def _own_snapshot(self, top_clients: int) -> dict[str, Any]:
+        """This process's figures only."""
+        return self._runtime.stats.snapshot(top_clients)
+
+    def _fork_state(self) -> tuple[tuple[CompiledRoute, ...], Settings]:
+        """What a new worker starts from (called under the lock)."""
+        return self._routes, self.settings
+
+    async def _change(self, routes: tuple[CompiledRoute, ...]) -> None:
+        """Make ``routes`` current here and in every worker (the caller holds the lock).
+
+        Routes the workers do not have yet must pickle: that is checked before anything
+        changes. If a worker refuses the set, every process goes back to the previous one.
+        """
+        workers = self._workers
+        if workers is None or not self._started:
+            await self._install(routes, bind=self._started)
+            return
+        entries = encode_routes(self._routes, routes)
+        previous = self._routes
+        await self._install(routes, bind=True)
+        try:
+            await workers.install(entries)
+        except BaseException:
+            # The workers that refused still hold their ports: no probe for other holders.
+            await self._install(previous, bind=True, check_free=False)
+            raise
+
+    async def _replace_routes(self, routes: tuple[CompiledRoute, ...]) -> None:
+        """A worker's side of a route change: install the parent's set as it is."""
+        async with self._lock:
+            await self._install(routes, bind=self._started)
+
+    def _warn_per_worker_limits(self) -> None:
+        policies = [self.settings.security, *(r.security for r in self._routes)]
+        if any(
+            p is not None and (p.max_connections or p.max_connections_per_ip or p.rate_limit)
+            for p in policies
+        ):
+            log.warning(
+                "workers=%d: connection and rate limits are counted by each process on its "
+                "own, so together the processes allow up to %d times each limit",
+                self.settings.workers,
+                self.settings.workers,
+            )
+
     def _protocol_factory(self, port: int) -> Callable[[], asyncio.Protocol]:
         runtime = self._runtime
         return lambda: InboundConnection(runtime, port)
 
-    async def _install(self, routes: tuple[CompiledRoute, ...], *, bind: bool) -> None:
+    async def _install(
+        self, routes: tuple[CompiledRoute, ...], *, bind: bool, check_free: bool = True
+    ) -> None:
         """Make ``routes`` current; on a bind failure the previous set stays in force."""
         runtime = self._runtime
         # The proxy's own routes (ACME challenges) must stay reachable by the CA: the default
@@ -197,7 +312,7 @@ class SmartRoute:
             previous = self._runtime.table
             self._runtime.table = table  # new listeners must already see the new routes
             try:
-                await self._ports.sync(table.port_counts)
+                await self._ports.sync(table.port_counts, check_free=check_free)
             except BaseException:
                 self._runtime.table = previous
                 raise

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -41,6 +43,8 @@ class Settings:
     backlog: int = 1024
     # async (domain) -> (cert_pem, key_pem) | {"cert", "key"} | None, asked before ACME
     certificate_provider: Any = None
+    # processes serving the ports: 1 is this one; N > 1 forks N - 1 workers (SO_REUSEPORT)
+    workers: int = 1
 
     @property
     def timeouts(self) -> Timeouts:
@@ -63,6 +67,8 @@ TIMEOUT_SETTINGS = {
 }
 _DURATIONS = {setting: name in OPTIONAL_TIMEOUTS for name, setting in TIMEOUT_SETTINGS.items()}
 _DURATIONS["graceful_shutdown_timeout"] = False
+
+MAX_WORKERS = 64
 
 
 def validate_settings(raw: Mapping[str, object]) -> Settings:
@@ -115,4 +121,30 @@ def validate_settings(raw: Mapping[str, object]) -> Settings:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError("settings.backlog", f"expected an int >= 1, got {value!r}")
             values[name] = value
+        elif name == "workers":
+            values[name] = _check_workers(value)
+    if values.get("workers", 1) > 1:
+        for shared in ("acme", "certificate_provider"):
+            if values.get(shared) is not None:
+                raise ConfigError(
+                    "settings.workers",
+                    f"workers > 1 cannot be combined with {shared}: the worker processes share "
+                    "nothing, so certificates obtained by one process would have to be shared "
+                    "with the others (give routes certificate files, or run one process)",
+                )
     return Settings(**values)
+
+
+def _check_workers(value: object) -> int:
+    """An int 1..MAX_WORKERS; more than 1 needs SO_REUSEPORT and fork."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        raise ConfigError(
+            "settings.workers", f"expected an int from 1 to {MAX_WORKERS}, got {value!r}"
+        )
+    if value > 1 and not (hasattr(socket, "SO_REUSEPORT") and hasattr(os, "fork")):
+        raise ConfigError(
+            "settings.workers",
+            f"workers={value} needs SO_REUSEPORT and fork, which this platform lacks: "
+            "the workers bind the same ports and the kernel spreads connections among them",
+        )
+    return value

@@ -62,6 +62,13 @@ def test_zero_switches_an_optional_limit_off_and_timeouts_use_route_names() -> N
         ({"proxy_ips": 5}, "settings.proxy_ips: expected a list of IPs, got 5"),
         ({"acme": "yes"}, "settings.acme: expected a dict, got str"),
         ({"backlog": 0}, "settings.backlog: expected an int >= 1, got 0"),
+        ({"workers": 0}, "settings.workers: expected an int from 1 to 64, got 0"),
+        ({"workers": 65}, "settings.workers: expected an int from 1 to 64, got 65"),
+        ({"workers": "2"}, "settings.workers: expected an int from 1 to 64, got '2'"),
+        ({"workers": True}, "settings.workers: expected an int from 1 to 64, got True"),
+        ({"workers": 2.0}, "settings.workers: expected an int from 1 to 64, got 2.0"),
+        ({"workers": 2, "acme": {"email": "ops@example.test"}}, "settings.workers: workers > 1 cannot be combined with acme: the worker processes share nothing, so certificates obtained by one process would have to be shared with the others (give routes certificate files, or run one process)"),
+        ({"workers": 2, "certificate_provider": lambda domain: None}, "settings.workers: workers > 1 cannot be combined with certificate_provider: the worker processes share nothing, so certificates obtained by one process would have to be shared with the others (give routes certificate files, or run one process)"),
     ],
 )  # fmt: skip
 def test_bad_settings_name_the_setting(given: dict[str, Any], message: str) -> None:
@@ -70,3 +77,22 @@ def test_bad_settings_name_the_setting(given: dict[str, Any], message: str) -> N
     assert str(caught.value) == message
     with pytest.raises(ConfigError):
         SmartRoute([], **given)
+
+
+def test_workers_default_to_one_and_accept_up_to_64() -> None:
+    assert validate_settings({}).workers == 1
+    assert validate_settings({"workers": 64}).workers == 64
+    assert validate_settings({"workers": 1, "acme": {"email": "ops@example.test"}}).workers == 1
+
+
+def test_workers_need_so_reuseport(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    monkeypatch.delattr(socket, "SO_REUSEPORT")
+    assert validate_settings({"workers": 1}).workers == 1
+    with pytest.raises(ConfigError) as caught:
+        validate_settings({"workers": 2})
+    assert str(caught.value) == (
+        "settings.workers: workers=2 needs SO_REUSEPORT and fork, which this platform lacks: "
+        "the workers bind the same ports and the kernel spreads connections among them"
+    )

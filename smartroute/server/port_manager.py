@@ -4,6 +4,12 @@ The port manager keeps a reference count per port. :meth:`PortManager.sync` diff
 counts against what is bound: new ports are bound, ports no route uses any more are released,
 and ports that stay are never touched, so their live connections carry on. Updates are
 serialised with a lock; the manager never binds a port it already holds.
+
+With ``reuse_port`` (``workers=N``) every worker process binds the same ports with
+``SO_REUSEPORT`` and the kernel spreads new connections among them. The first process to bind
+a port (``check_free``) still makes sure no other program holds it: a probe bound without
+``SO_REUSEPORT`` fails while anyone listens there, so two proxies never share a port by
+accident.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import errno
 import logging
 import socket
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from smartroute.errors import PortInUseError, SmartRouteError
 
@@ -34,11 +41,14 @@ class PortManager:
         *,
         backlog: int = 1024,
         reuse_port: bool = False,
+        check_free: bool = True,
     ) -> None:
         self._address = bind_address
         self._factory = protocol_factory
         self._backlog = backlog
         self._reuse_port = reuse_port
+        self._check_free = check_free
+        self._probe_now = True  # False during a sync(check_free=False)
         self._servers: dict[int, asyncio.Server] = {}
         self._counts: dict[int, int] = {}
         self._lock = asyncio.Lock()
@@ -48,15 +58,17 @@ class PortManager:
         """Bound ports and the number of routes using each."""
         return dict(self._counts)
 
-    async def sync(self, wanted: Mapping[int, int]) -> None:
+    async def sync(self, wanted: Mapping[int, int], *, check_free: bool = True) -> None:
         """Bind ports that are new in ``wanted``, release those absent from it.
 
         If any new port cannot be bound, the ports bound by this call are released again and
-        the error is raised: the manager is left as it was.
+        the error is raised: the manager is left as it was. ``check_free=False`` skips the
+        probe of a ``reuse_port`` manager (a rollback to ports its own workers still hold).
         """
         async with self._lock:
             new = sorted(port for port in wanted if port not in self._servers)
             bound: list[int] = []
+            self._probe_now = check_free
             try:
                 for port in new:
                     self._servers[port] = await self._bind(port)
@@ -65,6 +77,8 @@ class PortManager:
                 for port in bound:
                     self._release(port)
                 raise
+            finally:
+                self._probe_now = True
             for port in [port for port in self._servers if port not in wanted]:
                 self._release(port)
             self._counts = {port: wanted[port] for port in sorted(wanted)}
@@ -87,6 +101,8 @@ class PortManager:
         family, kind, proto, _, sockaddr = infos[0]
         sock = socket.socket(family, kind, proto)
         try:
+            if self._reuse_port and self._check_free and self._probe_now:
+                _probe(family, kind, proto, sockaddr)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if self._reuse_port:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -112,3 +128,17 @@ class PortManager:
         _PROCESS_PORTS.pop((self._address, port), None)
         self._counts.pop(port, None)
         log.debug("released %s:%d", self._address, port)
+
+
+def _probe(family: int, kind: int, proto: int, sockaddr: Any) -> None:
+    """Bind (without SO_REUSEPORT, never listening) to see whether anyone holds the port."""
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        probe.bind(sockaddr)
+
+
+def forget_inherited_ports() -> None:
+    """In a forked worker: the parent's ports are the parent's, not this process's."""
+    _PROCESS_PORTS.clear()
