@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from smartroute.certs.tls_alpn import ACME_TLS_ALPN
 from smartroute.context import RouteContext
@@ -66,8 +66,8 @@ class InboundConnection(asyncio.Protocol):
     # -- asyncio callbacks -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
+        self.transport = transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername") or ("0.0.0.0", 0)
         runtime = self.runtime
         record = ConnectionRecord(str(parse_ip(peer[0])), int(peer[1]), self.port, runtime.timeouts)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import cast
 
 from smartroute.server.stats import ConnectionRecord
 
@@ -35,8 +36,8 @@ class RelaySide(asyncio.Protocol):
         self._half_close = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
+        self.transport = cast(asyncio.Transport, transport)
         self._half_close = transport.get_extra_info("sslcontext") is None
 
     def data_received(self, data: bytes) -> None:

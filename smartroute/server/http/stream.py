@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import cast
 
 from smartroute.server.stats import ConnectionRecord
 
@@ -51,8 +52,8 @@ class Stream(asyncio.Protocol):
     # -- protocol callbacks ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
+        self.transport = cast(asyncio.Transport, transport)
         # TLS has no half-close: after the peer's close_notify the transport closes.
         self._half_close = transport.get_extra_info("sslcontext") is None
 
