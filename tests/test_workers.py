@@ -33,8 +33,9 @@ from smartroute.server.workers import decode_routes, encode_routes, merge_snapsh
 async def pid_handler(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ctx: RouteContext
 ) -> None:
-    """Answer with the serving process's id (module level: it pickles by reference)."""
-    writer.write(f"{os.getpid()}\n".encode())
+    """Answer with the serving process's id and the connection's (module level: it pickles
+    by reference)."""
+    writer.write(f"{os.getpid()} {ctx.connection_id}\n".encode())
     await writer.drain()
     writer.close()
 
@@ -47,10 +48,21 @@ def pid_route(name: str, port: int, handler: Any = pid_handler) -> dict[str, Any
     }
 
 
-async def ask_pid(port: int) -> int:
+async def ask(port: int) -> tuple[int, str]:
+    """The pid of the process that served a new connection, and the connection's id."""
     reader, writer = await asyncio.open_connection(LOOPBACK, port)
     try:
-        return int(await asyncio.wait_for(reader.readline(), 5))
+        pid, connection_id = (await asyncio.wait_for(reader.readline(), 5)).decode().split()
+        return int(pid), connection_id
+    finally:
+        writer.close()
+
+
+async def ask_pid(port: int) -> int:
+    """The pid of the process that served a new connection (handlers that say only that)."""
+    reader, writer = await asyncio.open_connection(LOOPBACK, port)
+    try:
+        return int((await asyncio.wait_for(reader.readline(), 5)).split()[0])
     finally:
         writer.close()
 
@@ -118,17 +130,23 @@ async def test_workers_share_the_connections_and_stats_are_summed() -> None:
         children = workers_of(proxy)
         assert len(children) == 2 and os.getpid() not in children
         served: dict[int, int] = {}
+        ids: set[str] = set()
+        answered = 0  # bytes the handlers sent
         for _ in range(150):
-            pid = await ask_pid(port)
+            pid, connection_id = await ask(port)
             served[pid] = served.get(pid, 0) + 1
+            ids.add(connection_id)
+            answered += len(f"{pid} {connection_id}\n")
+            assert connection_id.startswith("c" if pid == os.getpid() else "w"), connection_id
         assert set(served) == {os.getpid(), *children}  # the kernel spread them over all three
+        assert len(ids) == 150  # connection ids stay unique across the processes
         assert sum(served.values()) == 150
         assert await wait_until(lambda: proxy.stats()["connections"]["total"] == 150)
         stats = proxy.stats(top_clients=5)
         assert stats["workers"] == 3
         assert stats["connections"] == {"active": 0, "total": 150}
         assert stats["routes"]["pid"]["total"] == 150
-        assert stats["bytes"]["out"] == sum(n * len(f"{pid}\n") for pid, n in served.items())
+        assert stats["bytes"]["out"] == answered
         assert stats["client_ips"][LOOPBACK]["total"] == 150
         assert set(stats["throughput"]) == {"10s", "60s", "300s"}
     finally:

@@ -21,6 +21,13 @@ from smartroute.routing.model import Timeouts
 access_log = logging.getLogger("smartroute.access")
 
 _ids = itertools.count(1)
+_id_prefix = "c"
+
+
+def set_id_prefix(prefix: str) -> None:
+    """Name this process's connections ``<prefix><n>`` (worker processes: ``w2-c17``)."""
+    global _id_prefix
+    _id_prefix = prefix
 
 
 class ConnectionRecord:
@@ -48,7 +55,7 @@ class ConnectionRecord:
     )
 
     def __init__(self, client_ip: str, client_port: int, port: int, timeouts: Timeouts) -> None:
-        self.id = f"c{next(_ids)}"
+        self.id = f"{_id_prefix}{next(_ids)}"
         self.client_ip = client_ip
         self.client_port = client_port
         self.port = port

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
 from smartroute.errors import ConfigError, PortInUseError, SmartRouteError
 from smartroute.routing.model import CompiledRoute, RoundRobin
 from smartroute.server.port_manager import forget_inherited_ports
+from smartroute.server.stats import set_id_prefix
 from smartroute.settings import Settings
 
 if TYPE_CHECKING:
@@ -575,6 +576,7 @@ def _worker_process(
         _reset_signals()
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         forget_inherited_ports()
+        set_id_prefix(f"w{slot}-c")  # connection ids in the access log stay unique
         with asyncio.Runner(loop_factory=_loop_factory(loop_type)) as runner:
             code = runner.run(_serve(channel, routes, settings, slot))
     except BaseException:
