@@ -8,6 +8,7 @@ import datetime
 import functools
 import socket
 import ssl
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,10 +180,37 @@ async def read_exactly(reader: asyncio.StreamReader, n: int, timeout: float = 5.
     return await asyncio.wait_for(reader.readexactly(n), timeout)
 
 
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The loop the tests run on: uvloop's when ``SMARTROUTE_TEST_LOOP=uvloop``, else asyncio's.
+
+    ``None`` means asyncio's default loop. Asking for uvloop without it installed is an error,
+    so a CI job meant to run under uvloop cannot quietly run under asyncio instead.
+    """
+    import os
+
+    wanted = os.environ.get("SMARTROUTE_TEST_LOOP", "asyncio").strip().lower()
+    if wanted in ("", "asyncio"):
+        return None
+    if wanted != "uvloop":
+        raise RuntimeError(f"SMARTROUTE_TEST_LOOP={wanted!r}: expected 'uvloop' or 'asyncio'")
+    try:
+        import uvloop
+    except ImportError:
+        raise RuntimeError(
+            "SMARTROUTE_TEST_LOOP=uvloop but uvloop is not installed "
+            "(pip install -e '.[test]' installs it)"
+        ) from None
+    return uvloop.new_event_loop
+
+
 def async_test(
     timeout: float = 30.0,
 ) -> Callable[[Callable[..., Awaitable[None]]], Callable[..., None]]:
-    """Run an async test function in a fresh event loop, failing it after ``timeout`` seconds."""
+    """Run an async test function in a fresh event loop, failing it after ``timeout`` seconds.
+
+    The loop is asyncio's, or uvloop's when ``SMARTROUTE_TEST_LOOP=uvloop`` (see
+    :func:`event_loop_factory`).
+    """
 
     def decorate(fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
         @functools.wraps(fn)
@@ -190,11 +218,37 @@ def async_test(
             async def bounded() -> None:
                 await asyncio.wait_for(fn(*args, **kwargs), timeout)
 
-            asyncio.run(bounded())
+            runner = asyncio.Runner(loop_factory=event_loop_factory())
+            try:
+                runner.run(bounded())
+            except BaseException:
+                _close_runner(runner, report=False)  # the failure matters, not what it left open
+                raise
+            _close_runner(runner, report=True)
 
         return run
 
     return decorate
+
+
+def _close_runner(runner: asyncio.Runner, *, report: bool) -> None:
+    """Close the loop, then emit its ResourceWarnings (transports left open) if ``report``.
+
+    uvloop warns while it closes each handle still open, and when pytest turns that warning
+    into an exception the handle is never closed and ``loop.close()`` waits forever. So the
+    warnings are collected while closing and emitted (as errors, under pytest) once it is closed.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        runner.close()
+    for warning in caught if report else ():
+        warnings.warn_explicit(
+            warning.message,
+            warning.category,
+            warning.filename,
+            warning.lineno,
+            source=warning.source,
+        )
 
 
 def require_tool(name: str) -> str:

@@ -430,10 +430,14 @@ class BioClient:
 
 
 async def closed(transport: asyncio.Transport) -> bool:
-    """True once the transport's socket has been closed (connection_lost runs via call_soon)."""
-    sock = transport.get_extra_info("socket")
+    """True once the transport's socket has been closed (connection_lost runs via call_soon).
+
+    asyncio's transport keeps its socket object, whose file descriptor becomes -1; uvloop's
+    has no socket to give any more.
+    """
     for _ in range(100):
-        if sock.fileno() == -1:
+        sock = transport.get_extra_info("socket")
+        if sock is None or sock.fileno() == -1:
             return True
         await asyncio.sleep(0)
     return False

@@ -1,8 +1,9 @@
 """TLS termination: choosing a certificate by SNI, building contexts, and the handshake itself.
 
-The proxy reads the ClientHello before it decides to terminate (it routes by SNI), so the bytes
-are no longer on the socket and ``loop.start_tls`` cannot be used. :func:`accept_tls` wires
-asyncio's own ``SSLProtocol`` onto the transport and replays the consumed bytes into it.
+The proxy reads the ClientHello before it decides to terminate (it routes by SNI), so those
+bytes are no longer on the socket. :func:`accept_tls` still uses the public
+``loop.start_tls``, on asyncio's loop and on uvloop alike, and hands the consumed bytes to the
+TLS protocol that ``start_tls`` installs before the socket is read again.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import functools
 import os
 import ssl
 import tempfile
-from asyncio import sslproto
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import cast
@@ -346,9 +346,12 @@ def _backend_context(verify: bool, ca_pem: str | None, alpn: tuple[str, ...]) ->
     return context
 
 
+AppProtocol = asyncio.Protocol | asyncio.BufferedProtocol
+
+
 async def accept_tls(
     transport: asyncio.Transport,
-    app_protocol: asyncio.BaseProtocol,
+    app_protocol: AppProtocol,
     context: ssl.SSLContext,
     initial: bytes,
     *,
@@ -357,58 +360,127 @@ async def accept_tls(
 ) -> asyncio.Transport:
     """Run the server side of a TLS handshake whose first bytes were already read.
 
-    ``initial`` (the ClientHello and anything after it) is replayed into asyncio's
-    ``SSLProtocol``, then the socket is read again. On success ``app_protocol.connection_made``
-    has been called with the returned transport, and decrypted data may follow at once. On
-    failure the connection is closed and :class:`TlsHandshakeError` raised.
+    ``transport`` must be paused (no byte may reach its current protocol any more). ``initial``
+    (the ClientHello and anything after it) is replayed into the TLS layer, then the socket is
+    read again. On success ``app_protocol.connection_made`` has been called with the returned
+    transport, and decrypted data may follow at once. On failure the connection is closed and
+    :class:`TlsHandshakeError` raised.
+
+    How the replay works, the same on asyncio's loop and on uvloop: ``loop.start_tls`` sets its
+    TLS protocol on the transport *before* its first ``await`` and only then queues (with
+    ``call_soon``) the handshake start and ``resume_reading``. A callback queued before calling
+    it therefore runs after the protocol is installed and before the socket is polled again,
+    and gives that protocol the consumed bytes as if it had just read them.
     """
     loop = asyncio.get_running_loop()
     if transport.is_closing():
         raise TlsHandshakeError("connection closed before the TLS handshake")
-    waiter: asyncio.Future[None] = loop.create_future()
-    ssl_protocol = sslproto.SSLProtocol(
-        loop,
-        app_protocol,
-        context,
-        waiter,
-        server_side=True,
-        # typeshed says int; asyncio takes any positive number of seconds.
-        ssl_handshake_timeout=cast(int, handshake_timeout),
-        ssl_shutdown_timeout=shutdown_timeout,
-    )
-    app_transport = ssl_protocol._app_transport  # created by __init__ since 3.11
     transport.pause_reading()  # the caller should have; nothing may reach the old protocol
+    handover = _Handover()
+    loop.call_soon(_replay, transport, transport.get_protocol(), initial)
     try:
-        transport.set_protocol(ssl_protocol)
-        ssl_protocol.connection_made(transport)
-        _feed(ssl_protocol, initial, transport)
-        transport.resume_reading()
-        await waiter
+        secure = await loop.start_tls(
+            transport,
+            handover,
+            context,
+            server_side=True,
+            ssl_handshake_timeout=handshake_timeout,
+            ssl_shutdown_timeout=shutdown_timeout,
+        )
     except asyncio.CancelledError:
         transport.abort()
         raise
     except Exception as exc:
-        transport.abort()  # usually closed by SSLProtocol already; abort is idempotent
+        transport.abort()  # usually closed by the TLS layer already; abort is idempotent
         raise TlsHandshakeError(_handshake_reason(exc, handshake_timeout)) from None
-    if app_transport.get_extra_info("ssl_object") is None:
-        # connection_lost(None) during the handshake wakes the waiter without an error.
+    if secure is None or secure.get_extra_info("ssl_object") is None:
+        # connection_lost(None) during the handshake wakes start_tls without an error (and
+        # asyncio's then returns None).
         transport.abort()
         raise TlsHandshakeError("connection closed during the TLS handshake")
-    return app_transport
+    secure.set_protocol(app_protocol)
+    app_protocol.connection_made(secure)
+    handover.hand_over(app_protocol)
+    return secure
 
 
-def _feed(protocol: asyncio.BaseProtocol, data: bytes, transport: asyncio.BaseTransport) -> None:
-    """Deliver ``data`` as if the transport had just read it."""
+def _replay(transport: asyncio.Transport, peeking: asyncio.BaseProtocol, data: bytes) -> None:
+    """Give ``data`` to the TLS protocol ``start_tls`` has just set on ``transport``."""
+    if transport.is_closing():
+        return  # start_tls failed or was cancelled; it has closed the transport
+    protocol = transport.get_protocol()
+    if protocol is peeking:
+        # start_tls did not install its protocol synchronously (no asyncio or uvloop version
+        # does this): the bytes have nowhere to go, so the handshake cannot succeed.
+        transport.abort()
+        return
+    _deliver(protocol, data)
+
+
+class _Handover(asyncio.Protocol):
+    """The protocol given to ``start_tls``: keeps what arrives until the handover.
+
+    ``start_tls`` never calls ``connection_made`` on its protocol, and asyncio's TLS layer
+    passes the first decrypted bytes (and EOF, or the connection's loss) to it as soon as the
+    handshake completes, before :func:`accept_tls` runs again. They wait here; ``hand_over``
+    then passes them on, after ``connection_made``, in their order. Anything that still reaches
+    this object after the handover (a ``connection_lost`` queued before it) is passed on.
+    """
+
+    def __init__(self) -> None:
+        self._target: AppProtocol | None = None
+        self._chunks: list[bytes] = []
+        self._eof = False
+        self._lost: tuple[Exception | None] | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._target is not None:
+            _deliver(self._target, data)
+        else:
+            self._chunks.append(data)
+
+    def eof_received(self) -> bool | None:
+        if self._target is not None:
+            return self._target.eof_received()
+        self._eof = True
+        return None  # TLS closes after close_notify whatever the protocol answers
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._target is not None:
+            self._target.connection_lost(exc)
+        else:
+            self._lost = (exc,)
+
+    def hand_over(self, protocol: AppProtocol) -> None:
+        """Make ``protocol`` the receiver and give it what arrived so far."""
+        self._target = protocol
+        chunks, self._chunks = self._chunks, []
+        for chunk in chunks:
+            _deliver(protocol, chunk)
+        if self._eof:
+            protocol.eof_received()
+        if self._lost is not None:
+            protocol.connection_lost(self._lost[0])
+
+
+def _deliver(protocol: asyncio.BaseProtocol, data: bytes) -> None:
+    """Deliver ``data`` to ``protocol`` as a transport that had just read it would."""
+    if isinstance(protocol, asyncio.Protocol):
+        if data:
+            protocol.data_received(data)
+        return
+    # A buffered protocol: asyncio's own, or uvloop's TLS protocol, which has the same methods
+    # without being an asyncio class (the loops themselves recognise it by its methods).
+    buffered = cast(asyncio.BufferedProtocol, protocol)
     view = memoryview(data)
-    if isinstance(protocol, asyncio.BufferedProtocol):
-        while view and not transport.is_closing():
-            buffer = memoryview(protocol.get_buffer(len(view)))
-            size = min(len(buffer), len(view))
-            buffer[:size] = view[:size]
-            protocol.buffer_updated(size)
-            view = view[size:]
-    elif isinstance(protocol, asyncio.Protocol) and view:
-        protocol.data_received(bytes(view))
+    while view:
+        buffer = memoryview(buffered.get_buffer(len(view)))
+        size = min(len(buffer), len(view))
+        if not size:
+            raise RuntimeError(f"{protocol!r} offered an empty buffer")
+        buffer[:size] = view[:size]
+        buffered.buffer_updated(size)
+        view = view[size:]
 
 
 def _handshake_reason(exc: BaseException, timeout: float) -> str:
