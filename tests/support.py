@@ -9,9 +9,10 @@ import functools
 import socket
 import ssl
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -218,17 +219,24 @@ def async_test(
             async def bounded() -> None:
                 await asyncio.wait_for(fn(*args, **kwargs), timeout)
 
-            runner = asyncio.Runner(loop_factory=event_loop_factory())
-            try:
-                runner.run(bounded())
-            except BaseException:
-                _close_runner(runner, report=False)  # the failure matters, not what it left open
-                raise
-            _close_runner(runner, report=True)
+            run_on_loop(bounded(), event_loop_factory())
 
         return run
 
     return decorate
+
+
+def run_on_loop(
+    main: Coroutine[Any, Any, None], loop_factory: Callable[[], asyncio.AbstractEventLoop] | None
+) -> None:
+    """Run ``main`` on a new loop made by ``loop_factory`` (asyncio's when None), then close it."""
+    runner = asyncio.Runner(loop_factory=loop_factory)
+    try:
+        runner.run(main)
+    except BaseException:
+        _close_runner(runner, report=False)  # the failure matters, not what it left open
+        raise
+    _close_runner(runner, report=True)
 
 
 def _close_runner(runner: asyncio.Runner, *, report: bool) -> None:
