@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import ssl
 from typing import Any
 
 import pytest
@@ -120,3 +121,35 @@ async def test_no_matching_route_is_a_closed_connection_never_a_relay() -> None:
                 answer = b""
             writer.close()
     assert answer == b"" and not contacted
+
+
+@async_test()
+async def test_terminated_tls_offers_only_modern_tls12_suites(ca: TestCA) -> None:
+    pair = ca.issue("site.test")
+    port = free_port()
+    route = terminate(port, pair.cert_pem, pair.key_pem)
+    route["action"] = {
+        "type": "socket-handler",
+        "socket_handler": echo_handler,
+        "tls": route["action"]["tls"],
+    }
+
+    async def handshake(cipher: str) -> str | None:
+        context = ca.client_context()
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+        context.set_ciphers(cipher)
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(LOOPBACK, port, ssl=context, server_hostname="site.test"), 5
+            )
+        except (ssl.SSLError, ConnectionError):
+            return None
+        ssl_object = writer.get_extra_info("ssl_object")
+        writer.close()
+        return str(ssl_object.cipher()[0])
+
+    async with SmartRoute([route], bind_address=LOOPBACK):
+        assert await handshake("ECDHE-ECDSA-AES128-GCM-SHA256") == "ECDHE-ECDSA-AES128-GCM-SHA256"
+        assert await handshake("ECDHE-ECDSA-CHACHA20-POLY1305") == "ECDHE-ECDSA-CHACHA20-POLY1305"
+        for legacy in ("ECDHE-ECDSA-AES128-SHA256", "ECDHE-ECDSA-AES256-SHA"):
+            assert await handshake(legacy) is None, legacy

@@ -37,6 +37,9 @@ __all__ = [
 ]
 
 SHUTDOWN_TIMEOUT = 10.0
+# TLS 1.2 suites offered to clients: forward secrecy and AEAD only (no CBC, no RSA key
+# exchange, no SHA-1), as in common "intermediate" server profiles.
+MODERN_TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL"
 """Seconds a closing TLS connection waits for the peer's close_notify before it is dropped."""
 
 
@@ -250,6 +253,7 @@ def build_server_context(
     """A fresh TLS 1.2+ server context presenting ``pair`` (uncached; see the index)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(MODERN_TLS12_CIPHERS)  # TLS 1.3 suites are all modern already
     for name in ("OP_NO_COMPRESSION", "OP_CIPHER_SERVER_PREFERENCE", "OP_NO_RENEGOTIATION"):
         context.options |= getattr(ssl, name, 0)
     if alpn:
