@@ -1,9 +1,10 @@
 """The benchmark suite: smartroute against HAProxy and against a direct connection, one run.
 
-    python bench/run.py [--quick] [--record]
+    python bench/run.py [--quick] [--record] [--loop uvloop|asyncio]
 
 Starts nginx (the backend, plain and TLS), iperf3 servers, an idle backend, HAProxy
-(``nbthread 1``) and smartroute (one Python process, ``bench/smartroute_server.py``) on
+(``nbthread 1``) and smartroute (one Python process, ``bench/smartroute_server.py``, on
+uvloop's event loop when uvloop is installed, else asyncio's; ``--loop`` chooses) on
 127.0.0.1, then runs every workload round after round, the three systems taking turns
 (direct, HAProxy, smartroute, direct, ...), and prints medians and the ratios
 smartroute / HAProxy and smartroute / direct as Markdown. ``--record`` appends the result to
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import os
 import resource
 import shutil
@@ -66,6 +68,14 @@ TOOLS = ("haproxy", "nginx", "wrk", "iperf3")
 PAUSE = 0.3  # seconds between runs, so that closing connections settle
 # Waiting, not working: the event loop in epoll, the startup getaddrinfo thread on its queue.
 IDLE_FRAMES = ("EpollSelector.select (selectors.py)", "_worker (concurrent/futures/thread.py)")
+LOOPS = ("uvloop", "asyncio")
+# Runs smartroute_server.py (argv[2:]) on uvloop: its asyncio.run() takes the policy's loop.
+UVLOOP_LAUNCHER = (
+    "import asyncio, runpy, sys, uvloop; "
+    "asyncio.set_event_loop_policy(uvloop.EventLoopPolicy()); "
+    "sys.argv = sys.argv[1:]; "
+    "runpy.run_path(sys.argv[0], run_name='__main__')"
+)
 
 
 @dataclass
@@ -79,6 +89,7 @@ class Options:
     quick: bool
     profile: str | None
     profile_raw: Path | None
+    loop: str
     argv: list[str]
 
 
@@ -97,7 +108,15 @@ def parse_args(argv: Sequence[str]) -> Options:
         help="profile smartroute under one workload with py-spy instead of comparing",
     )
     parser.add_argument("--profile-raw", type=Path, help="also keep py-spy's raw stacks here")
+    parser.add_argument(
+        "--loop",
+        choices=LOOPS,
+        default=default_loop(),
+        help="smartroute's event loop (default: uvloop when installed, else asyncio)",
+    )
     args = parser.parse_args(argv)
+    if args.loop == "uvloop" and not uvloop_installed():
+        parser.error("--loop uvloop: uvloop is not installed (pip install 'smartroute[uvloop]')")
     return Options(
         rounds=args.rounds or (2 if args.quick else 5),
         duration=args.duration or (2.0 if args.quick else 5.0),
@@ -108,17 +127,44 @@ def parse_args(argv: Sequence[str]) -> Options:
         quick=args.quick,
         profile=args.profile,
         profile_raw=args.profile_raw,
+        loop=args.loop,
         argv=list(argv),
     )
+
+
+def uvloop_installed() -> bool:
+    return importlib.util.find_spec("uvloop") is not None
+
+
+def default_loop() -> str:
+    return "uvloop" if uvloop_installed() else "asyncio"
+
+
+def loop_description(loop: str) -> str:
+    """``uvloop 0.21.0`` or ``asyncio``, for the report."""
+    if loop != "uvloop":
+        return "asyncio"
+    from importlib.metadata import version
+
+    return f"uvloop {version('uvloop')}"
+
+
+def smartroute_argv(loop: str, *args: str) -> list[str]:
+    """The command line of a smartroute process on ``loop`` (asyncio's or uvloop's)."""
+    server = str(HERE / "smartroute_server.py")
+    if loop == "uvloop":
+        return [sys.executable, "-c", UVLOOP_LAUNCHER, server, *args]
+    return [sys.executable, server, *args]
 
 
 class Bench:
     """The running backends and proxies, and how to point each workload at each system."""
 
-    def __init__(self, procs: Procs, layout: Layout, connections: int) -> None:
+    def __init__(self, procs: Procs, layout: Layout, connections: int, loop: str) -> None:
         self.procs = procs
         self.layout = layout
         self.connections = connections
+        self.loop = loop
 
     def start(self) -> None:
         layout, procs = self.layout, self.procs
@@ -129,13 +175,11 @@ class Bench:
         procs.start("nginx", ["nginx", "-p", str(root), "-e", error_log, "-c", conf])
         procs.start("haproxy", ["haproxy", "-db", "-f", str(root / "haproxy.cfg")])
         routes = write_json(root / "smartroute.json", smartroute_routes(layout))
-        procs.start("smartroute", [sys.executable, str(HERE / "smartroute_server.py"), str(routes)])
+        procs.start("smartroute", smartroute_argv(self.loop, str(routes)))
         for count in ROUTE_COUNTS:
             table = sni_routes(layout.routing[count], layout.nginx_https, count)
             path = write_json(root / f"routing-{count}.json", table)
-            procs.start(
-                f"routing-{count}", [sys.executable, str(HERE / "smartroute_server.py"), str(path)]
-            )
+            procs.start(f"routing-{count}", smartroute_argv(self.loop, str(path)))
         procs.start(
             "idle-backend", [sys.executable, str(HERE / "idle_backend.py"), str(layout.idle)]
         )
@@ -196,8 +240,7 @@ class Bench:
             routes = write_json(
                 layout.root / "smartroute-idle.json", smartroute_idle_routes(layout)
             )
-            argv = [sys.executable, str(HERE / "smartroute_server.py"), str(routes)]
-            proc = procs.start(name, argv)
+            proc = procs.start(name, smartroute_argv(self.loop, str(routes)))
             port = layout.smartroute["idle"]
         try:
             wait_listening(procs, name, [port])
@@ -255,6 +298,8 @@ def run_rounds(bench: Bench, options: Options) -> Results:
 def report(results: Results, options: Options, machine: str, loads: tuple[str, str]) -> str:
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     command = " ".join(["python bench/run.py", *options.argv])
+    if "--loop" not in options.argv:
+        command += f"  # smartroute on {options.loop} (the default here)"
     lines = [
         f"## Proxy comparison: smartroute, HAProxy and direct ({when})",
         "",
@@ -263,6 +308,7 @@ def report(results: Results, options: Options, machine: str, loads: tuple[str, s
         f"    {command}",
         "",
         f"Machine: {machine}. Load average (1/5/15 min) before {loads[0]}, after {loads[1]}.",
+        f"smartroute's event loop: {loop_description(options.loop)}.",
         "",
         f"{options.rounds} rounds{' (--quick)' if options.quick else ''}; each run "
         f"{options.duration:g} s; within a round every workload runs on direct, HAProxy and "
@@ -394,7 +440,7 @@ def main(argv: Sequence[str]) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGHUP, _terminate)
     limit = raise_fd_limit(options.idle_connections + 500)
-    print(f"ulimit -n: {limit}", file=sys.stderr)
+    print(f"ulimit -n: {limit}; smartroute on {options.loop}", file=sys.stderr)
     machine = machine_line()
     load_before = load_average()
     with tempfile.TemporaryDirectory(prefix="smartroute-bench-") as folder:
@@ -403,7 +449,7 @@ def main(argv: Sequence[str]) -> int:
         layout = make_layout(root, options.port_base)
         env = dict(os.environ, OPENSSL_CONF=str(root / "openssl.cnf"), PYTHONUNBUFFERED="1")
         procs = Procs(root / "logs", env)
-        bench = Bench(procs, layout, options.connections)
+        bench = Bench(procs, layout, options.connections, options.loop)
         try:
             bench.start()
             if options.profile is not None:

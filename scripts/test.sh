@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs smartroute with its test extras and the tools the tests drive, then runs the whole
-# suite: ruff, mypy --strict, and pytest with branch coverage.
+# suite: ruff, mypy --strict, pytest with branch coverage on asyncio's event loop, and pytest
+# once more on uvloop (SMARTROUTE_TEST_LOOP=uvloop; uvloop comes with the test extra).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,3 +15,5 @@ echo "== mypy --strict"
 python3 -m mypy --strict
 echo "== pytest (branch coverage)"
 python3 -m pytest --cov=smartroute --cov-branch --cov-report=term "$@"
+echo "== pytest on uvloop"
+SMARTROUTE_TEST_LOOP=uvloop python3 -m pytest -q -p no:cacheprovider "$@"

@@ -6,10 +6,11 @@ import argparse
 import asyncio
 import datetime
 import logging
+import os
 import signal
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from typing import Any, TypeVar
 
 from smartroute import __version__
 from smartroute.certs.manager import auto_domains
@@ -25,6 +26,47 @@ from smartroute.routing.validation import validate_routes
 from smartroute.settings import validate_settings
 
 log = logging.getLogger("smartroute")
+
+LOOP_ENV = "SMARTROUTE_LOOP"
+"""Environment variable choosing the event loop: ``asyncio``, ``uvloop``, or unset (automatic)."""
+
+LoopFactory = Callable[[], asyncio.AbstractEventLoop]
+_T = TypeVar("_T")
+
+
+def choose_loop(environ: Mapping[str, str] = os.environ) -> tuple[str, LoopFactory | None]:
+    """The event loop the command runs on: a name for the log, and a factory for the Runner.
+
+    uvloop's loop when uvloop is installed (``pip install 'smartroute[uvloop]'``), else
+    asyncio's (factory ``None``). ``SMARTROUTE_LOOP=asyncio`` forces asyncio's loop;
+    ``SMARTROUTE_LOOP=uvloop`` insists on uvloop and is an error without it.
+    """
+    wanted = environ.get(LOOP_ENV, "").strip().lower()
+    if wanted == "asyncio":
+        return "asyncio", None
+    if wanted not in ("", "uvloop"):
+        raise SmartRouteError(f"{LOOP_ENV}={wanted!r}: expected 'asyncio' or 'uvloop'")
+    try:
+        import uvloop
+    except ImportError:
+        if wanted == "uvloop":
+            raise SmartRouteError(
+                f"{LOOP_ENV}=uvloop but uvloop is not installed (pip install 'smartroute[uvloop]')"
+            ) from None
+        return "asyncio", None
+    return "uvloop", uvloop.new_event_loop
+
+
+def _run_loop(main: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
+    """Run ``main()`` on the loop :func:`choose_loop` picks.
+
+    ``asyncio.run`` takes a loop factory only from Python 3.12; ``asyncio.Runner`` takes one on
+    3.11 and, unlike ``uvloop.install()``, leaves the global event loop policy alone.
+    """
+    name, factory = choose_loop()
+    log.info("event loop: %s", name)
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main())
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,7 +121,7 @@ def _run(args: argparse.Namespace) -> int:
             *describe_demo(args.demo_port, args.demo_host),
         ]
     proxy = SmartRoute(routes, **settings)
-    asyncio.run(_serve(proxy, banner, args.config))
+    _run_loop(lambda: _serve(proxy, banner, args.config))
     return 0
 
 
@@ -153,7 +195,7 @@ def _certs(args: argparse.Namespace) -> int:
     if args.certs_command == "list":
         return _list_certs(acme.certificate_store, wanted)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    results = asyncio.run(_renew(loaded.routes, loaded.settings, args.domains or None))
+    results = _run_loop(lambda: _renew(loaded.routes, loaded.settings, args.domains or None))
     failed = False
     for domain, status in sorted(results.items()):
         failed |= status["state"] != "valid"

@@ -1,4 +1,4 @@
-"""Event loops: TLS termination works on asyncio's loop and on uvloop.
+"""Event loops: the CLI picks uvloop when installed, and TLS termination works on both loops.
 
 The rest of the suite runs on one loop per run (``SMARTROUTE_TEST_LOOP=uvloop`` chooses
 uvloop); the tests here create asyncio's loop and uvloop's explicitly, in the same run.
@@ -10,16 +10,20 @@ import asyncio
 import contextlib
 import importlib.util
 import os
+import signal
 import ssl
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import pytest
 from support import (
     LOOPBACK,
     TestCA,
+    async_test,
     echo_handler,
     free_port,
+    free_port_range,
     read_exactly,
     read_line,
     run_on_loop,
@@ -27,6 +31,8 @@ from support import (
 )
 
 from smartroute import SmartRoute
+from smartroute.cli import LOOP_ENV, _run_loop, choose_loop
+from smartroute.errors import SmartRouteError
 from smartroute.protocols.tls import parse_client_hello
 from smartroute.routing.model import CertificatePair
 from smartroute.server.tls import CertificateIndex, accept_tls
@@ -54,6 +60,105 @@ def loop_kind() -> str:
     """Which loop runs this code: ``uvloop`` or ``asyncio``."""
     module = type(asyncio.get_running_loop()).__module__
     return "uvloop" if module.startswith("uvloop") else "asyncio"
+
+
+@contextlib.contextmanager
+def uvloop_missing() -> Iterator[None]:
+    """``import uvloop`` fails inside the block, whether or not uvloop is installed."""
+    saved = sys.modules.get("uvloop")
+    sys.modules["uvloop"] = cast(Any, None)  # None in sys.modules makes the import fail
+    try:
+        yield
+    finally:
+        if saved is None:
+            del sys.modules["uvloop"]
+        else:
+            sys.modules["uvloop"] = saved
+
+
+# -- choosing the CLI's loop -------------------------------------------------------------------
+
+
+def test_the_cli_picks_uvloop_when_installed_unless_told_otherwise() -> None:
+    factory = require_uvloop()
+    assert choose_loop({}) == ("uvloop", factory)
+    assert choose_loop({LOOP_ENV: "uvloop"}) == ("uvloop", factory)
+    assert choose_loop({LOOP_ENV: "asyncio"}) == ("asyncio", None)
+    assert choose_loop({LOOP_ENV: " AsyncIO "}) == ("asyncio", None)
+
+
+def test_without_uvloop_the_cli_uses_asyncio_and_refuses_to_pretend() -> None:
+    with uvloop_missing():
+        assert choose_loop({}) == ("asyncio", None)
+        assert choose_loop({LOOP_ENV: "asyncio"}) == ("asyncio", None)
+        with pytest.raises(SmartRouteError, match="uvloop is not installed"):
+            choose_loop({LOOP_ENV: "uvloop"})
+
+
+def test_an_unknown_loop_name_is_an_error() -> None:
+    with pytest.raises(SmartRouteError, match="SMARTROUTE_LOOP='trio': expected"):
+        choose_loop({LOOP_ENV: "trio"})
+
+
+@pytest.mark.parametrize("setting", ["", "asyncio"])
+def test_the_cli_runs_on_the_loop_it_chose(
+    setting: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    if setting:
+        monkeypatch.setenv(LOOP_ENV, setting)
+    else:
+        monkeypatch.delenv(LOOP_ENV, raising=False)
+        require_uvloop()
+    expected = setting or "uvloop"
+
+    async def which() -> str:
+        return loop_kind()
+
+    with caplog.at_level("INFO", logger="smartroute"):
+        assert _run_loop(which) == expected
+    assert f"event loop: {expected}" in caplog.text
+
+
+async def _demo(port: int, env: dict[str, str]) -> tuple[bytes, bytes]:
+    """Start ``smartroute run`` (the demo), use its three services, stop it with SIGTERM."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "smartroute", "run", "--demo-port", str(port),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        seen = b""
+        while f"listening on port {port + 2}".encode() not in seen:
+            line = await asyncio.wait_for(proc.stdout.readline(), 20)
+            assert line, seen.decode(errors="replace")
+            seen += line
+        for offset, send, expect in (  # echo, shout, and a TCP forward to the echo
+            (0, b"which loop?\n", b"which loop?\n"),
+            (1, b"hello\n", b"HELLO\n"),
+            (2, b"via forward\n", b"via forward\n"),
+        ):
+            reader, writer = await asyncio.open_connection(LOOPBACK, port + offset)
+            writer.write(send)  # at once: before the proxy has connected to the target
+            assert await read_line(reader) == expect
+            writer.close()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        out, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 0, err.decode(errors="replace")
+    return seen + out, err
+
+
+@async_test(90)
+async def test_smartroute_run_logs_uvloop_by_default_and_asyncio_when_asked() -> None:
+    require_uvloop()
+    base = {k: v for k, v in os.environ.items() if k != LOOP_ENV}
+    base["PYTHONUNBUFFERED"] = "1"
+    for setting, expected in (("", b"event loop: uvloop"), ("asyncio", b"event loop: asyncio")):
+        env = {**base, LOOP_ENV: setting} if setting else base
+        out, err = await _demo(free_port_range(3), env)
+        assert expected in err, err.decode(errors="replace")
+        assert b"stopping" in out
 
 
 # -- TLS termination on both loops -------------------------------------------------------------

@@ -43,6 +43,8 @@ MAX_PEEK_READS = 256
 
 NOT_FOUND = closing_answer(404, "no route for this request")
 BAD_REQUEST = closing_answer(400, "this port expects HTTP")
+DRAIN_TIMEOUT = 2.0
+"""Seconds a refused client that has not sent its request yet may take to close."""
 
 
 class InboundConnection(asyncio.Protocol):
@@ -62,6 +64,8 @@ class InboundConnection(asyncio.Protocol):
         self.closed = False
         self.reads = 0
         self.expect_proxy_header = False
+        self.starting = False
+        self.draining = False
 
     # -- asyncio callbacks -------------------------------------------------------------------
 
@@ -84,8 +88,22 @@ class InboundConnection(asyncio.Protocol):
             self.timer = asyncio.get_running_loop().call_later(
                 self._initial_wait(), self._on_initial_timeout
             )
-        else:
+        elif transport.is_reading():
             self._after_client_known()
+        else:
+            # uvloop starts reading only once connection_made has returned, and forgets a
+            # pause_reading() made before that: decide on the next loop iteration instead,
+            # when a pause holds (what arrives meanwhile is kept in the buffer).
+            self.starting = True
+            asyncio.get_running_loop().call_soon(self._start)
+
+    def _start(self) -> None:
+        self.starting = False
+        if self.closed or self.routed:
+            return
+        self._after_client_known()
+        if self.eof and not self.routed:
+            self._dispatch(detect(self.buffer) or OTHER)
 
     def _after_client_known(self) -> None:
         """Peek at the first bytes if some route needs them, else dispatch at once."""
@@ -110,8 +128,10 @@ class InboundConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         assert self.record is not None
         self.record.bytes_in += len(data)
+        if self.draining:
+            return
         self.buffer += data
-        if self.routed:
+        if self.routed or self.starting:
             return  # arrived before reading paused; delivered with the rest of the buffer
         if self.expect_proxy_header:
             self._read_proxy_header()
@@ -155,6 +175,10 @@ class InboundConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
+        if self.draining:
+            return False  # the client has read the answer and closed: close
+        if self.starting:
+            return True  # _start decides
         if self.expect_proxy_header and not self.routed:
             self._refuse("no-proxy-header", "the connection ended before its PROXY header")
         elif not self.routed:
@@ -180,6 +204,19 @@ class InboundConnection(asyncio.Protocol):
             self._refuse("no-proxy-header", "no PROXY header in time from a proxy_ips address")
         elif not self.routed:
             self._dispatch(OTHER)
+
+    def _answer_then_drain(self, answer: bytes) -> None:
+        """Send ``answer`` and end our side, then drop what the client sends until it closes.
+
+        The socket is closed once the client has closed its side, or after ``DRAIN_TIMEOUT``.
+        """
+        assert self.transport is not None
+        transport = self.transport
+        self.draining = True
+        transport.write(answer)
+        transport.write_eof()
+        self.timer = asyncio.get_running_loop().call_later(DRAIN_TIMEOUT, transport.close)
+        transport.resume_reading()
 
     def _cancel_timer(self) -> None:
         if self.timer is not None:
@@ -286,7 +323,12 @@ class InboundConnection(asyncio.Protocol):
             if refusal is not None:
                 status, reason = refusal
                 record.fail("refused", reason)
-                if kind == "http" or (kind == "none" and needs_http(action)):
+                if kind == "none" and needs_http(action):
+                    # The request is still unread: closing now would reset the connection
+                    # and could destroy the answer before the client reads it.
+                    self._answer_then_drain(closing_answer(status, reason))
+                    return
+                if kind == "http":
                     transport.write(closing_answer(status, reason))
                 transport.close()
                 return
