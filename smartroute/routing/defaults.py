@@ -56,9 +56,10 @@ def apply(
         if route.timeout_overrides
         else timeouts
     )
-    policy = merge_security(
-        security, route.security, serves_http=http_blocker(route.action, route.tls) is None
-    )
+    policy = route.security
+    if security is not None:
+        serves_http = http_blocker(route.action, route.tls) is None
+        policy = merge_security(security, route.security, serves_http=serves_http)
     return dataclasses.replace(route, timeouts=effective, security=policy)
 
 
