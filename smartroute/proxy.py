@@ -6,7 +6,8 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
+from functools import partial
 from types import TracebackType
 from typing import Any
 
@@ -19,7 +20,7 @@ from smartroute.routing.model import CertificatePair, CompiledRoute
 from smartroute.routing.schema import RouteInput
 from smartroute.routing.validation import validate_route, validate_routes
 from smartroute.server.http.pool import targets_named_by
-from smartroute.server.pipeline import InboundConnection
+from smartroute.server.pipeline import accept_socket
 from smartroute.server.port_manager import PortManager
 from smartroute.server.runtime import Runtime
 from smartroute.server.workers import (
@@ -70,7 +71,7 @@ class SmartRoute:
         self._runtime = Runtime(self.settings)
         self._ports = PortManager(
             self.settings.bind_address,
-            self._protocol_factory,
+            partial(accept_socket, self._runtime),
             backlog=self.settings.backlog,
             reuse_port=reuse_port or self.settings.workers > 1,
             check_free=not worker,  # a worker binds ports its parent already holds
@@ -285,10 +286,6 @@ class SmartRoute:
                 self.settings.workers,
                 self.settings.workers,
             )
-
-    def _protocol_factory(self, port: int) -> Callable[[], asyncio.Protocol]:
-        runtime = self._runtime
-        return lambda: InboundConnection(runtime, port)
 
     async def _install(
         self, routes: tuple[CompiledRoute, ...], *, bind: bool, check_free: bool = True

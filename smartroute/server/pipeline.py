@@ -1,6 +1,10 @@
 """The connection pipeline: accept -> peek -> classify -> match -> act.
 
-:class:`InboundConnection` is the protocol of every accepted socket. It reads the first bytes
+:func:`accept_socket` takes every accepted socket. When the port alone decides the route and
+the route pipes bytes to fixed addresses, the socket goes straight to a
+:class:`~smartroute.server.socket_relay.SocketRelay` (no transport, no task). Every other
+connection gets an asyncio transport whose protocol is :class:`InboundConnection`: it reads the
+first bytes
 only when some route on the port needs them (SNI, Host, ALPN, ...); otherwise it dispatches at
 once, so protocols where the server speaks first work. Once a route is chosen, reading pauses
 and the transport is handed to the action (a relay for ``forward``, streams for a socket
@@ -11,8 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from smartroute.certs.tls_alpn import ACME_TLS_ALPN
 from smartroute.context import RouteContext
@@ -45,6 +50,46 @@ NOT_FOUND = closing_answer(404, "no route for this request")
 BAD_REQUEST = closing_answer(400, "this port expects HTTP")
 DRAIN_TIMEOUT = 2.0
 """Seconds a refused client that has not sent its request yet may take to close."""
+
+
+def accept_socket(runtime: Runtime, sock: socket.socket, address: Any, port: int) -> None:
+    """Start routing a just-accepted socket: on the fast lane if it can, else on a transport."""
+    table = runtime.table
+    if runtime.accepting and not table.needs_data(port):
+        client_ip = parse_ip(address[0])
+        settings = runtime.settings
+        trusted = settings.accept_proxy_protocol and runtime.trusts(str(client_ip))
+        found = None if trusted else table.match(ConnectionFacts(port, client_ip))
+        if found is not None:
+            route = found.route
+            addresses = runtime.lane.plan(route, port)
+            if addresses is not None:
+                record = ConnectionRecord(str(client_ip), address[1], port, runtime.timeouts)
+                stats = runtime.stats
+                stats.opened(record)
+                stats.routed(record, route.name, route.timeouts)
+                if route.security is not None:
+                    refusal = runtime.gate.admit(route, client_ip)
+                    if refusal is not None:
+                        record.fail("refused", refusal[1])
+                        sock.close()
+                        stats.finished(record)
+                        return
+                    record.admitted = route.name
+                runtime.lane.start(sock, record, route, addresses)
+                return
+    runtime.spawn(_adopt(runtime, sock, port))
+
+
+async def _adopt(runtime: Runtime, sock: socket.socket, port: int) -> None:
+    """Give ``sock`` an asyncio transport with an :class:`InboundConnection` as its protocol."""
+    try:
+        await asyncio.get_running_loop().connect_accepted_socket(
+            lambda: InboundConnection(runtime, port), sock
+        )
+    except OSError as exc:  # the client left before the transport was made
+        log.debug("port %d: dropped a connection: %s", port, exc)
+        sock.close()
 
 
 class InboundConnection(asyncio.Protocol):

@@ -10,6 +10,10 @@ With ``reuse_port`` (``workers=N``) every worker process binds the same ports wi
 a port (``check_free``) still makes sure no other program holds it: a probe bound without
 ``SO_REUSEPORT`` fails while anyone listens there, so two proxies never share a port by
 accident.
+
+Each port is served by a :class:`Listener`: the listening socket is watched by the event loop
+and every accepted socket goes to the proxy's handler as a plain socket, which either relays it
+on the socket itself or wraps it in an asyncio transport (:mod:`smartroute.server.pipeline`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,12 @@ from smartroute.errors import PortInUseError, SmartRouteError
 
 log = logging.getLogger("smartroute")
 
-ProtocolFactory = Callable[[int], Callable[[], asyncio.Protocol]]
+SocketHandler = Callable[[socket.socket, Any, int], None]
+"""Takes an accepted socket (non-blocking), its peer address and the port it came in on."""
+
+ACCEPT_BATCH = 64  # connections taken per readiness event, so one port cannot starve others
+ACCEPT_RETRY = 1.0  # seconds to stop accepting after running out of file descriptors
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 # Ports bound by any PortManager of this process, to tell "this process" from "another process".
 _PROCESS_PORTS: dict[tuple[str, int], int] = {}
@@ -37,19 +46,19 @@ class PortManager:
     def __init__(
         self,
         bind_address: str,
-        protocol_factory: ProtocolFactory,
+        on_socket: SocketHandler,
         *,
         backlog: int = 1024,
         reuse_port: bool = False,
         check_free: bool = True,
     ) -> None:
         self._address = bind_address
-        self._factory = protocol_factory
+        self._on_socket = on_socket
         self._backlog = backlog
         self._reuse_port = reuse_port
         self._check_free = check_free
         self._probe_now = True  # False during a sync(check_free=False)
-        self._servers: dict[int, asyncio.Server] = {}
+        self._listeners: dict[int, Listener] = {}
         self._counts: dict[int, int] = {}
         self._lock = asyncio.Lock()
 
@@ -66,12 +75,12 @@ class PortManager:
         probe of a ``reuse_port`` manager (a rollback to ports its own workers still hold).
         """
         async with self._lock:
-            new = sorted(port for port in wanted if port not in self._servers)
+            new = sorted(port for port in wanted if port not in self._listeners)
             bound: list[int] = []
             self._probe_now = check_free
             try:
                 for port in new:
-                    self._servers[port] = await self._bind(port)
+                    self._listeners[port] = await self._bind(port)
                     bound.append(port)
             except BaseException:
                 for port in bound:
@@ -79,18 +88,18 @@ class PortManager:
                 raise
             finally:
                 self._probe_now = True
-            for port in [port for port in self._servers if port not in wanted]:
+            for port in [port for port in self._listeners if port not in wanted]:
                 self._release(port)
             self._counts = {port: wanted[port] for port in sorted(wanted)}
 
     async def close(self) -> None:
         """Stop listening on every port; live connections are not touched."""
         async with self._lock:
-            for port in list(self._servers):
+            for port in list(self._listeners):
                 self._release(port)
             self._counts = {}
 
-    async def _bind(self, port: int) -> asyncio.Server:
+    async def _bind(self, port: int) -> Listener:
         key = (self._address, port)
         if key in _PROCESS_PORTS:
             raise PortInUseError(port, self._address, "another SmartRoute in this process")
@@ -110,7 +119,7 @@ class PortManager:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             sock.bind(sockaddr)
             sock.setblocking(False)
-            server = await loop.create_server(self._factory(port), sock=sock, backlog=self._backlog)
+            sock.listen(self._backlog)
         except OSError as exc:
             sock.close()
             if exc.errno == errno.EADDRINUSE:
@@ -120,14 +129,63 @@ class PortManager:
             raise SmartRouteError(f"cannot listen on {self._address}:{port}: {exc}") from exc
         _PROCESS_PORTS[key] = id(self)
         log.debug("listening on %s:%d", self._address, port)
-        return server
+        return Listener(sock, port, self._on_socket)
 
     def _release(self, port: int) -> None:
-        server = self._servers.pop(port)
-        server.close()
+        listener = self._listeners.pop(port)
+        listener.close()
         _PROCESS_PORTS.pop((self._address, port), None)
         self._counts.pop(port, None)
         log.debug("released %s:%d", self._address, port)
+
+
+class Listener:
+    """Accepts connections on one listening socket and hands each to ``on_socket``."""
+
+    def __init__(self, sock: socket.socket, port: int, on_socket: SocketHandler) -> None:
+        self._sock = sock
+        self._port = port
+        self._on_socket = on_socket
+        self._loop = asyncio.get_running_loop()
+        self._retry: asyncio.TimerHandle | None = None
+        self._loop.add_reader(sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        sock, port, on_socket = self._sock, self._port, self._on_socket
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, address = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _OUT_OF_RESOURCES:
+                    # Waiting connections stay queued in the kernel until descriptors free up.
+                    log.warning(
+                        "port %d: cannot accept (%s); retrying in %gs", port, exc, ACCEPT_RETRY
+                    )
+                    self._loop.remove_reader(sock.fileno())
+                    self._retry = self._loop.call_later(ACCEPT_RETRY, self._resume)
+                    return
+                continue  # the client went away before it was accepted (ECONNABORTED, ...)
+            try:
+                conn.setblocking(False)
+                on_socket(conn, address, port)
+            except Exception:  # one connection's failure must not stop the port
+                log.exception("port %d: could not take a connection", port)
+                conn.close()
+
+    def _resume(self) -> None:
+        self._retry = None
+        self._loop.add_reader(self._sock.fileno(), self._accept)
+
+    def close(self) -> None:
+        """Stop listening; connections already accepted are not touched."""
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        else:
+            self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()
 
 
 def _probe(family: int, kind: int, proto: int, sockaddr: Any) -> None:

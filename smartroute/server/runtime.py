@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from smartroute.routing.matcher import RouteTable, shortest_limit
 from smartroute.server.http.pool import BackendPool
 from smartroute.server.security import SecurityGate
+from smartroute.server.socket_relay import RelayLane
 from smartroute.server.stats import ConnectionRecord, StatsBook
 from smartroute.server.tls import CertificateIndex
 
@@ -33,6 +34,7 @@ class Runtime:
         self.stats = StatsBook(on_release=self.gate.release)
         self.tasks: set[asyncio.Task[Any]] = set()
         self.pool = BackendPool()
+        self.lane = RelayLane(self)
         self.certificates = CertificateIndex()
         self.alpn_responder: TlsAlpnResponder | None = None  # pending TLS-ALPN-01 challenges
         self._proxies = [ipaddress.ip_network(n, strict=False) for n in settings.proxy_ips]

@@ -1,0 +1,355 @@
+"""Raw forwards on bare sockets: the fast lane for connections routed by port and client alone.
+
+When no route on a port needs the first bytes, the route is known the moment a connection is
+accepted. If it pipes bytes to fixed IP-literal targets, the connection never gets an asyncio
+transport: :class:`SocketRelay` connects a non-blocking socket to the target and moves bytes
+with ``recv_into``/``send`` from ``loop.add_reader``/``add_writer`` callbacks, through one
+buffer shared by the proxy's connections, so relaying a chunk allocates nothing. The client's
+first bytes are never read before the backend answers: they wait in the kernel.
+
+Semantics are the transport relay's (:mod:`smartroute.server.relay`): a direction whose
+destination cannot take more stops reading its source until the rest is sent (memory per
+connection is bounded by one chunk per direction); an EOF is passed on with
+``shutdown(SHUT_WR)``; both sockets close after both EOFs, or when either side fails, after
+what the other side already sent is delivered. Records, statistics and limits are the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import logging
+import os
+import socket
+from typing import TYPE_CHECKING
+
+from smartroute.routing.model import CompiledRoute, ForwardAction
+from smartroute.server.stats import ConnectionRecord
+
+if TYPE_CHECKING:
+    from smartroute.server.runtime import Runtime
+
+log = logging.getLogger("smartroute")
+
+CHUNK = 256 * 1024  # the most one read takes, as asyncio's transports read
+_RETRY = (BlockingIOError, InterruptedError)
+
+# One target address: (family, socket address, "host:port" for records and errors).
+Address = tuple[int, tuple[str, int], str]
+
+
+def literal_address(host: str, port: int) -> Address | None:
+    """The address of an IP-literal host, or None for a name (names need a resolver)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    return family, (str(ip), port), f"{host}:{port}"
+
+
+def relay_plan(route: CompiledRoute, port: int) -> tuple[Address, ...] | None:
+    """The fixed addresses a route pipes to on ``port``, or None when it needs more than that.
+
+    None for anything but a plain byte forward (HTTP, TLS termination or re-encryption), for
+    target callables, host names and PROXY protocol headers: those take the transport path.
+    """
+    action = route.action
+    if not isinstance(action, ForwardAction) or action.protocol == "http":
+        return None
+    if route.tls is not None and route.tls.mode != "passthrough":
+        return None
+    addresses: list[Address] = []
+    for target in action.targets:
+        if callable(target.host) or callable(target.port) or target.send_proxy_protocol:
+            return None
+        target_port = port if target.port == "preserve" else target.port
+        for host in target.host:
+            address = literal_address(host, target_port)
+            if address is None:
+                return None
+            addresses.append(address)
+    return tuple(addresses) if addresses else None
+
+
+class RelayLane:
+    """Per proxy: the shared buffer, and each route's plan for the current route table."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.buffer = bytearray(CHUNK)
+        self.view = memoryview(self.buffer)
+        self._table: object = None
+        self._plans: dict[tuple[int, int], tuple[Address, ...] | None] = {}
+
+    def plan(self, route: CompiledRoute, port: int) -> tuple[Address, ...] | None:
+        """:func:`relay_plan`, computed once per route and port of the current table."""
+        table = self.runtime.table
+        if table is not self._table:  # routes changed: the table holds the routes we key by
+            self._table, self._plans = table, {}
+        key = (id(route), port)
+        try:
+            return self._plans[key]
+        except KeyError:
+            plan = self._plans[key] = relay_plan(route, port)
+            return plan
+
+    def start(
+        self,
+        client: socket.socket,
+        record: ConnectionRecord,
+        route: CompiledRoute,
+        addresses: tuple[Address, ...],
+    ) -> None:
+        """Relay ``client`` to the first of ``addresses`` that accepts (round-robin start)."""
+        action = route.action
+        assert isinstance(action, ForwardAction)
+        if len(addresses) > 1:
+            first = action.rotation.next() % len(addresses)
+            addresses = addresses[first:] + addresses[:first]
+        SocketRelay(self, client, record, route.name, addresses).connect()
+
+
+class _Direction:
+    """One direction of a relay: reads ``src``, writes ``dst``."""
+
+    __slots__ = ("relay", "src", "dst", "src_fd", "dst_fd", "pending", "eof", "inbound")
+
+    def __init__(self, relay: SocketRelay, src: socket.socket, inbound: bool) -> None:
+        self.relay = relay
+        self.src = src
+        self.src_fd = src.fileno()
+        self.dst: socket.socket | None = None
+        self.dst_fd = -1
+        self.pending: bytes | None = None  # read but not yet taken by dst
+        self.eof = False
+        self.inbound = inbound
+
+    def readable(self) -> None:
+        relay = self.relay
+        lane = relay.lane
+        try:
+            count = self.src.recv_into(lane.buffer)
+        except _RETRY:
+            return
+        except OSError as exc:
+            relay.lost(self, exc)
+            return
+        if not count:
+            self._ended()
+            return
+        if self.inbound:
+            relay.record.bytes_in += count
+        else:
+            relay.record.bytes_out += count
+        data = lane.view[:count]
+        dst = self.dst
+        assert dst is not None
+        try:
+            sent = dst.send(data)
+        except _RETRY:
+            sent = 0
+        except OSError as exc:
+            relay.lost(relay.other(self), exc)
+            return
+        if sent < count:
+            # The destination is full: keep the rest and stop reading until it has gone.
+            self.pending = bytes(data[sent:])
+            loop = relay.loop
+            loop.remove_reader(self.src_fd)
+            loop.add_writer(self.dst_fd, self.writable)
+
+    def writable(self) -> None:
+        pending = self.pending
+        assert pending is not None and self.dst is not None
+        relay = self.relay
+        try:
+            sent = self.dst.send(pending)
+        except _RETRY:
+            return
+        except OSError as exc:
+            relay.lost(relay.other(self), exc)
+            return
+        if sent < len(pending):
+            self.pending = pending[sent:]
+            return
+        self.pending = None
+        relay.loop.remove_writer(self.dst_fd)
+        if relay.closing:
+            relay.finish()
+        else:  # reading was paused while data was pending, so no EOF was seen meanwhile
+            relay.loop.add_reader(self.src_fd, self.readable)
+
+    def _ended(self) -> None:
+        """The source sent EOF: stop reading it and pass the EOF on."""
+        relay = self.relay
+        self.eof = True
+        relay.record.half_closed = True  # from now on the half_close limit applies too
+        relay.loop.remove_reader(self.src_fd)
+        self._pass_eof()
+
+    def _pass_eof(self) -> None:
+        relay = self.relay
+        if relay.other(self).eof:
+            # Both ends are done. (A direction reads no further while it has data pending,
+            # so one that saw its EOF has delivered everything.)
+            relay.finish()
+            return
+        try:
+            assert self.dst is not None
+            self.dst.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            relay.lost(relay.other(self), exc)
+
+
+class SocketRelay:
+    """A client socket piped to a backend socket, both driven by the event loop's selector."""
+
+    __slots__ = (
+        "lane",
+        "loop",
+        "client",
+        "backend",
+        "record",
+        "route_name",
+        "addresses",
+        "next",
+        "failures",
+        "timer",
+        "up",
+        "down",
+        "closing",
+        "done",
+    )
+
+    def __init__(
+        self,
+        lane: RelayLane,
+        client: socket.socket,
+        record: ConnectionRecord,
+        route_name: str,
+        addresses: tuple[Address, ...],
+    ) -> None:
+        self.lane = lane
+        self.loop = asyncio.get_running_loop()
+        self.client = client
+        self.backend: socket.socket | None = None
+        self.record = record
+        self.route_name = route_name
+        self.addresses = addresses
+        self.next = 0
+        self.failures: list[str] = []
+        self.timer: asyncio.TimerHandle | None = None
+        self.up = _Direction(self, client, inbound=True)  # client -> backend
+        self.down: _Direction | None = None  # backend -> client, once connected
+        self.closing = False  # lost a side: deliver what is pending, then finish
+        self.done = False
+        record.closer = self.abort
+
+    def other(self, direction: _Direction) -> _Direction:
+        down = self.down
+        assert down is not None
+        return down if direction is self.up else self.up
+
+    # -- connecting --------------------------------------------------------------------------
+
+    def connect(self) -> None:
+        """Try the next address; after the last one fails, close the client."""
+        while self.next < len(self.addresses):
+            family, sockaddr, name = self.addresses[self.next]
+            self.next += 1
+            backend = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            backend.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            code = backend.connect_ex(sockaddr)
+            if code in (0, errno.EINPROGRESS, errno.EAGAIN):
+                self.backend = backend
+                self.loop.add_writer(backend.fileno(), self._connected)
+                self.timer = self.loop.call_later(
+                    self.record.timeouts.connect, self._connect_timeout
+                )
+                return
+            backend.close()
+            self.failures.append(f"{name} {os.strerror(code)}")
+        record = self.record
+        record.fail("backend-unreachable", "; ".join(self.failures))
+        log.warning("route %r: %s; closing %s", self.route_name, record.error, record.id)
+        self.finish()
+
+    def _connected(self) -> None:
+        backend = self.backend
+        assert backend is not None
+        self.loop.remove_writer(backend.fileno())
+        code = backend.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            self._retry(os.strerror(code))
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.record.target = self.addresses[self.next - 1][2]
+        up = self.up
+        down = self.down = _Direction(self, backend, inbound=False)
+        up.dst, up.dst_fd = backend, down.src_fd
+        down.dst, down.dst_fd = self.client, up.src_fd
+        self.loop.add_reader(up.src_fd, up.readable)
+        self.loop.add_reader(down.src_fd, down.readable)
+
+    def _connect_timeout(self) -> None:
+        self.timer = None
+        backend = self.backend
+        assert backend is not None
+        self.loop.remove_writer(backend.fileno())
+        self._retry(f"timed out after {self.record.timeouts.connect:g}s")
+
+    def _retry(self, why: str) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        assert self.backend is not None
+        self.backend.close()
+        self.backend = None
+        self.failures.append(f"{self.addresses[self.next - 1][2]} {why}")
+        self.connect()
+
+    # -- ending ------------------------------------------------------------------------------
+
+    def lost(self, direction: _Direction, exc: OSError) -> None:
+        """``direction``'s source failed: deliver what it already sent, then close both."""
+        if self.closing or self.done:
+            return
+        side = "client" if direction.inbound else "backend"
+        self.record.fail("error", f"{side}: {exc.strerror or exc}")
+        self.closing = True
+        loop = self.loop
+        for each in (self.up, self.down):
+            if each is not None and not each.eof:
+                loop.remove_reader(each.src_fd)
+        # What the failed side sent and the other could not take yet is still delivered;
+        # what was on its way to the failed side is dropped with it.
+        other = self.other(direction)
+        if other.pending is not None:
+            loop.remove_writer(other.dst_fd)
+            other.pending = None
+        if direction.pending is None:
+            self.finish()
+
+    def abort(self) -> None:
+        """Close both sockets now, dropping whatever is pending (limits and shutdown)."""
+        self.finish()
+
+    def finish(self) -> None:
+        """Unregister and close both sockets, and count the connection as ended."""
+        if self.done:
+            return
+        self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        loop = self.loop
+        for sock in (self.client, self.backend):
+            if sock is not None and sock.fileno() >= 0:
+                loop.remove_reader(sock.fileno())
+                loop.remove_writer(sock.fileno())
+                sock.close()
+        self.lane.runtime.stats.finished(self.record)
