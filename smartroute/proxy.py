@@ -19,8 +19,8 @@ from smartroute.routing.matcher import RouteTable
 from smartroute.routing.model import CertificatePair, CompiledRoute
 from smartroute.routing.schema import RouteInput
 from smartroute.routing.validation import validate_route, validate_routes
+from smartroute.server.accept import accept_socket
 from smartroute.server.http.pool import targets_named_by
-from smartroute.server.pipeline import accept_socket
 from smartroute.server.port_manager import PortManager
 from smartroute.server.runtime import Runtime
 from smartroute.server.workers import (

@@ -7,6 +7,7 @@ what was expected; validation turns that into a :class:`ConfigError` with the fi
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Mapping
@@ -66,6 +67,13 @@ def parse_ip(text: str) -> IPAddress:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
+
+
+@functools.lru_cache(maxsize=4096)
+def client_address(text: str) -> tuple[IPAddress, str]:
+    """:func:`parse_ip` and its text, as connections want them (clients come back: cached)."""
+    address = parse_ip(text)
+    return address, str(address)
 
 
 @dataclass(frozen=True, slots=True)

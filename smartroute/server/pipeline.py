@@ -1,10 +1,7 @@
-"""The connection pipeline: accept -> peek -> classify -> match -> act.
+"""The connection pipeline on transports: accept -> peek -> classify -> match -> act.
 
-:func:`accept_socket` takes every accepted socket. When the port alone decides the route and
-the route pipes bytes to fixed addresses, the socket goes straight to a
-:class:`~smartroute.server.socket_relay.SocketRelay` (no transport, no task). Every other
-connection gets an asyncio transport whose protocol is :class:`InboundConnection`: it reads the
-first bytes
+Connections the fast lane (:mod:`smartroute.server.accept`) does not take get an asyncio
+transport whose protocol is :class:`InboundConnection`. It reads the first bytes
 only when some route on the port needs them (SNI, Host, ALPN, ...); otherwise it dispatches at
 once, so protocols where the server speaks first work. Once a route is chosen, reading pauses
 and the transport is handed to the action (a relay for ``forward``, streams for a socket
@@ -15,9 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 from smartroute.certs.tls_alpn import ACME_TLS_ALPN
 from smartroute.context import RouteContext
@@ -31,7 +27,7 @@ from smartroute.protocols.proxy_protocol import (
 from smartroute.protocols.tls import ClientHello
 from smartroute.routing.matcher import ConnectionFacts, RouteMatch, RouteTable
 from smartroute.routing.model import ForwardAction, SocketHandlerAction
-from smartroute.routing.patterns import parse_ip
+from smartroute.routing.patterns import client_address
 from smartroute.server.actions import Connection, needs_http, speaks_http
 from smartroute.server.http.messages import closing_answer
 from smartroute.server.stats import ConnectionRecord
@@ -52,54 +48,15 @@ DRAIN_TIMEOUT = 2.0
 """Seconds a refused client that has not sent its request yet may take to close."""
 
 
-def accept_socket(runtime: Runtime, sock: socket.socket, address: Any, port: int) -> None:
-    """Start routing a just-accepted socket: on the fast lane if it can, else on a transport."""
-    table = runtime.table
-    if runtime.accepting and not table.needs_data(port):
-        client_ip = parse_ip(address[0])
-        settings = runtime.settings
-        trusted = settings.accept_proxy_protocol and runtime.trusts(str(client_ip))
-        found = None if trusted else table.match(ConnectionFacts(port, client_ip))
-        if found is not None:
-            route = found.route
-            addresses = runtime.lane.plan(route, port)
-            if addresses is not None:
-                record = ConnectionRecord(str(client_ip), address[1], port, runtime.timeouts)
-                stats = runtime.stats
-                stats.opened(record)
-                stats.routed(record, route.name, route.timeouts)
-                if route.security is not None:
-                    refusal = runtime.gate.admit(route, client_ip)
-                    if refusal is not None:
-                        record.fail("refused", refusal[1])
-                        sock.close()
-                        stats.finished(record)
-                        return
-                    record.admitted = route.name
-                runtime.lane.start(sock, record, route, addresses)
-                return
-    runtime.spawn(_adopt(runtime, sock, port))
-
-
-async def _adopt(runtime: Runtime, sock: socket.socket, port: int) -> None:
-    """Give ``sock`` an asyncio transport with an :class:`InboundConnection` as its protocol."""
-    try:
-        await asyncio.get_running_loop().connect_accepted_socket(
-            lambda: InboundConnection(runtime, port), sock
-        )
-    except OSError as exc:  # the client left before the transport was made
-        log.debug("port %d: dropped a connection: %s", port, exc)
-        sock.close()
-
-
 class InboundConnection(asyncio.Protocol):
     """Routes one accepted connection, then hands it over to the chosen action."""
 
-    def __init__(self, runtime: Runtime, port: int) -> None:
+    def __init__(self, runtime: Runtime, record: ConnectionRecord, waited: float = 0.0) -> None:
         self.runtime = runtime
-        self.port = port
+        self.port = record.port
+        self.waited = waited  # seconds already spent waiting for the first bytes
         self.transport: asyncio.Transport | None = None
-        self.record: ConnectionRecord | None = None
+        self.record: ConnectionRecord | None = record
         self.table: RouteTable | None = None
         self.buffer = bytearray()
         self.timer: asyncio.TimerHandle | None = None
@@ -117,12 +74,9 @@ class InboundConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
         self.transport = transport = cast(asyncio.Transport, transport)
-        peer = transport.get_extra_info("peername") or ("0.0.0.0", 0)
-        runtime = self.runtime
-        record = ConnectionRecord(str(parse_ip(peer[0])), int(peer[1]), self.port, runtime.timeouts)
+        runtime, record = self.runtime, self.record
+        assert record is not None
         record.closer = transport.abort
-        self.record = record
-        runtime.stats.opened(record)
         table = self.table = runtime.table
         if not runtime.accepting or not table.has_port(self.port):
             record.fail("no-route", "the proxy is stopping or no route uses this port")
@@ -168,7 +122,8 @@ class InboundConnection(asyncio.Protocol):
         """Seconds to wait for the first bytes: the most patient route on the port decides."""
         assert self.table is not None
         waits = self.table.waits(self.port)
-        return self.runtime.timeouts.initial_data if waits is None else waits[0]
+        wait = self.runtime.timeouts.initial_data if waits is None else waits[0]
+        return max(0.0, wait - self.waited)
 
     def data_received(self, data: bytes) -> None:
         assert self.record is not None
@@ -196,7 +151,7 @@ class InboundConnection(asyncio.Protocol):
         self.expect_proxy_header = False
         if header.source is not None:
             ip, port = header.source
-            self.runtime.stats.moved(self.record, str(parse_ip(ip)), port)
+            self.runtime.stats.moved(self.record, client_address(ip)[1], port)
         self._after_client_known()
 
     def _refuse(self, outcome: str, reason: str) -> None:
@@ -270,7 +225,7 @@ class InboundConnection(asyncio.Protocol):
 
     def _facts(self, detection: Detection | None) -> ConnectionFacts:
         assert self.record is not None
-        client_ip = parse_ip(self.record.client_ip)
+        client_ip = client_address(self.record.client_ip)[0]
         if detection is None or detection.kind == "other":
             return ConnectionFacts(self.port, client_ip)
         if detection.hello is not None:
@@ -299,7 +254,7 @@ class InboundConnection(asyncio.Protocol):
             port=self.port,
             client_ip=self.record.client_ip,
             client_port=self.record.client_port,
-            server_ip=str(parse_ip(sock[0])),
+            server_ip=client_address(sock[0])[1],
             connection_id=self.record.id,
             timestamp=time.time(),
             domain=facts.domain,

@@ -117,6 +117,8 @@ class PortManager:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            # Accepted sockets inherit it: no setsockopt per connection.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.bind(sockaddr)
             sock.setblocking(False)
             sock.listen(self._backlog)

@@ -34,6 +34,7 @@ log = logging.getLogger("smartroute")
 
 CHUNK = 256 * 1024  # the most one read takes, as asyncio's transports read
 _RETRY = (BlockingIOError, InterruptedError)
+READS_PER_EVENT_UVLOOP = 16  # then the rest waits for a later loop pass
 
 # One target address: (family, socket address, "host:port" for records and errors).
 Address = tuple[int, tuple[str, int], str]
@@ -82,6 +83,12 @@ class RelayLane:
         self.view = memoryview(self.buffer)
         self._table: object = None
         self._plans: dict[tuple[int, int], tuple[Address, ...] | None] = {}
+        # asyncio's selector reports a socket again while it stays readable: one read per
+        # event. uvloop, on an error event (a reset, say), runs the callbacks once and then
+        # drops the socket's poll, so there each event reads until the socket says EAGAIN
+        # (data queued before a reset would otherwise never be read, nor the reset seen).
+        self.reads_per_event = 1
+        self._loop_known = False
 
     def plan(self, route: CompiledRoute, port: int) -> tuple[Address, ...] | None:
         """:func:`relay_plan`, computed once per route and port of the current table."""
@@ -105,6 +112,10 @@ class RelayLane:
         """Relay ``client`` to the first of ``addresses`` that accepts (round-robin start)."""
         action = route.action
         assert isinstance(action, ForwardAction)
+        if not self._loop_known:
+            self._loop_known = True
+            if type(asyncio.get_running_loop()).__module__.startswith("uvloop"):
+                self.reads_per_event = READS_PER_EVENT_UVLOOP
         if len(addresses) > 1:
             first = action.rotation.next() % len(addresses)
             addresses = addresses[first:] + addresses[:first]
@@ -127,38 +138,44 @@ class _Direction:
         self.inbound = inbound
 
     def readable(self) -> None:
+        if self.pending is not None or self.eof:
+            return  # a read scheduled by call_soon that the relay's state has overtaken
         relay = self.relay
         lane = relay.lane
-        try:
-            count = self.src.recv_into(lane.buffer)
-        except _RETRY:
-            return
-        except OSError as exc:
-            relay.lost(self, exc)
-            return
-        if not count:
-            self._ended()
-            return
-        if self.inbound:
-            relay.record.bytes_in += count
-        else:
-            relay.record.bytes_out += count
-        data = lane.view[:count]
-        dst = self.dst
-        assert dst is not None
-        try:
-            sent = dst.send(data)
-        except _RETRY:
-            sent = 0
-        except OSError as exc:
-            relay.lost(relay.other(self), exc)
-            return
-        if sent < count:
-            # The destination is full: keep the rest and stop reading until it has gone.
-            self.pending = bytes(data[sent:])
-            loop = relay.loop
-            loop.remove_reader(self.src_fd)
-            loop.add_writer(self.dst_fd, self.writable)
+        for _ in range(lane.reads_per_event):
+            try:
+                count = self.src.recv_into(lane.buffer)
+            except _RETRY:
+                return
+            except OSError as exc:
+                relay.lost(self, exc)
+                return
+            if not count:
+                self._ended()
+                return
+            if self.inbound:
+                relay.record.bytes_in += count
+            else:
+                relay.record.bytes_out += count
+            data = lane.view[:count]
+            dst = self.dst
+            assert dst is not None
+            try:
+                sent = dst.send(data)
+            except _RETRY:
+                sent = 0
+            except OSError as exc:
+                relay.lost(relay.other(self), exc)
+                return
+            if sent < count:
+                # The destination is full: keep the rest and stop reading until it has gone.
+                self.pending = bytes(data[sent:])
+                loop = relay.loop
+                loop.remove_reader(self.src_fd)
+                loop.add_writer(self.dst_fd, self.writable)
+                return
+        if lane.reads_per_event > 1:
+            relay.loop.call_soon(self.readable)  # still more to read: go on after the others
 
     def writable(self) -> None:
         pending = self.pending

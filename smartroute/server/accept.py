@@ -1,0 +1,189 @@
+"""The first decision for every accepted socket: the fast lane, or a transport.
+
+:func:`accept_socket` opens the connection's record and tries to route the connection without
+an asyncio transport. When no route on the port needs the first bytes, the port and the client
+address decide at once; when routes need them (SNI, say), :class:`SocketPeek` looks at them
+with ``MSG_PEEK``, so nothing is consumed. If the winning route pipes bytes to fixed addresses
+(:func:`~smartroute.server.socket_relay.relay_plan`), a
+:class:`~smartroute.server.socket_relay.SocketRelay` takes the socket: no transport, no task,
+and no byte of the client's copied before the backend is connected.
+
+Everything else - HTTP, TLS termination, socket handlers, PROXY protocol headers, first bytes
+that do not arrive in one piece - is adopted by an asyncio transport whose protocol is
+:class:`~smartroute.server.pipeline.InboundConnection`, with the same record; bytes only
+peeked at are still in the socket for it to read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import TYPE_CHECKING, Any
+
+from smartroute.certs.tls_alpn import ACME_TLS_ALPN
+from smartroute.protocols.detect import detect
+from smartroute.routing.matcher import ConnectionFacts
+from smartroute.routing.patterns import IPAddress, client_address
+from smartroute.server.pipeline import MAX_PEEK, InboundConnection
+from smartroute.server.stats import ConnectionRecord
+
+if TYPE_CHECKING:
+    from smartroute.server.runtime import Runtime
+
+log = logging.getLogger("smartroute")
+
+
+def accept_socket(runtime: Runtime, sock: socket.socket, address: Any, port: int) -> None:
+    """Open the record of a just-accepted socket and start routing it."""
+    client_ip, client_text = client_address(address[0])
+    record = ConnectionRecord(client_text, address[1], port, runtime.timeouts)
+    runtime.stats.opened(record)
+    table = runtime.table
+    settings = runtime.settings
+    if (
+        not runtime.accepting
+        or not table.has_port(port)
+        or (settings.accept_proxy_protocol and runtime.trusts(client_text))
+    ):
+        adopt(runtime, sock, record)  # the pipeline refuses, or reads the PROXY header
+    elif not table.needs_data(port):
+        if not relay(runtime, sock, record, ConnectionFacts(port, client_ip)):
+            adopt(runtime, sock, record)
+    elif settings.accept_proxy_protocol:
+        adopt(runtime, sock, record)  # untrusted PROXY headers are refused by the pipeline
+    else:
+        SocketPeek(runtime, sock, record, client_ip)
+
+
+def relay(
+    runtime: Runtime, sock: socket.socket, record: ConnectionRecord, facts: ConnectionFacts
+) -> bool:
+    """Relay ``sock`` on the fast lane if the route matching ``facts`` allows; False if not."""
+    found = runtime.table.match(facts)
+    if found is None:
+        return False
+    route = found.route
+    addresses = runtime.lane.plan(route, facts.port)
+    if addresses is None:
+        return False
+    stats = runtime.stats
+    record.domain = facts.domain
+    stats.routed(record, route.name, route.timeouts)
+    if route.security is not None:
+        refusal = runtime.gate.admit(route, facts.client_ip)
+        if refusal is not None:
+            record.fail("refused", refusal[1])
+            sock.close()
+            stats.finished(record)
+            return True
+        record.admitted = route.name
+    runtime.lane.start(sock, record, route, addresses)
+    return True
+
+
+def adopt(
+    runtime: Runtime, sock: socket.socket, record: ConnectionRecord, waited: float = 0.0
+) -> None:
+    """Hand ``sock`` to an asyncio transport and :class:`InboundConnection`.
+
+    ``waited`` is how long the connection already waited for its first bytes.
+    """
+    record.closer = sock.close  # until the transport exists
+    runtime.spawn(_adopt(runtime, sock, record, waited))
+
+
+async def _adopt(
+    runtime: Runtime, sock: socket.socket, record: ConnectionRecord, waited: float
+) -> None:
+    if sock.fileno() < 0:  # closed meanwhile (the proxy is stopping)
+        runtime.stats.finished(record)
+        return
+    try:
+        await asyncio.get_running_loop().connect_accepted_socket(
+            lambda: InboundConnection(runtime, record, waited), sock
+        )
+    except OSError as exc:  # the client left before the transport was made
+        record.fail("error", f"client: {exc}")
+        sock.close()
+        runtime.stats.finished(record)
+
+
+class SocketPeek:
+    """Waits for a connection's first bytes and routes on them without reading them."""
+
+    __slots__ = ("runtime", "sock", "fd", "record", "client_ip", "timer", "started")
+
+    def __init__(
+        self, runtime: Runtime, sock: socket.socket, record: ConnectionRecord, client_ip: IPAddress
+    ) -> None:
+        self.runtime = runtime
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.record = record
+        self.client_ip = client_ip
+        loop = asyncio.get_running_loop()
+        self.started = loop.time()
+        waits = runtime.table.waits(record.port)
+        wait = runtime.timeouts.initial_data if waits is None else waits[0]
+        self.timer: asyncio.TimerHandle | None = loop.call_later(wait, self._timeout)
+        record.closer = self.abort
+        loop.add_reader(self.fd, self._readable)
+
+    def _readable(self) -> None:
+        try:
+            data = self.sock.recv(MAX_PEEK, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._hand_over()  # the pipeline sees the error again and records it
+            return
+        detection = detect(data) if data else None
+        # Anything but a whole, valid ClientHello or non-HTTP bytes goes to the pipeline: it
+        # answers HTTP, reports errors and keeps reading a hello that arrives in pieces (the
+        # socket stays readable while peeked bytes wait, so waiting here would spin).
+        if detection is None or detection.error is not None or detection.kind == "http":
+            self._hand_over()
+            return
+        hello = detection.hello
+        port, client_ip = self.record.port, self.client_ip
+        if hello is None:
+            facts = ConnectionFacts(port, client_ip)
+        elif self.runtime.alpn_responder and ACME_TLS_ALPN in hello.alpn:
+            self._hand_over()  # perhaps a TLS-ALPN-01 validation: the pipeline answers those
+            return
+        else:
+            facts = ConnectionFacts(
+                port,
+                client_ip,
+                domain=hello.sni,
+                is_tls=True,
+                tls_version=hello.highest_version,
+                alpn=hello.alpn,
+            )
+        self._stop()
+        if not relay(self.runtime, self.sock, self.record, facts):
+            adopt(self.runtime, self.sock, self.record, self._waited())
+
+    def _timeout(self) -> None:
+        self.timer = None
+        self._hand_over()  # with the whole wait spent, the pipeline routes what it has
+
+    def _waited(self) -> float:
+        return asyncio.get_running_loop().time() - self.started
+
+    def _stop(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        asyncio.get_running_loop().remove_reader(self.fd)
+
+    def _hand_over(self) -> None:
+        self._stop()
+        adopt(self.runtime, self.sock, self.record, self._waited())
+
+    def abort(self) -> None:
+        """Close the connection while it is still being looked at (the proxy is stopping)."""
+        self._stop()
+        self.sock.close()
+        self.runtime.stats.finished(self.record)
