@@ -21,6 +21,7 @@ import errno
 import ipaddress
 import logging
 import os
+import select
 import socket
 from typing import TYPE_CHECKING
 
@@ -83,11 +84,8 @@ class RelayLane:
         self.view = memoryview(self.buffer)
         self._table: object = None
         self._plans: dict[tuple[int, int], tuple[Address, ...] | None] = {}
-        # asyncio's selector reports a socket again while it stays readable: one read per
-        # event. uvloop, on an error event (a reset, say), runs the callbacks once and then
-        # drops the socket's poll, so there each event reads until the socket says EAGAIN
-        # (data queued before a reset would otherwise never be read, nor the reset seen).
-        self.reads_per_event = 1
+        # Relays to re-arm now and then, on uvloop only (see revive); None elsewhere.
+        self.live: set[SocketRelay] | None = None
         self._loop_known = False
 
     def plan(self, route: CompiledRoute, port: int) -> tuple[Address, ...] | None:
@@ -115,11 +113,52 @@ class RelayLane:
         if not self._loop_known:
             self._loop_known = True
             if type(asyncio.get_running_loop()).__module__.startswith("uvloop"):
-                self.reads_per_event = READS_PER_EVENT_UVLOOP
+                self.live = set()
         if len(addresses) > 1:
             first = action.rotation.next() % len(addresses)
             addresses = addresses[first:] + addresses[:first]
-        SocketRelay(self, client, record, route.name, addresses).connect()
+        relay = SocketRelay(self, client, record, route.name, addresses)
+        if self.live is not None:
+            self.live.add(relay)
+        relay.connect()
+
+    def revive(self) -> None:
+        """On uvloop: watch again the sockets uvloop stopped watching after an error event.
+
+        For an error event (a reset, say) uvloop runs a socket's callbacks once and then drops
+        its poll, so bytes queued before the error, and the error itself, would never be
+        reported. The runtime calls this once a second: one ``poll(0)`` over the relays'
+        sockets finds those with something to report, and their callbacks are registered
+        afresh (harmless for a socket that was still watched).
+        """
+        if not self.live:
+            return
+        poller = select.poll()
+        wanted: dict[int, list[tuple[_Direction, bool]]] = {}
+        masks: dict[int, int] = {}
+        for relay in self.live:
+            if relay.down is None or relay.closing:
+                continue
+            for direction in (relay.up, relay.down):
+                if direction.pending is not None:
+                    fd, writing, mask = direction.dst_fd, True, select.POLLOUT
+                elif not direction.eof:
+                    fd, writing, mask = direction.src_fd, False, select.POLLIN
+                else:
+                    continue
+                wanted.setdefault(fd, []).append((direction, writing))
+                masks[fd] = masks.get(fd, 0) | mask
+        for fd, mask in masks.items():
+            poller.register(fd, mask)
+        loop = asyncio.get_running_loop()
+        for fd, _ in poller.poll(0):
+            for direction, writing in wanted[fd]:
+                if writing:
+                    loop.remove_writer(fd)
+                    loop.add_writer(fd, direction.writable)
+                else:
+                    loop.remove_reader(fd)
+                    loop.add_reader(fd, direction.readable)
 
 
 class _Direction:
@@ -138,44 +177,38 @@ class _Direction:
         self.inbound = inbound
 
     def readable(self) -> None:
-        if self.pending is not None or self.eof:
-            return  # a read scheduled by call_soon that the relay's state has overtaken
         relay = self.relay
         lane = relay.lane
-        for _ in range(lane.reads_per_event):
-            try:
-                count = self.src.recv_into(lane.buffer)
-            except _RETRY:
-                return
-            except OSError as exc:
-                relay.lost(self, exc)
-                return
-            if not count:
-                self._ended()
-                return
-            if self.inbound:
-                relay.record.bytes_in += count
-            else:
-                relay.record.bytes_out += count
-            data = lane.view[:count]
-            dst = self.dst
-            assert dst is not None
-            try:
-                sent = dst.send(data)
-            except _RETRY:
-                sent = 0
-            except OSError as exc:
-                relay.lost(relay.other(self), exc)
-                return
-            if sent < count:
-                # The destination is full: keep the rest and stop reading until it has gone.
-                self.pending = bytes(data[sent:])
-                loop = relay.loop
-                loop.remove_reader(self.src_fd)
-                loop.add_writer(self.dst_fd, self.writable)
-                return
-        if lane.reads_per_event > 1:
-            relay.loop.call_soon(self.readable)  # still more to read: go on after the others
+        try:
+            count = self.src.recv_into(lane.buffer)
+        except _RETRY:
+            return
+        except OSError as exc:
+            relay.lost(self, exc)
+            return
+        if not count:
+            self._ended()
+            return
+        if self.inbound:
+            relay.record.bytes_in += count
+        else:
+            relay.record.bytes_out += count
+        data = lane.view[:count]
+        dst = self.dst
+        assert dst is not None
+        try:
+            sent = dst.send(data)
+        except _RETRY:
+            sent = 0
+        except OSError as exc:
+            relay.lost(relay.other(self), exc)
+            return
+        if sent < count:
+            # The destination is full: keep the rest and stop reading until it has gone.
+            self.pending = bytes(data[sent:])
+            loop = relay.loop
+            loop.remove_reader(self.src_fd)
+            loop.add_writer(self.dst_fd, self.writable)
 
     def writable(self) -> None:
         pending = self.pending
@@ -369,4 +402,6 @@ class SocketRelay:
                 loop.remove_reader(sock.fileno())
                 loop.remove_writer(sock.fileno())
                 sock.close()
+        if self.lane.live is not None:
+            self.lane.live.discard(self)
         self.lane.runtime.stats.finished(self.record)
