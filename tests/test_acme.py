@@ -20,7 +20,7 @@ from support import LOOPBACK, TestCA, async_test, require_tool
 
 from smartroute import SmartRoute
 from smartroute.helpers import create_http_to_https_redirect, create_https_terminate_route
-from smartroute.server.port_manager import PortManager
+from smartroute.server.port_manager import Listener, PortManager
 
 
 @pytest.fixture
@@ -90,7 +90,7 @@ class BindLog:
         self.ports: list[int] = []
         original = PortManager._bind  # noqa: SLF001
 
-        async def bind(manager: PortManager, port: int) -> asyncio.Server:
+        async def bind(manager: PortManager, port: int) -> Listener:
             self.ports.append(port)
             return await original(manager, port)
 

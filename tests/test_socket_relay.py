@@ -6,7 +6,7 @@ port's :class:`Listener` accepts connections itself. The end-to-end tests hold t
 promises of the transport relay over real loopback sockets: bytes exact both ways, failover and
 connect timeouts, backpressure, half-close, resets, security and time limits. Each checks what
 the client and the backend see and the connection's record, and (with ``settled``) that nothing
-is left open. Known product bugs are strict ``xfail`` tests at the end of the relay tests.
+is left open; the last relay tests pile a second failure onto a first one.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from support import (
     TestCA,
     async_test,
     echo_handler,
-    event_loop_factory,
     free_port,
     free_ports,
     named_handler,
@@ -60,16 +59,6 @@ Behaviour = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[Non
 MIB = 1 << 20
 FAST = {"connect_timeout": 0.5, "graceful_shutdown_timeout": 1}
 PARTIAL = b"partial:" + bytes(range(256)) * 100  # what a failing peer manages to send
-
-ON_UVLOOP = event_loop_factory() is not None
-SLOW_RESET_ON_UVLOOP = pytest.mark.xfail(
-    ON_UVLOOP,
-    strict=False,  # how slow depends on how much the kernel buffered
-    reason="product limitation on uvloop: after an error event uvloop stops polling the socket "
-    "and the lane re-arms it only from the once-a-second sweep, so a reset queued behind "
-    "unread bytes is seen seconds later (about 8 s behind 6.5 MB here)",
-)
-
 
 # -- routes ----------------------------------------------------------------------------------
 
@@ -932,7 +921,6 @@ async def test_client_reset_mid_transfer_ends_the_backend_connection(
     assert record.error is not None and record.error.startswith("client: "), record.error
 
 
-@SLOW_RESET_ON_UVLOOP
 @async_test(timeout=10)
 async def test_client_reset_behind_unread_data_ends_the_backend_connection(
     relays: list[SocketRelay], finished: Finished
@@ -1069,7 +1057,6 @@ async def test_backend_reset_after_the_client_half_closed_ends_the_connection(
     assert record.error is not None and record.error.startswith("backend: "), record.error
 
 
-@SLOW_RESET_ON_UVLOOP
 @async_test(timeout=10)
 async def test_backend_reset_behind_unread_data_ends_the_client_connection(
     relays: list[SocketRelay], finished: Finished
@@ -1233,15 +1220,9 @@ async def test_stop_serves_lane_connections_through_the_grace_period_then_closes
     assert proxy.stats()["connections"]["active"] == 0
 
 
-# -- known product bugs (strict xfail: fix the product, then drop the marker) ----------------
+# -- failures after failures ----------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: in _Direction.writable, a send error after the relay is already "
-    "closing goes to lost(), which returns at once; the writer stays registered (asyncio's "
-    "loop then calls it in a busy loop) and nothing calls finish() until a time limit",
-)
 @async_test(timeout=10)
 async def test_a_failed_delivery_after_the_other_side_failed_still_ends_the_connection(
     relays: list[SocketRelay], finished: Finished
@@ -1288,12 +1269,6 @@ class _SocketsRunOut:
         return socket.socket(*args, **kwargs)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: SocketRelay.connect() lets OSError from socket.socket() (EMFILE, "
-    "ENFILE, EAFNOSUPPORT) escape; the Listener closes the client but the record stays "
-    "active and its security admission is never released",
-)
 @async_test(timeout=10)
 async def test_running_out_of_descriptors_for_the_backend_socket_ends_the_connection(
     monkeypatch: pytest.MonkeyPatch, finished: Finished
