@@ -40,6 +40,7 @@ from support import (
 )
 
 from smartroute import RouteContext, SmartRoute
+from smartroute.routing.matcher import RouteTable
 from smartroute.routing.model import CompiledRoute
 from smartroute.routing.validation import validate_route
 from smartroute.server import port_manager, socket_relay
@@ -481,6 +482,24 @@ def test_the_lane_plans_once_per_route_and_port_until_the_routes_change(
     runtime.table = object()  # a route update: plans are keyed by id(route), which may be reused
     lane.plan(route, 8000)
     assert computed == [8000, 8001, 8000]
+
+
+def test_the_lane_serves_a_port_only_when_some_route_there_can_be_relayed() -> None:
+    terminate = forward(443, target(8443))
+    terminate["match"]["domains"] = "a.example.test"
+    terminate["action"]["tls"] = {"mode": "terminate", "certificate": "auto"}
+    passthrough = forward(443, target(9443))
+    passthrough["match"]["domains"] = "b.example.test"
+    passthrough["action"]["tls"] = {"mode": "passthrough"}
+    named = forward(80, target(8080, "localhost"))
+    routes = [validate_route(r, i) for i, r in enumerate([terminate, named])]
+    runtime = SimpleNamespace(table=RouteTable(routes))
+    lane = RelayLane(cast(Any, runtime))
+    # Nothing on these ports could be relayed: no peeking, the pipeline takes them at once.
+    assert (lane.serves(443), lane.serves(80), lane.serves(81)) == (False, False, False)
+    routes.append(validate_route(passthrough, 2))
+    runtime.table = RouteTable(routes)  # a route update
+    assert (lane.serves(443), lane.serves(80)) == (True, False)
 
 
 # -- the lane is taken, and only when it should be -------------------------------------------

@@ -43,10 +43,12 @@ def accept_socket(runtime: Runtime, sock: socket.socket, address: Any, port: int
     settings = runtime.settings
     if (
         not runtime.accepting
-        or not table.has_port(port)
+        or not runtime.lane.serves(port)
         or (settings.accept_proxy_protocol and runtime.trusts(client_text))
     ):
-        adopt(runtime, sock, record)  # the pipeline refuses, or reads the PROXY header
+        # The pipeline refuses, reads the PROXY header, or serves a port whose routes all
+        # need a transport (TLS termination, HTTP, handlers, host names).
+        adopt(runtime, sock, record)
     elif not table.needs_data(port):
         if not relay(runtime, sock, record, ConnectionFacts(port, client_ip)):
             adopt(runtime, sock, record)

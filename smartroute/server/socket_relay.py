@@ -90,21 +90,35 @@ class RelayLane:
         self.view = memoryview(self.buffer)
         self._table: object = None
         self._plans: dict[tuple[int, int], tuple[Address, ...] | None] = {}
+        self._ports: dict[int, bool] = {}
         # Relays to re-arm now and then, on uvloop only (see revive); None elsewhere.
         self.live: set[SocketRelay] | None = None
         self._loop_known = False
 
     def plan(self, route: CompiledRoute, port: int) -> tuple[Address, ...] | None:
         """:func:`relay_plan`, computed once per route and port of the current table."""
-        table = self.runtime.table
-        if table is not self._table:  # routes changed: the table holds the routes we key by
-            self._table, self._plans = table, {}
+        self._follow_table()
         key = (id(route), port)
         try:
             return self._plans[key]
         except KeyError:
             plan = self._plans[key] = relay_plan(route, port)
             return plan
+
+    def serves(self, port: int) -> bool:
+        """True when some route on ``port`` can be relayed here (else the lane is no use)."""
+        self._follow_table()
+        try:
+            return self._ports[port]
+        except KeyError:
+            routes = self.runtime.table.ordered(port)
+            serves = self._ports[port] = any(self.plan(r, port) is not None for r in routes)
+            return serves
+
+    def _follow_table(self) -> None:
+        table = self.runtime.table
+        if table is not self._table:  # routes changed: the table holds the routes we key by
+            self._table, self._plans, self._ports = table, {}, {}
 
     def start(
         self,
@@ -417,11 +431,16 @@ class SocketRelay:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        loop = self.loop
+        loop, up, down = self.loop, self.up, self.down
+        # After both EOFs with nothing pending (the usual end) no callback is registered.
+        registered = not (
+            down is not None and up.eof and down.eof and up.pending is None and down.pending is None
+        )
         for sock in (self.client, self.backend):
             if sock is not None and sock.fileno() >= 0:
-                loop.remove_reader(sock.fileno())
-                loop.remove_writer(sock.fileno())
+                if registered:
+                    loop.remove_reader(sock.fileno())
+                    loop.remove_writer(sock.fileno())
                 sock.close()
         if self.lane.live is not None:
             self.lane.live.discard(self)
