@@ -8,6 +8,7 @@ import datetime
 import functools
 import socket
 import ssl
+import struct
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -318,3 +319,32 @@ async def curl(*args: str, timeout: float = 20) -> tuple[int, str, str]:
     out, err = await asyncio.wait_for(proc.communicate(), timeout + 10)
     assert proc.returncode is not None
     return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+# -- client-side socket helpers ----------------------------------------------------------------
+
+
+def reset(writer: asyncio.StreamWriter) -> None:
+    """Close with SO_LINGER 0: the peer gets a TCP RST instead of a FIN."""
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+async def flushed(writer: asyncio.StreamWriter) -> None:
+    """Wait until the transport handed every written byte to the kernel."""
+    await writer.drain()
+    while writer.transport.get_write_buffer_size():
+        await asyncio.sleep(0.005)
+
+
+async def read_to_end(reader: asyncio.StreamReader, timeout: float = 10) -> tuple[bytes, bool]:
+    """Everything until EOF; the flag is True when the connection was reset instead."""
+    data = bytearray()
+    try:
+        async with asyncio.timeout(timeout):
+            while chunk := await reader.read(65536):
+                data += chunk
+    except ConnectionError:
+        return bytes(data), True
+    return bytes(data), False

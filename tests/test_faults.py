@@ -13,8 +13,6 @@ import asyncio
 import contextlib
 import functools
 import hashlib
-import socket
-import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -22,7 +20,16 @@ from typing import Any
 
 import pytest
 from leaks import rss_bytes, settled
-from support import LOOPBACK, async_test, echo_handler, free_port, serve
+from support import (
+    LOOPBACK,
+    async_test,
+    echo_handler,
+    flushed,
+    free_port,
+    read_to_end,
+    reset,
+    serve,
+)
 
 from smartroute import SmartRoute
 from smartroute.protocols.http_response import ResponseHead, parse_response_head
@@ -36,32 +43,6 @@ FAST = {"connect_timeout": 1, "initial_data_timeout": 2}
 
 
 # -- helpers: sockets ----------------------------------------------------------------------
-
-
-def reset(writer: asyncio.StreamWriter) -> None:
-    """Close with SO_LINGER 0: the peer gets a TCP RST instead of a FIN."""
-    sock = writer.get_extra_info("socket")
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
-
-
-async def flushed(writer: asyncio.StreamWriter) -> None:
-    """Wait until the transport handed every written byte to the kernel."""
-    await writer.drain()
-    while writer.transport.get_write_buffer_size():
-        await asyncio.sleep(0.005)
-
-
-async def read_to_end(reader: asyncio.StreamReader, timeout: float = 10) -> tuple[bytes, bool]:
-    """Everything until EOF; the flag is True when the connection was reset instead."""
-    data = bytearray()
-    try:
-        async with asyncio.timeout(timeout):
-            while chunk := await reader.read(65536):
-                data += chunk
-    except ConnectionError:
-        return bytes(data), True
-    return bytes(data), False
 
 
 async def read_body_until(

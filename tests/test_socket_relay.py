@@ -19,7 +19,6 @@ import hashlib
 import logging
 import socket
 import ssl
-import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -33,9 +32,12 @@ from support import (
     TestCA,
     async_test,
     echo_handler,
+    flushed,
     free_port,
     free_ports,
     named_handler,
+    read_to_end,
+    reset,
     serve,
 )
 
@@ -190,16 +192,6 @@ async def backend(*script: Behaviour, host: str = LOOPBACK) -> AsyncIterator[tup
         yield port, server
 
 
-def named(name: str) -> Behaviour:
-    """Say ``name`` and a newline, then echo."""
-
-    async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(name.encode() + b"\n")
-        await echo_handler(reader, writer)
-
-    return behaviour
-
-
 @contextlib.asynccontextmanager
 async def connect(port: int, host: str = LOOPBACK) -> AsyncIterator[Connection]:
     reader, writer = await asyncio.open_connection(host, port)
@@ -209,32 +201,6 @@ async def connect(port: int, host: str = LOOPBACK) -> AsyncIterator[Connection]:
         writer.close()
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
-
-
-def reset(writer: asyncio.StreamWriter) -> None:
-    """Close with SO_LINGER 0: the peer gets a TCP RST instead of a FIN."""
-    sock = writer.get_extra_info("socket")
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
-
-
-async def flushed(writer: asyncio.StreamWriter) -> None:
-    """Wait until the transport handed every written byte to the kernel."""
-    await writer.drain()
-    while writer.transport.get_write_buffer_size():
-        await asyncio.sleep(0.005)
-
-
-async def read_to_end(reader: asyncio.StreamReader, timeout: float = 5) -> tuple[bytes, bool]:
-    """Everything until the connection ends; the flag is True when it was reset."""
-    data = bytearray()
-    try:
-        async with asyncio.timeout(timeout):
-            while chunk := await reader.read(65536):
-                data += chunk
-    except ConnectionError:
-        return bytes(data), True
-    return bytes(data), False
 
 
 async def drain_to_end(reader: asyncio.StreamReader) -> tuple[int, str]:
@@ -569,7 +535,10 @@ async def test_http_on_a_port_whose_routes_need_the_first_bytes_takes_the_transp
     relays: list[SocketRelay], finished: Finished
 ) -> None:
     request = b"GET / HTTP/1.1\r\nHost: other.example.test\r\n\r\n" + b"body " * 10_000
-    async with backend(named("sni")) as (by_name, sni), backend(named("port")) as (by_port, _):
+    async with (
+        backend(named_handler("sni")) as (by_name, sni),
+        backend(named_handler("port")) as (by_port, _),
+    ):
         port = free_port()
         sni_route = forward(port, target(by_name), name="sni")
         sni_route["match"]["domains"] = "a.example.test"
@@ -590,7 +559,10 @@ async def test_first_bytes_peeked_for_routing_still_reach_the_backend_on_the_lan
     relays: list[SocketRelay], finished: Finished
 ) -> None:
     payload = b"\x00\x01 neither TLS nor HTTP " * 10_000
-    async with backend(named("sni")) as (by_name, sni), backend(named("port")) as (by_port, _):
+    async with (
+        backend(named_handler("sni")) as (by_name, sni),
+        backend(named_handler("port")) as (by_port, _),
+    ):
         port = free_port()
         sni_route = forward(port, target(by_name), name="sni")
         sni_route["match"]["domains"] = "a.example.test"
@@ -638,7 +610,10 @@ async def test_tls_passthrough_chosen_by_sni_is_relayed_on_the_lane(
 async def test_route_updates_change_where_new_lane_connections_go(
     relays: list[SocketRelay],
 ) -> None:
-    async with backend(named("old")) as (old, _), backend(*[named("new")] * 2) as (new, _):
+    async with (
+        backend(named_handler("old")) as (old, _),
+        backend(*[named_handler("new")] * 2) as (new, _),
+    ):
         port = free_port()
         async with running(forward(port, target(old))) as proxy:
             async with connect(port) as (reader, _writer):
@@ -659,8 +634,8 @@ async def test_route_updates_change_where_new_lane_connections_go(
 @async_test(timeout=10)
 async def test_round_robin_and_failover_keep_the_targets_order(finished: Finished) -> None:
     dead = free_port()
-    behaviours = [named("a")] * 4
-    async with backend(*behaviours) as (a, _), backend(*[named("b")] * 4) as (b, _):
+    behaviours = [named_handler("a")] * 4
+    async with backend(*behaviours) as (a, _), backend(*[named_handler("b")] * 4) as (b, _):
         port = free_port()
         route = forward(port, target(a), target(dead), target(b))
         async with running(route) as proxy:
@@ -730,7 +705,7 @@ async def test_connect_timeout_closes_the_client_after_connect_timeout(
 
 @async_test(timeout=10)
 async def test_connect_timeout_fails_over_to_the_next_target(finished: Finished) -> None:
-    async with unanswered_port() as hanging, backend(named("live")) as (live, _):
+    async with unanswered_port() as hanging, backend(named_handler("live")) as (live, _):
         port = free_port()
         async with running(forward(port, target(hanging), target(live))) as proxy:
             async with settled(proxy), connect(port) as (reader, writer):
