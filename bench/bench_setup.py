@@ -153,8 +153,8 @@ def decoy_names(count: int) -> list[str]:
     return [f"*.w{i}.example.test" if i % 20 == 19 else f"h{i}.example.test" for i in range(count)]
 
 
-def nginx_conf(layout: Layout) -> str:
-    root = layout.root
+def nginx_main_conf(root: Path, servers: str) -> str:
+    """A single-process nginx configuration around ``servers`` (its ``server`` blocks)."""
     temp = " ".join(
         f"{kind}_temp_path {root}/nginx-{kind};"
         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
@@ -172,6 +172,15 @@ http {{
     {temp}
     default_type text/plain;
     keepalive_requests 1000000;
+{servers}}}
+"""
+
+
+def nginx_conf(layout: Layout) -> str:
+    root = layout.root
+    return nginx_main_conf(
+        root,
+        f"""\
     server {{
         listen 127.0.0.1:{layout.nginx_http} backlog=4096;
         location = /ok {{ return 200 "ok"; }}
@@ -187,8 +196,8 @@ http {{
         ssl_session_tickets off;
         location = /ok {{ return 200 "ok"; }}
     }}
-}}
-"""
+""",
+    )
 
 
 def haproxy_cfg(layout: Layout) -> str:

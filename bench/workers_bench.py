@@ -31,33 +31,21 @@ from pathlib import Path
 
 from bench_loads import Sample, wrk
 from bench_procs import Procs, cpu_seconds, port_free, wait_listening
+from bench_setup import nginx_main_conf
 
 SYSTEMS = ("direct", "workers=1", "workers=2")
 
 
 def nginx_conf(root: Path, port: int) -> str:
-    return f"""\
-daemon off;
-user root;
-worker_processes 1;
-worker_rlimit_nofile 30000;
-pid {root}/nginx.pid;
-error_log {root}/nginx-error.log warn;
-events {{ worker_connections 20000; }}
-http {{
-    access_log off;
-    client_body_temp_path {root}/nginx-client_body;
-    proxy_temp_path {root}/nginx-proxy;
-    fastcgi_temp_path {root}/nginx-fastcgi;
-    uwsgi_temp_path {root}/nginx-uwsgi;
-    scgi_temp_path {root}/nginx-scgi;
-    default_type text/plain;
+    return nginx_main_conf(
+        root,
+        f"""\
     server {{
         listen 127.0.0.1:{port} backlog=4096;
         location = /ok {{ return 200 "ok"; }}
     }}
-}}
-"""
+""",
+    )
 
 
 async def serve(workers: int, port: int, target: int) -> None:

@@ -147,6 +147,41 @@ async def echo_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
     writer.close()
 
 
+class ScriptedBackend:
+    """A backend whose next connections follow ``script``; the ones after that echo.
+
+    A behaviour may ``note`` how its connection ended; ``outcome`` waits for the next note.
+    """
+
+    def __init__(self, *script: Handler) -> None:
+        self.script = list(script)
+        self.accepted = 0
+        self.ended: list[str] = []
+        self._changed = asyncio.Event()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        behaviour = self.script.pop(0) if self.script else echo_handler
+        try:
+            await behaviour(reader, writer)
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    def note(self, outcome: str) -> None:
+        self.ended.append(outcome)
+        self._changed.set()
+
+    async def outcome(self, timeout: float = 10) -> str:
+        """Wait for the next note of a scripted behaviour."""
+        async with asyncio.timeout(timeout):
+            while not self.ended:
+                self._changed.clear()
+                await self._changed.wait()
+        return self.ended.pop(0)
+
+
 def named_handler(name: str) -> Handler:
     """Answer every connection with ``name`` and a newline, then echo."""
 

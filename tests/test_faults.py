@@ -15,13 +15,13 @@ import functools
 import hashlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 from leaks import rss_bytes, settled
 from support import (
     LOOPBACK,
+    ScriptedBackend,
     async_test,
     echo_handler,
     flushed,
@@ -82,37 +82,6 @@ async def echo_works(port: int) -> None:
     assert (data, was_reset) == (payload, False)
 
 
-# -- helpers: a scripted raw backend -------------------------------------------------------
-
-
-@dataclass
-class Scripted:
-    """A backend whose next connections follow ``script``; the ones after that echo."""
-
-    script: list[Behaviour] = field(default_factory=list)
-    ended: list[str] = field(default_factory=list)  # how each scripted behaviour ended
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        behaviour = self.script.pop(0) if self.script else echo_handler
-        try:
-            await behaviour(reader, writer)
-        finally:
-            writer.close()
-
-    def note(self, outcome: str) -> None:
-        self.ended.append(outcome)
-        self.changed.set()
-
-    async def outcome(self, timeout: float = 10) -> str:
-        """Wait for the next scripted behaviour to end; how it ended."""
-        async with asyncio.timeout(timeout):
-            while not self.ended:
-                self.changed.clear()
-                await self.changed.wait()
-        return self.ended.pop(0)
-
-
 async def drain_to_end(reader: asyncio.StreamReader) -> tuple[int, str]:
     """Read until the peer is gone: (bytes read, "eof" or "reset")."""
     count = 0
@@ -137,9 +106,9 @@ def tcp_route(port: int, target: int) -> dict[str, Any]:
 
 
 @contextlib.asynccontextmanager
-async def tcp_proxy(**settings: Any) -> AsyncIterator[tuple[SmartRoute, int, Scripted]]:
+async def tcp_proxy(**settings: Any) -> AsyncIterator[tuple[SmartRoute, int, ScriptedBackend]]:
     """A TCP forward on a fresh port to a scripted backend: (proxy, port, backend)."""
-    backend = Scripted()
+    backend = ScriptedBackend()
     async with serve(backend.handle) as target:
         port = free_port()
         options = {**FAST, **settings}

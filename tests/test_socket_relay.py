@@ -29,9 +29,9 @@ import pytest
 from leaks import rss_bytes, settled
 from support import (
     LOOPBACK,
+    ScriptedBackend,
     TestCA,
     async_test,
-    echo_handler,
     flushed,
     free_port,
     free_ports,
@@ -153,41 +153,11 @@ async def running(*routes: dict[str, Any], **settings: Any) -> AsyncIterator[Sma
         yield proxy
 
 
-class Backend:
-    """A backend whose next connections follow ``script``; the ones after that echo."""
-
-    def __init__(self, *script: Behaviour) -> None:
-        self.script = list(script)
-        self.accepted = 0
-        self.ended: list[str] = []
-        self._changed = asyncio.Event()
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.accepted += 1
-        behaviour = self.script.pop(0) if self.script else echo_handler
-        try:
-            await behaviour(reader, writer)
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-
-    def note(self, outcome: str) -> None:
-        self.ended.append(outcome)
-        self._changed.set()
-
-    async def outcome(self, timeout: float = 5) -> str:
-        """Wait for the next note of a scripted behaviour."""
-        async with asyncio.timeout(timeout):
-            while not self.ended:
-                self._changed.clear()
-                await self._changed.wait()
-        return self.ended.pop(0)
-
-
 @contextlib.asynccontextmanager
-async def backend(*script: Behaviour, host: str = LOOPBACK) -> AsyncIterator[tuple[int, Backend]]:
-    server = Backend(*script)
+async def backend(
+    *script: Behaviour, host: str = LOOPBACK
+) -> AsyncIterator[tuple[int, ScriptedBackend]]:
+    server = ScriptedBackend(*script)
     async with serve(server.handle, host) as port:
         yield port, server
 

@@ -56,7 +56,7 @@ class InboundConnection(asyncio.Protocol):
         self.port = record.port
         self.waited = waited  # seconds already spent waiting for the first bytes
         self.transport: asyncio.Transport | None = None
-        self.record: ConnectionRecord | None = record
+        self.record = record
         self.table: RouteTable | None = None
         self.buffer = bytearray()
         self.timer: asyncio.TimerHandle | None = None
@@ -75,7 +75,6 @@ class InboundConnection(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
         self.transport = transport = cast(asyncio.Transport, transport)
         runtime, record = self.runtime, self.record
-        assert record is not None
         record.closer = transport.abort
         table = self.table = runtime.table
         if not runtime.accepting or not table.has_port(self.port):
@@ -126,7 +125,6 @@ class InboundConnection(asyncio.Protocol):
         return max(0.0, wait - self.waited)
 
     def data_received(self, data: bytes) -> None:
-        assert self.record is not None
         self.record.bytes_in += len(data)
         if self.draining:
             return
@@ -139,7 +137,6 @@ class InboundConnection(asyncio.Protocol):
             self._peek()
 
     def _read_proxy_header(self) -> None:
-        assert self.record is not None
         try:
             header = parse_proxy_header(self.buffer)
         except ProxyProtocolError as exc:
@@ -155,7 +152,7 @@ class InboundConnection(asyncio.Protocol):
         self._after_client_known()
 
     def _refuse(self, outcome: str, reason: str) -> None:
-        assert self.record is not None and self.transport is not None
+        assert self.transport is not None
         self.routed = True
         self._cancel_timer()
         self.record.fail(outcome, reason)
@@ -191,10 +188,9 @@ class InboundConnection(asyncio.Protocol):
         if self.task is not None and not self.task.done():
             self.task.cancel()
         # Still this protocol's transport: no action took it over (or its task was pending).
-        if self.record is not None:
-            if exc is not None:
-                self.record.fail("error", f"client: {exc}")
-            self.runtime.stats.finished(self.record)
+        if exc is not None:
+            self.record.fail("error", f"client: {exc}")
+        self.runtime.stats.finished(self.record)
 
     # -- routing -----------------------------------------------------------------------------
 
@@ -224,7 +220,6 @@ class InboundConnection(asyncio.Protocol):
             self.timer = None
 
     def _facts(self, detection: Detection | None) -> ConnectionFacts:
-        assert self.record is not None
         client_ip = client_address(self.record.client_ip)[0]
         if detection is None or detection.kind == "other":
             return ConnectionFacts(self.port, client_ip)
@@ -247,7 +242,7 @@ class InboundConnection(asyncio.Protocol):
     def _context(
         self, facts: ConnectionFacts, found: RouteMatch, detection: Detection | None
     ) -> RouteContext:
-        assert self.record is not None and self.transport is not None
+        assert self.transport is not None
         sock = self.transport.get_extra_info("sockname") or ("0.0.0.0", 0)
         head = detection.head if detection is not None else None
         return RouteContext(
@@ -277,7 +272,7 @@ class InboundConnection(asyncio.Protocol):
         context = responder.context_for(hello.sni, hello.alpn)
         if context is None:
             return False
-        assert self.transport is not None and self.record is not None
+        assert self.transport is not None
         self.runtime.stats.routed(self.record, "acme-tls-alpn-01", None)
         connection = Connection(
             self.runtime, self.transport, self.record, port=self.port, server_ip=""
@@ -289,7 +284,7 @@ class InboundConnection(asyncio.Protocol):
 
     def _dispatch(self, detection: Detection | None) -> None:
         """Match the connection and start its action; reading stays paused until handover."""
-        assert self.transport is not None and self.record is not None and self.table is not None
+        assert self.transport is not None and self.table is not None
         self.routed = True
         self._cancel_timer()
         transport, record = self.transport, self.record

@@ -41,7 +41,6 @@ _RETRY = (BlockingIOError, InterruptedError)
 # so bytes queued before the reset must be read in that one call (the sweep's revive catches
 # the rest).
 READS_PER_EVENT = 16
-READS_PER_EVENT_UVLOOP = 16  # then the rest waits for a later loop pass
 
 # One target address: (family, socket address, "host:port" for records and errors).
 Address = tuple[int, tuple[str, int], str]
