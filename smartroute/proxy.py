@@ -148,6 +148,7 @@ class SmartRoute:
             await self._install(self._routes, bind=True)
             self._started = True
             self._runtime.start_sweeper()
+            self._runtime.lane.open()
             await self._certs.start(self._routes)
             if self._workers is not None:
                 self._warn_per_worker_limits()
@@ -222,6 +223,7 @@ class SmartRoute:
             await asyncio.gather(*runtime.tasks, return_exceptions=True)
             await runtime.stop_sweeper()
             runtime.pool.close()
+            runtime.lane.close()
             await asyncio.sleep(0)  # let transports deliver connection_lost
             if workers is not None:
                 await workers  # every worker reaped: stopped, or killed after the grace period

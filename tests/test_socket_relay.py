@@ -1,12 +1,13 @@
 """The fast lane: connections relayed on bare sockets, without an asyncio transport or task.
 
 :func:`relay_plan` decides which routes qualify (plain forwards to IP-literal targets);
-:class:`SocketRelay` then moves the bytes with ``add_reader``/``add_writer`` callbacks, and each
-port's :class:`Listener` accepts connections itself. The end-to-end tests hold the lane to the
-promises of the transport relay over real loopback sockets: bytes exact both ways, failover and
-connect timeouts, backpressure, half-close, resets, security and time limits. Each checks what
-the client and the backend see and the connection's record, and (with ``settled``) that nothing
-is left open; the last relay tests pile a second failure onto a first one.
+:class:`SocketRelay` then moves the bytes as the lane's epoll set reports its sockets ready,
+and each port's :class:`Listener` accepts connections itself. The end-to-end tests hold the
+lane to the promises of the transport relay over real loopback sockets: bytes exact both ways,
+failover and connect timeouts, backpressure, half-close, resets, security and time limits.
+Each checks what the client and the backend see and the connection's record, and (with
+``settled``) that nothing is left open; the last relay tests pile a second failure onto a first
+one.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ from smartroute.server import port_manager, socket_relay
 from smartroute.server.port_manager import Listener
 from smartroute.server.socket_relay import (
     CHUNK,
+    IN,
+    OUT,
     RelayLane,
     SocketRelay,
     literal_address,
@@ -685,6 +688,122 @@ async def test_connect_timeout_fails_over_to_the_next_target(finished: Finished)
                 assert await ping((reader, writer)) == b"ping\n"
             record = await finished.next()
     assert (record.target, record.outcome, record.error) == (f"{LOOPBACK}:{live}", "ok", None)
+
+
+# -- the lane's epoll set --------------------------------------------------------------------
+
+
+class Watches:
+    """Every change of what the lane's epoll set reports, as (fd, old mask, new mask)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.changes: list[tuple[int, int, int]] = []
+        original = RelayLane.watch
+
+        def spy(lane: RelayLane, fd: int, old: int, new: int, watcher: Any) -> None:
+            original(lane, fd, old, new, watcher)
+            self.changes.append((fd, old, new))
+
+        monkeypatch.setattr(RelayLane, "watch", spy)
+
+    def of(self, fd: int) -> list[tuple[int, int]]:
+        return [(old, new) for each, old, new in self.changes if each == fd]
+
+
+@async_test(timeout=10)
+async def test_a_backend_that_accepts_during_connect_is_relayed_at_once(
+    relays: list[SocketRelay], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    watches = Watches(monkeypatch)
+    async with backend() as (echo, _):
+        port = free_port()
+        async with running(forward(port, target(echo))):
+            async with connect(port) as connection:
+                assert await ping(connection) == b"ping\n"
+                relay = await only_relay(relays)
+                # A loopback backend has accepted when connect() returns: the relay watched
+                # the backend for reading straight away, never for the connect's completion.
+                assert watches.of(relay.backend_fd) == [(0, IN)]
+                assert relay.timer is None
+                assert watches.of(relay.client_fd) == [(0, IN)]
+
+
+@async_test(timeout=10)
+async def test_a_connect_under_way_is_watched_and_a_stray_wakeup_does_not_end_it(
+    relays: list[SocketRelay], finished: Finished, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    watches = Watches(monkeypatch)
+    async with unanswered_port() as hanging:
+        port = free_port()
+        async with running(forward(port, target(hanging))):
+            async with connect(port) as (reader, writer):
+                relay = await only_relay(relays)
+                assert watches.of(relay.backend_fd) == [(0, OUT)]
+                relay.event(relay.backend_fd, OUT)  # as if a stale event reached it
+                assert relay.down is None and not relay.done and relay.failures == []
+                data, _ = await read_to_end(reader)
+            record = await finished.next()
+    assert data == b""
+    assert record.error == f"{LOOPBACK}:{hanging} timed out after 0.5s"
+
+
+@async_test(timeout=10)
+async def test_a_connection_whose_handling_fails_unexpectedly_is_closed_and_logged(
+    relays: list[SocketRelay],
+    finished: Finished,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    original = SocketRelay.event
+    failures = [RuntimeError("a bug in the relay")]
+
+    def flawed(relay: SocketRelay, fd: int, events: int) -> None:
+        if failures:
+            raise failures.pop()
+        original(relay, fd, events)
+
+    monkeypatch.setattr(SocketRelay, "event", flawed)
+    async with backend() as (echo, _):
+        port = free_port()
+        async with running(forward(port, target(echo))) as proxy:
+            with caplog.at_level(logging.ERROR, "smartroute"):
+                async with settled(proxy), connect(port) as (reader, writer):
+                    writer.write(b"ping\n")
+                    data, _ = await read_to_end(reader)
+                record = await finished.next()
+            assert data == b""
+            assert await ping_works(port), "the next connection is served"
+    assert record is relays[0].record
+    assert (record.outcome, record.error) == ("error", "internal error: a bug in the relay")
+    assert f"fast lane: closing {record.id} after an unexpected error" in caplog.text
+    assert "a bug in the relay" in caplog.text
+
+
+@async_test(timeout=10)
+async def test_without_epoll_every_connection_takes_the_transport_path(
+    relays: list[SocketRelay], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(socket_relay, "AVAILABLE", False)
+    async with backend() as (echo, _):
+        port = free_port()
+        async with running(forward(port, target(echo))) as proxy:
+            assert await ping_works(port)
+            assert proxy._runtime.lane._epoll is None
+    assert relays == []
+
+
+@async_test(timeout=10)
+async def test_the_lane_epoll_set_lives_while_the_proxy_runs() -> None:
+    async with backend() as (echo, _):
+        port = free_port()
+        async with running(forward(port, target(echo))) as proxy:
+            lane = proxy._runtime.lane
+            epoll = lane._epoll
+            assert epoll is not None and not epoll.closed
+            assert await ping_works(port)
+        assert epoll.closed and lane._epoll is None
+        async with running(forward(port, target(echo))) as proxy:  # started again
+            assert await ping_works(port)
 
 
 # -- backpressure ----------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from smartroute.protocols.detect import detect
 from smartroute.routing.matcher import ConnectionFacts
 from smartroute.routing.patterns import IPAddress, client_address
 from smartroute.server.pipeline import MAX_PEEK, InboundConnection
+from smartroute.server.socket_relay import IN
 from smartroute.server.stats import ConnectionRecord
 
 if TYPE_CHECKING:
@@ -114,7 +115,7 @@ async def _adopt(
 class SocketPeek:
     """Waits for a connection's first bytes and routes on them without reading them."""
 
-    __slots__ = ("runtime", "sock", "fd", "record", "client_ip", "timer", "started")
+    __slots__ = ("runtime", "sock", "fd", "record", "client_ip", "timer", "started", "watched")
 
     def __init__(
         self, runtime: Runtime, sock: socket.socket, record: ConnectionRecord, client_ip: IPAddress
@@ -130,7 +131,13 @@ class SocketPeek:
         wait = runtime.timeouts.initial_data if waits is None else waits[0]
         self.timer: asyncio.TimerHandle | None = loop.call_later(wait, self._timeout)
         record.closer = self.abort
-        loop.add_reader(self.fd, self._readable)
+        runtime.lane.watch(self.fd, 0, IN, self)
+        self.watched = True
+
+    def event(self, fd: int, events: int) -> None:
+        """The socket is readable (or failed): look at what it holds."""
+        if self.watched:
+            self._readable()
 
     def _readable(self) -> None:
         try:
@@ -178,7 +185,9 @@ class SocketPeek:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        asyncio.get_running_loop().remove_reader(self.fd)
+        if self.watched:
+            self.watched = False
+            self.runtime.lane.watch(self.fd, IN, 0, self)
 
     def _hand_over(self) -> None:
         self._stop()

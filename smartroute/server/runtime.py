@@ -76,7 +76,7 @@ class Runtime:
 
     async def _sweep(self) -> None:
         """Close connections over their limits; once a second, sample the stats, close
-        backend connections idle in the pool for too long and re-arm fast-lane sockets.
+        backend connections idle in the pool for too long.
 
         Runs a few times per timeout rather than touching a timer per chunk: the hot path only
         counts bytes, and this compares the counts between sweeps. A connection is idle when
@@ -90,7 +90,6 @@ class Runtime:
             if now >= next_sample:
                 self.stats.sample(now)
                 self.pool.prune(now)
-                self.lane.revive()
                 next_sample = now + 1.0
             for record in list(self.stats.active):
                 self._check(record, now)

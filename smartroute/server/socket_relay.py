@@ -1,11 +1,17 @@
-"""Raw forwards on bare sockets: the fast lane for connections routed by port and client alone.
+"""Raw forwards on bare sockets: the fast lane for connections that only need a byte pipe.
 
-When no route on a port needs the first bytes, the route is known the moment a connection is
-accepted. If it pipes bytes to fixed IP-literal targets, the connection never gets an asyncio
-transport: :class:`SocketRelay` connects a non-blocking socket to the target and moves bytes
-with ``recv_into``/``send`` from ``loop.add_reader``/``add_writer`` callbacks, through one
-buffer shared by the proxy's connections, so relaying a chunk allocates nothing. The client's
-first bytes are never read before the backend answers: they wait in the kernel.
+When a connection's route pipes bytes to fixed IP-literal targets, the connection never gets an
+asyncio transport: :class:`SocketRelay` connects a non-blocking socket to the target and moves
+bytes with ``recv_into``/``send`` through one buffer shared by the proxy's connections, so
+relaying a chunk allocates nothing. The client's first bytes are never read before the backend
+answers: they wait in the kernel.
+
+The lane watches its sockets with an epoll set of its own (:class:`RelayLane`), which the event
+loop watches as one descriptor. Starting or stopping to watch a socket is then one
+``epoll_ctl`` call, where the loop's ``add_reader``/``remove_reader`` cost three or four system
+calls and a handle each on uvloop, and errors are reported as long as they last (level
+triggered) on every loop. A backend on the same host usually accepts during ``connect`` itself;
+the relay checks with ``getpeername`` and skips waiting for the connect to be reported.
 
 Semantics are the transport relay's (:mod:`smartroute.server.relay`): a direction whose
 destination cannot take more stops reading its source until the rest is sent (memory per
@@ -23,7 +29,7 @@ import logging
 import os
 import select
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from smartroute.routing.model import CompiledRoute, ForwardAction
 from smartroute.server.stats import ConnectionRecord
@@ -36,14 +42,27 @@ log = logging.getLogger("smartroute")
 CHUNK = 256 * 1024  # the most one read takes, as asyncio's transports read
 _RETRY = (BlockingIOError, InterruptedError)
 # A read that fills the buffer is followed by more, until the socket says EAGAIN, up to this
-# many per event. Besides saving loop passes on long streams, this matters on uvloop: for an
-# error event (a reset, say) uvloop runs the callback once and then stops watching the socket,
-# so bytes queued before the reset must be read in that one call (the sweep's revive catches
-# the rest).
+# many per event; a longer stream goes on at the next event, after the loop's other callbacks.
 READS_PER_EVENT = 16
+EVENTS_PER_WAKEUP = 256  # epoll events the lane handles each time the loop wakes it
+AVAILABLE = hasattr(select, "epoll")  # Linux; elsewhere every connection takes a transport
+
+IN = select.EPOLLIN if AVAILABLE else 1
+OUT = select.EPOLLOUT if AVAILABLE else 4
+_TROUBLE = (select.EPOLLERR | select.EPOLLHUP) if AVAILABLE else 24
 
 # One target address: (family, socket address, "host:port" for records and errors).
 Address = tuple[int, tuple[str, int], str]
+
+
+class Watcher(Protocol):
+    """What the lane's epoll set reports to: one object per watched descriptor."""
+
+    record: ConnectionRecord
+
+    def event(self, fd: int, events: int) -> None: ...
+
+    def abort(self) -> None: ...
 
 
 def literal_address(host: str, port: int) -> Address | None:
@@ -81,7 +100,7 @@ def relay_plan(route: CompiledRoute, port: int) -> tuple[Address, ...] | None:
 
 
 class RelayLane:
-    """Per proxy: the shared buffer, and each route's plan for the current route table."""
+    """Per proxy: the shared buffer, the epoll set, and each route's plan for the route table."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -90,9 +109,9 @@ class RelayLane:
         self._table: object = None
         self._plans: dict[tuple[int, int], tuple[Address, ...] | None] = {}
         self._ports: dict[int, bool] = {}
-        # Relays to re-arm now and then, on uvloop only (see revive); None elsewhere.
-        self.live: set[SocketRelay] | None = None
-        self._loop_known = False
+        self._epoll: select.epoll | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watchers: dict[int, Watcher] = {}
 
     def plan(self, route: CompiledRoute, port: int) -> tuple[Address, ...] | None:
         """:func:`relay_plan`, computed once per route and port of the current table."""
@@ -111,13 +130,68 @@ class RelayLane:
             return self._ports[port]
         except KeyError:
             routes = self.runtime.table.ordered(port)
-            serves = self._ports[port] = any(self.plan(r, port) is not None for r in routes)
+            serves = AVAILABLE and any(self.plan(r, port) is not None for r in routes)
+            self._ports[port] = serves
             return serves
 
     def _follow_table(self) -> None:
         table = self.runtime.table
         if table is not self._table:  # routes changed: the table holds the routes we key by
             self._table, self._plans, self._ports = table, {}, {}
+
+    # -- watching sockets ----------------------------------------------------------------------
+
+    def watch(self, fd: int, old: int, new: int, watcher: Watcher) -> None:
+        """Have ``watcher`` told of ``new`` events on ``fd`` (0: none) instead of ``old``."""
+        if new == old:
+            return
+        epoll = self._epoll or self._create()
+        if not old:
+            epoll.register(fd, new)
+            self._watchers[fd] = watcher
+        elif new:
+            epoll.modify(fd, new)
+        else:
+            epoll.unregister(fd)
+            del self._watchers[fd]
+
+    def open(self) -> None:
+        """Create the epoll set and have the running loop watch it (the proxy starts)."""
+        if AVAILABLE and self._epoll is None:
+            self._create()
+
+    def _create(self) -> select.epoll:
+        epoll = self._epoll = select.epoll()
+        loop = self._loop = asyncio.get_running_loop()
+        loop.add_reader(epoll.fileno(), self._dispatch)
+        return epoll
+
+    def _dispatch(self) -> None:
+        epoll, watchers = self._epoll, self._watchers
+        assert epoll is not None
+        for fd, events in epoll.poll(0, EVENTS_PER_WAKEUP):
+            # An event of a descriptor given up earlier in this batch finds no watcher, or its
+            # number's new watcher, which takes it as a spurious wake-up.
+            watcher = watchers.get(fd)
+            if watcher is None:
+                continue
+            try:
+                watcher.event(fd, events)
+            except Exception as exc:  # a bug must not stop the other connections, nor spin
+                log.exception("fast lane: closing %s after an unexpected error", watcher.record.id)
+                watcher.record.fail("error", f"internal error: {exc}")
+                watcher.abort()
+
+    def close(self) -> None:
+        """Stop watching (the proxy stopped; its connections are closed)."""
+        epoll, self._epoll = self._epoll, None
+        if epoll is not None:
+            assert self._loop is not None
+            self._loop.remove_reader(epoll.fileno())
+            epoll.close()
+        self._watchers.clear()
+
+    # -- relaying ------------------------------------------------------------------------------
 
     def start(
         self,
@@ -127,57 +201,12 @@ class RelayLane:
         addresses: tuple[Address, ...],
     ) -> None:
         """Relay ``client`` to the first of ``addresses`` that accepts (round-robin start)."""
-        action = route.action
-        assert isinstance(action, ForwardAction)
-        if not self._loop_known:
-            self._loop_known = True
-            if type(asyncio.get_running_loop()).__module__.startswith("uvloop"):
-                self.live = set()
         if len(addresses) > 1:
+            action = route.action
+            assert isinstance(action, ForwardAction)
             first = action.rotation.next() % len(addresses)
             addresses = addresses[first:] + addresses[:first]
-        relay = SocketRelay(self, client, record, route.name, addresses)
-        if self.live is not None:
-            self.live.add(relay)
-        relay.connect()
-
-    def revive(self) -> None:
-        """On uvloop: watch again the sockets uvloop stopped watching after an error event.
-
-        For an error event (a reset, say) uvloop runs a socket's callbacks once and then drops
-        its poll, so bytes queued before the error, and the error itself, would never be
-        reported. The runtime calls this once a second: one ``poll(0)`` over the relays'
-        sockets finds those with something to report, and their callbacks are registered
-        afresh (harmless for a socket that was still watched).
-        """
-        if not self.live:
-            return
-        poller = select.poll()
-        wanted: dict[int, list[tuple[_Direction, bool]]] = {}
-        masks: dict[int, int] = {}
-        for relay in self.live:
-            if relay.down is None or relay.closing:
-                continue
-            for direction in (relay.up, relay.down):
-                if direction.pending is not None:
-                    fd, writing, mask = direction.dst_fd, True, select.POLLOUT
-                elif not direction.eof:
-                    fd, writing, mask = direction.src_fd, False, select.POLLIN
-                else:
-                    continue
-                wanted.setdefault(fd, []).append((direction, writing))
-                masks[fd] = masks.get(fd, 0) | mask
-        for fd, mask in masks.items():
-            poller.register(fd, mask)
-        loop = asyncio.get_running_loop()
-        for fd, _ in poller.poll(0):
-            for direction, writing in wanted[fd]:
-                if writing:
-                    loop.remove_writer(fd)
-                    loop.add_writer(fd, direction.writable)
-                else:
-                    loop.remove_reader(fd)
-                    loop.add_reader(fd, direction.readable)
+        SocketRelay(self, client, record, route.name, addresses).connect()
 
 
 class _Direction:
@@ -197,8 +226,8 @@ class _Direction:
 
     def readable(self) -> None:
         relay = self.relay
-        if self.pending is not None or self.eof or relay.done:
-            return  # a continuation (call_soon) that the relay's state has overtaken
+        if self.pending is not None or self.eof or relay.closing or relay.done:
+            return  # a stale event: the relay's state has moved on
         lane = relay.lane
         buffer, view, src = lane.buffer, lane.view, self.src
         for reads in range(READS_PER_EVENT):
@@ -229,18 +258,17 @@ class _Direction:
             if sent < count:
                 # The destination is full: keep the rest and stop reading until it has gone.
                 self.pending = bytes(data[sent:])
-                loop = relay.loop
-                loop.remove_reader(self.src_fd)
-                loop.add_writer(self.dst_fd, self.writable)
+                relay.rearm()
                 return
             if count < CHUNK and not reads:
                 return  # a message that fit: the usual case, one read per event
-        relay.loop.call_soon(self.readable)  # a long stream: go on after the other callbacks
 
     def writable(self) -> None:
         pending = self.pending
-        assert pending is not None and self.dst is not None
+        if pending is None:
+            return  # a stale event
         relay = self.relay
+        assert self.dst is not None
         try:
             sent = self.dst.send(pending)
         except _RETRY:
@@ -252,27 +280,22 @@ class _Direction:
             self.pending = pending[sent:]
             return
         self.pending = None
-        relay.loop.remove_writer(self.dst_fd)
         if relay.closing:
             relay.finish()
         else:  # reading was paused while data was pending, so no EOF was seen meanwhile
-            relay.loop.add_reader(self.src_fd, self.readable)
+            relay.rearm()
 
     def _ended(self) -> None:
         """The source sent EOF: stop reading it and pass the EOF on."""
         relay = self.relay
         self.eof = True
         relay.record.half_closed = True  # from now on the half_close limit applies too
-        relay.loop.remove_reader(self.src_fd)
-        self._pass_eof()
-
-    def _pass_eof(self) -> None:
-        relay = self.relay
         if relay.other(self).eof:
             # Both ends are done. (A direction reads no further while it has data pending,
             # so one that saw its EOF has delivered everything.)
             relay.finish()
             return
+        relay.rearm()
         try:
             assert self.dst is not None
             self.dst.shutdown(socket.SHUT_WR)
@@ -281,13 +304,16 @@ class _Direction:
 
 
 class SocketRelay:
-    """A client socket piped to a backend socket, both driven by the event loop's selector."""
+    """A client socket piped to a backend socket, both watched by the lane's epoll set."""
 
     __slots__ = (
         "lane",
-        "loop",
         "client",
+        "client_fd",
+        "client_mask",
         "backend",
+        "backend_fd",
+        "backend_mask",
         "record",
         "route_name",
         "addresses",
@@ -309,9 +335,12 @@ class SocketRelay:
         addresses: tuple[Address, ...],
     ) -> None:
         self.lane = lane
-        self.loop = asyncio.get_running_loop()
         self.client = client
+        self.client_fd = client.fileno()
+        self.client_mask = 0  # what the lane's epoll set reports for each socket
         self.backend: socket.socket | None = None
+        self.backend_fd = -1
+        self.backend_mask = 0
         self.record = record
         self.route_name = route_name
         self.addresses = addresses
@@ -329,6 +358,42 @@ class SocketRelay:
         assert down is not None
         return down if direction is self.up else self.up
 
+    def event(self, fd: int, events: int) -> None:
+        """The lane's epoll set reports ``events`` on ``fd``."""
+        down = self.down
+        if down is None:  # connecting: the backend socket is writable or failed
+            if fd == self.backend_fd and not self.done:
+                self._connect_reported()
+            return
+        if fd == self.client_fd:
+            reader, writer, mask = self.up, down, self.client_mask
+        else:
+            reader, writer, mask = down, self.up, self.backend_mask
+        if events & _TROUBLE:
+            events |= mask  # an error or hang-up: the call that is waiting finds out which
+        if events & OUT and mask & OUT:
+            writer.writable()
+        if events & IN and mask & IN and not self.done:
+            reader.readable()
+
+    def rearm(self) -> None:
+        """Watch for what the directions wait on now: data to read, room to write."""
+        up, down, lane = self.up, self.down, self.lane
+        assert down is not None
+        closing = self.closing
+        client = (0 if closing or up.eof or up.pending is not None else IN) | (
+            0 if down.pending is None else OUT
+        )
+        backend = (0 if closing or down.eof or down.pending is not None else IN) | (
+            0 if up.pending is None else OUT
+        )
+        if client != self.client_mask:
+            lane.watch(self.client_fd, self.client_mask, client, self)
+            self.client_mask = client
+        if backend != self.backend_mask:
+            lane.watch(self.backend_fd, self.backend_mask, backend, self)
+            self.backend_mask = backend
+
     # -- connecting --------------------------------------------------------------------------
 
     def connect(self) -> None:
@@ -344,9 +409,13 @@ class SocketRelay:
             backend.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             code = backend.connect_ex(sockaddr)
             if code in (0, errno.EINPROGRESS, errno.EAGAIN):
-                self.backend = backend
-                self.loop.add_writer(backend.fileno(), self._connected)
-                self.timer = self.loop.call_later(
+                self.backend, self.backend_fd = backend, backend.fileno()
+                if code == 0 or _established(backend):  # a local backend accepts at once
+                    self._connected()
+                    return
+                self.lane.watch(self.backend_fd, 0, OUT, self)
+                self.backend_mask = OUT
+                self.timer = asyncio.get_running_loop().call_later(
                     self.record.timeouts.connect, self._connect_timeout
                 )
                 return
@@ -357,41 +426,48 @@ class SocketRelay:
         log.warning("route %r: %s; closing %s", self.route_name, record.error, record.id)
         self.finish()
 
-    def _connected(self) -> None:
+    def _connect_reported(self) -> None:
         backend = self.backend
         assert backend is not None
-        self.loop.remove_writer(backend.fileno())
         code = backend.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if code:
             self._retry(os.strerror(code))
-            return
+        elif _established(backend):
+            self._connected()
+        # else: a stale event, the connect is still under way
+
+    def _connected(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        backend = self.backend
+        assert backend is not None
         self.record.target = self.addresses[self.next - 1][2]
         up = self.up
         down = self.down = _Direction(self, backend, inbound=False)
-        up.dst, up.dst_fd = backend, down.src_fd
-        down.dst, down.dst_fd = self.client, up.src_fd
-        self.loop.add_reader(up.src_fd, up.readable)
-        self.loop.add_reader(down.src_fd, down.readable)
+        up.dst, up.dst_fd = backend, self.backend_fd
+        down.dst, down.dst_fd = self.client, self.client_fd
+        self.rearm()
 
     def _connect_timeout(self) -> None:
         self.timer = None
-        backend = self.backend
-        assert backend is not None
-        self.loop.remove_writer(backend.fileno())
         self._retry(f"timed out after {self.record.timeouts.connect:g}s")
 
     def _retry(self, why: str) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        assert self.backend is not None
-        self.backend.close()
-        self.backend = None
+        self._close_backend()
         self.failures.append(f"{self.addresses[self.next - 1][2]} {why}")
         self.connect()
+
+    def _close_backend(self) -> None:
+        if self.backend_mask:
+            self.lane.watch(self.backend_fd, self.backend_mask, 0, self)
+            self.backend_mask = 0
+        assert self.backend is not None
+        self.backend.close()
+        self.backend, self.backend_fd = None, -1
 
     # -- ending ------------------------------------------------------------------------------
 
@@ -405,42 +481,39 @@ class SocketRelay:
         side = "client" if direction.inbound else "backend"
         self.record.fail("error", f"{side}: {exc.strerror or exc}")
         self.closing = True
-        loop = self.loop
-        for each in (self.up, self.down):
-            if each is not None and not each.eof:
-                loop.remove_reader(each.src_fd)
         # What the failed side sent and the other could not take yet is still delivered;
         # what was on its way to the failed side is dropped with it.
-        other = self.other(direction)
-        if other.pending is not None:
-            loop.remove_writer(other.dst_fd)
-            other.pending = None
+        self.other(direction).pending = None
         if direction.pending is None:
             self.finish()
+        else:
+            self.rearm()
 
     def abort(self) -> None:
         """Close both sockets now, dropping whatever is pending (limits and shutdown)."""
         self.finish()
 
     def finish(self) -> None:
-        """Unregister and close both sockets, and count the connection as ended."""
+        """Stop watching and close both sockets, and count the connection as ended."""
         if self.done:
             return
         self.done = True
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        loop, up, down = self.loop, self.up, self.down
-        # After both EOFs with nothing pending (the usual end) no callback is registered.
-        registered = not (
-            down is not None and up.eof and down.eof and up.pending is None and down.pending is None
-        )
-        for sock in (self.client, self.backend):
-            if sock is not None and sock.fileno() >= 0:
-                if registered:
-                    loop.remove_reader(sock.fileno())
-                    loop.remove_writer(sock.fileno())
-                sock.close()
-        if self.lane.live is not None:
-            self.lane.live.discard(self)
+        if self.backend is not None:
+            self._close_backend()
+        if self.client_mask:
+            self.lane.watch(self.client_fd, self.client_mask, 0, self)
+            self.client_mask = 0
+        self.client.close()
         self.lane.runtime.stats.finished(self.record)
+
+
+def _established(sock: socket.socket) -> bool:
+    """True when ``sock``'s connect has completed (it has a peer)."""
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True
