@@ -806,6 +806,72 @@ async def test_the_lane_epoll_set_lives_while_the_proxy_runs() -> None:
             assert await ping_works(port)
 
 
+def failing_watch(monkeypatch: pytest.MonkeyPatch, times: int = 1) -> list[int]:
+    """The lane's epoll set refuses the next ``times`` new sockets (ENOMEM); fds refused."""
+    original = RelayLane.watch
+    refused: list[int] = []
+
+    def watch(lane: RelayLane, fd: int, old: int, new: int, watcher: Any) -> None:
+        if not old and new and len(refused) < times:
+            refused.append(fd)
+            raise OSError(errno.ENOMEM, "Cannot allocate memory")
+        original(lane, fd, old, new, watcher)
+
+    monkeypatch.setattr(RelayLane, "watch", watch)
+    return refused
+
+
+@async_test(timeout=10)
+async def test_a_connection_the_lane_cannot_watch_is_closed_and_the_port_serves_on(
+    relays: list[SocketRelay],
+    finished: Finished,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    refused = failing_watch(monkeypatch)
+    async with backend() as (echo, _):
+        port = free_port()
+        async with running(forward(port, target(echo))) as proxy:
+            async with settled(proxy):
+                async with connect(port) as (reader, writer):
+                    data, _ = await read_to_end(reader)
+                record = await finished.next()
+                assert await ping_works(port)
+    assert data == b"" and len(refused) == 1
+    assert record is relays[0].record
+    assert (record.outcome, record.error) == ("error", "proxy: [Errno 12] Cannot allocate memory")
+    assert f"route 'lane': cannot relay {record.id}" in caplog.text
+
+
+@async_test(timeout=10)
+async def test_a_hello_the_lane_cannot_watch_for_goes_to_a_transport(
+    ca: TestCA,
+    tmp_path: Path,
+    relays: list[SocketRelay],
+    finished: Finished,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    refused = failing_watch(monkeypatch)
+    context = ca.server_context(ca.issue("a.example.test"), tmp_path, "a")
+    async with serve(named_handler("secret"), ssl_context=context) as tls_backend:
+        port = free_port()
+        route = forward(port, target(tls_backend))
+        route["match"]["domains"] = "a.example.test"
+        route["action"]["tls"] = {"mode": "passthrough"}
+        async with running(route) as proxy:
+            async with settled(proxy):
+                reader, writer = await asyncio.open_connection(
+                    LOOPBACK, port, ssl=ca.client_context(), server_hostname="a.example.test"
+                )
+                assert await asyncio.wait_for(reader.readline(), 5) == b"secret\n"
+                writer.close()
+                with contextlib.suppress(ssl.SSLError, ConnectionError):
+                    await writer.wait_closed()
+                record = await finished.next()
+    assert len(refused) == 1 and relays == []  # routed by the pipeline on a transport
+    assert (record.route, record.domain, record.outcome) == ("lane", "a.example.test", "ok")
+
+
 # -- backpressure ----------------------------------------------------------------------------
 
 BLOCKS = 32  # MiB sent each way: far more than the proxy may hold

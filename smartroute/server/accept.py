@@ -131,7 +131,12 @@ class SocketPeek:
         wait = runtime.timeouts.initial_data if waits is None else waits[0]
         self.timer: asyncio.TimerHandle | None = loop.call_later(wait, self._timeout)
         record.closer = self.abort
-        runtime.lane.watch(self.fd, 0, IN, self)
+        self.watched = False
+        try:
+            runtime.lane.watch(self.fd, 0, IN, self)
+        except OSError:  # the lane cannot watch it (out of memory): a transport may
+            self._hand_over()
+            return
         self.watched = True
 
     def event(self, fd: int, events: int) -> None:

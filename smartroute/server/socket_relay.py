@@ -152,8 +152,11 @@ class RelayLane:
         elif new:
             epoll.modify(fd, new)
         else:
-            epoll.unregister(fd)
             del self._watchers[fd]
+            try:
+                epoll.unregister(fd)
+            except OSError:  # already gone from the set (closed elsewhere): nothing is watched
+                pass
 
     def open(self) -> None:
         """Create the epoll set and have the running loop watch it (the proxy starts)."""
@@ -206,7 +209,13 @@ class RelayLane:
             assert isinstance(action, ForwardAction)
             first = action.rotation.next() % len(addresses)
             addresses = addresses[first:] + addresses[:first]
-        SocketRelay(self, client, record, route.name, addresses).connect()
+        relay = SocketRelay(self, client, record, route.name, addresses)
+        try:
+            relay.connect()
+        except Exception as exc:  # out of resources (epoll, memory) or a bug: this one ends
+            record.fail("error", f"proxy: {exc}")
+            log.error("route %r: cannot relay %s: %s", route.name, record.id, exc)
+            relay.finish()
 
 
 class _Direction:
