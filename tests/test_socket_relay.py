@@ -549,10 +549,11 @@ async def test_first_bytes_peeked_for_routing_still_reach_the_backend_on_the_lan
     assert (record.route, record.bytes_in) == ("lane", len(payload))
 
 
-@async_test(timeout=10)
-async def test_tls_passthrough_chosen_by_sni_is_relayed_on_the_lane(
-    ca: TestCA, tmp_path: Path, relays: list[SocketRelay], finished: Finished
-) -> None:
+async def through_sni_passthrough(
+    ca: TestCA, tmp_path: Path, finished: Finished
+) -> tuple[ConnectionRecord, int]:
+    """One TLS session to a.example.test through a port with an SNI passthrough route: the
+    backend's greeting and an echo pass; the record of the connection and the backend's port."""
     context = ca.server_context(ca.issue("a.example.test"), tmp_path, "a")
     async with serve(named_handler("secret"), ssl_context=context) as tls_backend:
         port = free_port()
@@ -570,7 +571,14 @@ async def test_tls_passthrough_chosen_by_sni_is_relayed_on_the_lane(
                 writer.close()
                 with contextlib.suppress(ssl.SSLError, ConnectionError):
                     await writer.wait_closed()
-                record = await finished.next()
+                return await finished.next(), tls_backend
+
+
+@async_test(timeout=10)
+async def test_tls_passthrough_chosen_by_sni_is_relayed_on_the_lane(
+    ca: TestCA, tmp_path: Path, relays: list[SocketRelay], finished: Finished
+) -> None:
+    record, tls_backend = await through_sni_passthrough(ca, tmp_path, finished)
     assert len(relays) == 1
     assert (record.route, record.domain, record.target) == (
         "lane",
@@ -852,22 +860,7 @@ async def test_a_hello_the_lane_cannot_watch_for_goes_to_a_transport(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     refused = failing_watch(monkeypatch)
-    context = ca.server_context(ca.issue("a.example.test"), tmp_path, "a")
-    async with serve(named_handler("secret"), ssl_context=context) as tls_backend:
-        port = free_port()
-        route = forward(port, target(tls_backend))
-        route["match"]["domains"] = "a.example.test"
-        route["action"]["tls"] = {"mode": "passthrough"}
-        async with running(route) as proxy:
-            async with settled(proxy):
-                reader, writer = await asyncio.open_connection(
-                    LOOPBACK, port, ssl=ca.client_context(), server_hostname="a.example.test"
-                )
-                assert await asyncio.wait_for(reader.readline(), 5) == b"secret\n"
-                writer.close()
-                with contextlib.suppress(ssl.SSLError, ConnectionError):
-                    await writer.wait_closed()
-                record = await finished.next()
+    record, _ = await through_sni_passthrough(ca, tmp_path, finished)
     assert len(refused) == 1 and relays == []  # routed by the pipeline on a transport
     assert (record.route, record.domain, record.outcome) == ("lane", "a.example.test", "ok")
 
