@@ -18,6 +18,7 @@ import errno
 import functools
 import hashlib
 import logging
+import os
 import socket
 import ssl
 import time
@@ -867,13 +868,29 @@ async def test_a_hello_the_lane_cannot_watch_for_goes_to_a_transport(
 
 # -- backpressure ----------------------------------------------------------------------------
 
-BLOCKS = 32  # MiB sent each way: far more than the proxy may hold
+# MiB sent each way: far more than the proxy may hold, and more than the kernel's socket
+# buffers between the two peers take in (two receive buffers that grow up to tcp_rmem's 32 MiB
+# here, two send buffers; spliced streams reach them fastest).
+BLOCKS = 128
 RSS_SLACK = 16 * MIB  # growth allowed while that much passes through
+
+
+@pytest.fixture(params=["splice", "copy"])
+def way(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """How long streams pass: through a pipe with splice, or copied through the buffer."""
+    if request.param == "copy":
+        monkeypatch.setattr(socket_relay, "SPLICE", False)
+    return cast(str, request.param)
+
+
+def assert_passed(direction: Any, way: str) -> None:
+    """``direction`` carried its long stream the ``way`` the test asked for."""
+    assert (direction.pipe_size > 0) == (way == "splice"), direction.pipe_size
 
 
 @async_test(timeout=20)
 async def test_a_backend_that_stops_reading_holds_the_client_back_and_loses_nothing(
-    relays: list[SocketRelay], finished: Finished
+    relays: list[SocketRelay], finished: Finished, way: str
 ) -> None:
     pattern_block()
     go = asyncio.Event()
@@ -894,9 +911,9 @@ async def test_a_backend_that_stops_reading_holds_the_client_back_and_loses_noth
                 progress = {"sent": 0}
                 sending = asyncio.create_task(send_blocks(writer, BLOCKS, progress))
                 relay = await only_relay(relays)
-                await held_back(lambda: relay.up.pending is not None, progress)
+                await held_back(lambda: relay.up.held > 0, progress)
                 assert progress["sent"] < BLOCKS * MIB, "the client was not held back"
-                assert relay.up.pending is not None and len(relay.up.pending) <= CHUNK
+                assert 0 < relay.up.held <= CHUNK
                 peak = rss_bytes()
                 go.set()
                 await asyncio.wait_for(sending, 10)
@@ -906,12 +923,13 @@ async def test_a_backend_that_stops_reading_holds_the_client_back_and_loses_noth
             record = await finished.next()
     assert (answer, was_reset) == (f"{BLOCKS * MIB} {pattern_digest(BLOCKS)}".encode(), False)
     assert (record.outcome, record.bytes_in) == ("ok", BLOCKS * MIB)
+    assert_passed(relay.up, way)
     assert peak - baseline < RSS_SLACK, f"RSS grew by {(peak - baseline) / MIB:.0f} MiB"
 
 
 @async_test(timeout=20)
 async def test_a_client_that_stops_reading_holds_the_backend_back_and_loses_nothing(
-    relays: list[SocketRelay], finished: Finished
+    relays: list[SocketRelay], finished: Finished, way: str
 ) -> None:
     pattern_block()
     progress = {"sent": 0}
@@ -925,12 +943,10 @@ async def test_a_client_that_stops_reading_holds_the_backend_back_and_loses_noth
             async with settled(proxy, timeout=10), connect(port) as (reader, writer):
                 baseline = rss_bytes()
                 relay = await only_relay(relays)
-                await held_back(
-                    lambda: relay.down is not None and relay.down.pending is not None, progress
-                )
+                await held_back(lambda: relay.down is not None and relay.down.held > 0, progress)
                 assert progress["sent"] < BLOCKS * MIB, "the backend was not held back"
-                assert relay.down is not None and relay.down.pending is not None
-                assert len(relay.down.pending) <= CHUNK
+                assert relay.down is not None and relay.down.held
+                assert relay.down.held <= CHUNK
                 peak = rss_bytes()
                 digest, count = hashlib.sha256(), 0
                 async with asyncio.timeout(10):
@@ -942,6 +958,8 @@ async def test_a_client_that_stops_reading_holds_the_backend_back_and_loses_noth
             record = await finished.next()
     assert (count, digest.hexdigest()) == (BLOCKS * MIB, pattern_digest(BLOCKS))
     assert (record.outcome, record.bytes_out) == ("ok", BLOCKS * MIB)
+    assert relay.down is not None
+    assert_passed(relay.down, way)
     assert peak - baseline < RSS_SLACK, f"RSS grew by {(peak - baseline) / MIB:.0f} MiB"
 
 
@@ -1081,7 +1099,7 @@ async def test_client_reset_behind_unread_data_ends_the_backend_connection(
                 async with connect(port) as (reader, writer):
                     relay = await only_relay(relays)
                     writer.write(b"u" * (16 * MIB))  # more than the buffers on the way take
-                    await until(lambda: relay.up.pending is not None, "the proxy paused")
+                    await until(lambda: relay.up.held > 0, "the proxy paused")
                     reset(writer)  # the reset waits at the proxy behind unread bytes
                 go.set()
                 count, how = (await sink.outcome(timeout=3)).split()
@@ -1111,7 +1129,7 @@ async def test_what_a_failed_client_sent_is_still_delivered_to_the_backend(
                 async with connect(port) as (reader, writer):
                     relay = await only_relay(relays)
                     writer.write(b"u" * (16 * MIB))
-                    await until(lambda: relay.up.pending is not None, "the proxy paused")
+                    await until(lambda: relay.up.held > 0, "the proxy paused")
                     reset(writer)
                 poke.set()
                 await until(lambda: relay.closing, "the proxy saw the client go")
@@ -1167,7 +1185,7 @@ async def test_backend_reset_while_the_proxy_holds_client_bytes_for_it(
                 async with connect(port) as (reader, writer):
                     relay = await only_relay(relays)
                     writer.write(b"u" * (16 * MIB))
-                    await until(lambda: relay.up.pending is not None, "the proxy paused")
+                    await until(lambda: relay.up.held > 0, "the proxy paused")
                     paused.set()  # the bytes held for the backend have nowhere to go now
                     data, _ = await read_to_end(reader)
                 record = await finished.next()
@@ -1223,7 +1241,7 @@ async def test_backend_reset_behind_unread_data_ends_the_client_connection(
                 async with connect(port) as (reader, writer):
                     relay = await only_relay(relays)
                     await until(
-                        lambda: relay.down is not None and relay.down.pending is not None,
+                        lambda: relay.down is not None and relay.down.held > 0,
                         "the proxy paused",
                     )
                     paused.set()
@@ -1383,7 +1401,7 @@ async def test_a_failed_delivery_after_the_other_side_failed_still_ends_the_conn
             async with connect(port) as (reader, writer):
                 relay = await only_relay(relays)
                 writer.write(b"u" * (16 * MIB))
-                await until(lambda: relay.up.pending is not None, "the proxy paused")
+                await until(lambda: relay.up.held > 0, "the proxy paused")
                 reset(writer)
             poke.set()
             await until(lambda: relay.closing, "the proxy saw the client go")
@@ -1429,6 +1447,42 @@ async def test_running_out_of_descriptors_for_the_backend_socket_ends_the_connec
             assert await ping_works(port), "the route's only place was never given back"
     record = await finished.next(timeout=0)
     assert record.outcome in ("backend-unreachable", "error")
+
+
+class _PipesRunOut:
+    """``socket_relay``'s os module, whose pipes fail: no descriptor left."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+    @staticmethod
+    def pipe2(flags: int) -> tuple[int, int]:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+
+@async_test(timeout=20)
+async def test_a_long_stream_without_a_pipe_is_copied_and_loses_nothing(
+    relays: list[SocketRelay], finished: Finished, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(socket_relay, "os", _PipesRunOut())
+    blocks = 16
+    async with backend() as (echo, _):
+        port = free_port()
+        async with running(forward(port, target(echo))) as proxy:
+            async with settled(proxy), connect(port) as (reader, writer):
+                sending = asyncio.create_task(send_blocks(writer, blocks, {"sent": 0}))
+                digest, count = hashlib.sha256(), 0
+                async with asyncio.timeout(10):
+                    while count < blocks * MIB:
+                        chunk = await reader.read(1 << 18)
+                        assert chunk, "the echo ended early"
+                        digest.update(chunk)
+                        count += len(chunk)
+                await sending
+            record = await finished.next()
+    assert (count, digest.hexdigest()) == (blocks * MIB, pattern_digest(blocks))
+    assert (record.outcome, record.bytes_in, record.bytes_out) == ("ok", count, count)
+    assert relays[0].up.pipe_size == -1  # it tried, found no pipe, and copied on
 
 
 # -- Listener --------------------------------------------------------------------------------

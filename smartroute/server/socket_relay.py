@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import ipaddress
 import logging
 import os
@@ -44,6 +45,9 @@ _RETRY = (BlockingIOError, InterruptedError)
 # A read that fills the buffer is followed by more, until the socket says EAGAIN, up to this
 # many per event; a longer stream goes on at the next event, after the loop's other callbacks.
 READS_PER_EVENT = 16
+# Long streams go socket -> pipe -> socket with splice (Linux), not through the buffer.
+SPLICE = hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 EVENTS_PER_WAKEUP = 256  # epoll events the lane handles each time the loop wakes it
 AVAILABLE = hasattr(select, "epoll")  # Linux; elsewhere every connection takes a transport
 
@@ -219,9 +223,28 @@ class RelayLane:
 
 
 class _Direction:
-    """One direction of a relay: reads ``src``, writes ``dst``."""
+    """One direction of a relay: reads ``src``, writes ``dst``.
 
-    __slots__ = ("relay", "src", "dst", "src_fd", "dst_fd", "pending", "eof", "inbound")
+    Bytes pass through the lane's shared buffer, until a read fills it: the direction carries
+    a long stream then, and where the system has ``splice`` it goes on through a pipe of its
+    own, so the kernel moves the bytes from socket to socket without copying them through
+    this process.
+    """
+
+    __slots__ = (
+        "relay",
+        "src",
+        "dst",
+        "src_fd",
+        "dst_fd",
+        "pending",
+        "piped",
+        "pipe_r",
+        "pipe_w",
+        "pipe_size",
+        "eof",
+        "inbound",
+    )
 
     def __init__(self, relay: SocketRelay, src: socket.socket, inbound: bool) -> None:
         self.relay = relay
@@ -229,19 +252,32 @@ class _Direction:
         self.src_fd = src.fileno()
         self.dst: socket.socket | None = None
         self.dst_fd = -1
-        self.pending: bytes | None = None  # read but not yet taken by dst
+        self.pending: bytes | None = None  # read but not yet taken by dst ...
+        self.piped = 0  # ... or that many bytes in the pipe
+        self.pipe_r = self.pipe_w = -1
+        self.pipe_size = 0  # 0: no pipe yet; -1: none to be had (copy through the buffer)
         self.eof = False
         self.inbound = inbound
 
+    @property
+    def held(self) -> int:
+        """Bytes read from ``src`` that ``dst`` has not taken yet (reading waits for them)."""
+        return (0 if self.pending is None else len(self.pending)) + self.piped
+
     def readable(self) -> None:
         relay = self.relay
-        if self.pending is not None or self.eof or relay.closing or relay.done:
+        if self.pending is not None or self.piped or self.eof or relay.closing or relay.done:
             return  # a stale event: the relay's state has moved on
         lane = relay.lane
-        buffer, view, src = lane.buffer, lane.view, self.src
+        buffer, view, src, dst = lane.buffer, lane.view, self.src, self.dst
+        assert dst is not None
+        piping, full = self.pipe_size > 0, self.pipe_size if self.pipe_size > 0 else CHUNK
         for reads in range(READS_PER_EVENT):
             try:
-                count = src.recv_into(buffer)
+                if piping:
+                    count = os.splice(self.src_fd, self.pipe_w, full, flags=_SPLICE_FLAGS)
+                else:
+                    count = src.recv_into(buffer)
             except _RETRY:
                 return
             except OSError as exc:
@@ -254,11 +290,11 @@ class _Direction:
                 relay.record.bytes_in += count
             else:
                 relay.record.bytes_out += count
-            data = view[:count]
-            dst = self.dst
-            assert dst is not None
             try:
-                sent = dst.send(data)
+                if piping:
+                    sent = os.splice(self.pipe_r, self.dst_fd, count, flags=_SPLICE_FLAGS)
+                else:
+                    sent = dst.send(view[:count])
             except _RETRY:
                 sent = 0
             except OSError as exc:
@@ -266,33 +302,67 @@ class _Direction:
                 return
             if sent < count:
                 # The destination is full: keep the rest and stop reading until it has gone.
-                self.pending = bytes(data[sent:])
+                if piping:
+                    self.piped = count - sent
+                else:
+                    self.pending = bytes(view[sent:count])
                 relay.rearm()
                 return
-            if count < CHUNK and not reads:
-                return  # a message that fit: the usual case, one read per event
+            if count < full:
+                if not reads:
+                    return  # a message that fit: the usual case, one read per event
+            elif not piping and not self.pipe_size and SPLICE and self._open_pipe():
+                piping, full = True, self.pipe_size  # a long stream: on through the pipe
+
+    def _open_pipe(self) -> bool:
+        try:
+            self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:  # out of descriptors: this direction copies through the buffer
+            self.pipe_size = -1
+            return False
+        try:
+            self.pipe_size = fcntl.fcntl(self.pipe_w, fcntl.F_SETPIPE_SZ, CHUNK)
+        except OSError:  # over the system's pipe limits: the pipe keeps its default size
+            self.pipe_size = fcntl.fcntl(self.pipe_w, fcntl.F_GETPIPE_SZ)
+        return True
 
     def writable(self) -> None:
-        pending = self.pending
-        if pending is None:
-            return  # a stale event
         relay = self.relay
-        assert self.dst is not None
         try:
-            sent = self.dst.send(pending)
+            if self.piped:
+                self.piped -= os.splice(self.pipe_r, self.dst_fd, self.piped, flags=_SPLICE_FLAGS)
+                if self.piped:
+                    return
+            else:
+                pending = self.pending
+                if pending is None:
+                    return  # a stale event
+                assert self.dst is not None
+                sent = self.dst.send(pending)
+                if sent < len(pending):
+                    self.pending = pending[sent:]
+                    return
+                self.pending = None
         except _RETRY:
             return
         except OSError as exc:
             relay.lost(relay.other(self), exc)
             return
-        if sent < len(pending):
-            self.pending = pending[sent:]
-            return
-        self.pending = None
         if relay.closing:
             relay.finish()
         else:  # reading was paused while data was pending, so no EOF was seen meanwhile
             relay.rearm()
+
+    def drop(self) -> None:
+        """Forget what is held for ``dst`` (it failed)."""
+        self.pending = None
+        self.piped = 0
+
+    def close_pipe(self) -> None:
+        if self.pipe_r >= 0:
+            os.close(self.pipe_r)
+            os.close(self.pipe_w)
+            self.pipe_r = self.pipe_w = -1
 
     def _ended(self) -> None:
         """The source sent EOF: stop reading it and pass the EOF on."""
@@ -390,12 +460,9 @@ class SocketRelay:
         up, down, lane = self.up, self.down, self.lane
         assert down is not None
         closing = self.closing
-        client = (0 if closing or up.eof or up.pending is not None else IN) | (
-            0 if down.pending is None else OUT
-        )
-        backend = (0 if closing or down.eof or down.pending is not None else IN) | (
-            0 if up.pending is None else OUT
-        )
+        up_held, down_held = up.held, down.held
+        client = (0 if closing or up.eof or up_held else IN) | (OUT if down_held else 0)
+        backend = (0 if closing or down.eof or down_held else IN) | (OUT if up_held else 0)
         if client != self.client_mask:
             lane.watch(self.client_fd, self.client_mask, client, self)
             self.client_mask = client
@@ -492,8 +559,8 @@ class SocketRelay:
         self.closing = True
         # What the failed side sent and the other could not take yet is still delivered;
         # what was on its way to the failed side is dropped with it.
-        self.other(direction).pending = None
-        if direction.pending is None:
+        self.other(direction).drop()
+        if not direction.held:
             self.finish()
         else:
             self.rearm()
@@ -516,6 +583,9 @@ class SocketRelay:
             self.lane.watch(self.client_fd, self.client_mask, 0, self)
             self.client_mask = 0
         self.client.close()
+        self.up.close_pipe()
+        if self.down is not None:
+            self.down.close_pipe()
         self.lane.runtime.stats.finished(self.record)
 
 
