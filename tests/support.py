@@ -20,6 +20,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+MIB = 1 << 20
+PARTIAL = b"partial:" + bytes(range(256)) * 100  # what a failing peer manages to send
+Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+Behaviour = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
 LOOPBACK = "127.0.0.1"
 
 
@@ -147,27 +152,12 @@ async def echo_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
     writer.close()
 
 
-class ScriptedBackend:
-    """A backend whose next connections follow ``script``; the ones after that echo.
+class Notes:
+    """What a test backend's connections noted about how they ended, in order."""
 
-    A behaviour may ``note`` how its connection ended; ``outcome`` waits for the next note.
-    """
-
-    def __init__(self, *script: Handler) -> None:
-        self.script = list(script)
-        self.accepted = 0
+    def __init__(self) -> None:
         self.ended: list[str] = []
         self._changed = asyncio.Event()
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.accepted += 1
-        behaviour = self.script.pop(0) if self.script else echo_handler
-        try:
-            await behaviour(reader, writer)
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
 
     def note(self, outcome: str) -> None:
         self.ended.append(outcome)
@@ -180,6 +170,28 @@ class ScriptedBackend:
                 self._changed.clear()
                 await self._changed.wait()
         return self.ended.pop(0)
+
+
+class ScriptedBackend(Notes):
+    """A backend whose next connections follow ``script``; the ones after that echo.
+
+    A behaviour may ``note`` how its connection ended; ``outcome`` waits for the next note.
+    """
+
+    def __init__(self, *script: Handler) -> None:
+        super().__init__()
+        self.script = list(script)
+        self.accepted = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        behaviour = self.script.pop(0) if self.script else echo_handler
+        try:
+            await behaviour(reader, writer)
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
 
 
 def named_handler(name: str) -> Handler:

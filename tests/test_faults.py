@@ -14,13 +14,17 @@ import contextlib
 import functools
 import hashlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from leaks import rss_bytes, settled
 from support import (
     LOOPBACK,
+    MIB,
+    PARTIAL,
+    Connection,
+    Notes,
     ScriptedBackend,
     async_test,
     echo_handler,
@@ -34,11 +38,6 @@ from support import (
 from smartroute import SmartRoute
 from smartroute.protocols.http_response import ResponseHead, parse_response_head
 
-Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
-Behaviour = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-MIB = 1 << 20
-PARTIAL = b"partial:" + bytes(range(256)) * 100  # what a failing backend manages to send
 FAST = {"connect_timeout": 1, "initial_data_timeout": 2}
 
 
@@ -119,7 +118,7 @@ async def tcp_proxy(**settings: Any) -> AsyncIterator[tuple[SmartRoute, int, Scr
 # -- helpers: HTTP -------------------------------------------------------------------------
 
 
-class HttpBackend:
+class HttpBackend(Notes):
     """A raw HTTP/1.1 backend that misbehaves on purpose, by request path.
 
     ``/ok`` answers ``ok`` and closes (so no backend connection is left in the proxy's pool
@@ -130,20 +129,8 @@ class HttpBackend:
     BIG = 50 * MIB
 
     def __init__(self) -> None:
-        self.ended: list[str] = []
-        self.changed = asyncio.Event()
+        super().__init__()
         self.progress = {"sent": 0}  # of /flood
-
-    def note(self, outcome: str) -> None:
-        self.ended.append(outcome)
-        self.changed.set()
-
-    async def outcome(self, timeout: float = 10) -> str:
-        async with asyncio.timeout(timeout):
-            while not self.ended:
-                self.changed.clear()
-                await self.changed.wait()
-        return self.ended.pop(0)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

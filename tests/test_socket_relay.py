@@ -22,7 +22,7 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -31,6 +31,10 @@ import pytest
 from leaks import rss_bytes, settled
 from support import (
     LOOPBACK,
+    MIB,
+    PARTIAL,
+    Behaviour,
+    Connection,
     ScriptedBackend,
     TestCA,
     async_test,
@@ -60,12 +64,7 @@ from smartroute.server.socket_relay import (
 )
 from smartroute.server.stats import ConnectionRecord, StatsBook
 
-Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
-Behaviour = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-MIB = 1 << 20
 FAST = {"connect_timeout": 0.5, "graceful_shutdown_timeout": 1}
-PARTIAL = b"partial:" + bytes(range(256)) * 100  # what a failing peer manages to send
 
 # -- routes ----------------------------------------------------------------------------------
 
@@ -289,6 +288,23 @@ async def held_back(paused: Callable[[], bool], progress: dict[str, int]) -> Non
         await asyncio.sleep(0.02)
         if progress["sent"] != last:
             last, still_since = progress["sent"], time.monotonic()
+
+
+async def until_held(relays: list[SocketRelay], writer: asyncio.StreamWriter) -> SocketRelay:
+    """Send from the client until the proxy holds bytes its backend does not take; the relay.
+
+    The kernel's socket buffers on the way take in tens of MiB first (more when the stream is
+    spliced), so the client writes as long as its own buffer drains, a MiB at a time.
+    """
+    relay = await only_relay(relays)
+    block = b"u" * MIB
+    deadline = time.monotonic() + 5
+    while not relay.up.held:
+        assert time.monotonic() < deadline, "timed out waiting until the proxy paused"
+        if writer.transport.get_write_buffer_size() < MIB:
+            writer.write(block)
+        await asyncio.sleep(0.005)
+    return relay
 
 
 # -- relay_plan and literal_address ----------------------------------------------------------
@@ -1097,14 +1113,12 @@ async def test_client_reset_behind_unread_data_ends_the_backend_connection(
         async with running(forward(port, target(slow))) as proxy:
             async with settled(proxy):
                 async with connect(port) as (reader, writer):
-                    relay = await only_relay(relays)
-                    writer.write(b"u" * (16 * MIB))  # more than the buffers on the way take
-                    await until(lambda: relay.up.held > 0, "the proxy paused")
+                    await until_held(relays, writer)
                     reset(writer)  # the reset waits at the proxy behind unread bytes
                 go.set()
                 count, how = (await sink.outcome(timeout=3)).split()
                 record = await finished.next()
-    assert int(count) <= 16 * MIB and how in ("eof", "reset")
+    assert int(count) <= record.bytes_in and how in ("eof", "reset")
     assert record.outcome == "error"
     assert record.error is not None and record.error.startswith("client: "), record.error
 
@@ -1127,9 +1141,7 @@ async def test_what_a_failed_client_sent_is_still_delivered_to_the_backend(
         async with running(forward(port, target(slow))) as proxy:
             async with settled(proxy):
                 async with connect(port) as (reader, writer):
-                    relay = await only_relay(relays)
-                    writer.write(b"u" * (16 * MIB))
-                    await until(lambda: relay.up.held > 0, "the proxy paused")
+                    relay = await until_held(relays, writer)
                     reset(writer)
                 poke.set()
                 await until(lambda: relay.closing, "the proxy saw the client go")
@@ -1183,9 +1195,7 @@ async def test_backend_reset_while_the_proxy_holds_client_bytes_for_it(
         async with running(forward(port, target(stalling))) as proxy:
             async with settled(proxy):
                 async with connect(port) as (reader, writer):
-                    relay = await only_relay(relays)
-                    writer.write(b"u" * (16 * MIB))
-                    await until(lambda: relay.up.held > 0, "the proxy paused")
+                    await until_held(relays, writer)
                     paused.set()  # the bytes held for the backend have nowhere to go now
                     data, _ = await read_to_end(reader)
                 record = await finished.next()
@@ -1225,7 +1235,7 @@ async def test_backend_reset_behind_unread_data_ends_the_client_connection(
     paused = asyncio.Event()
 
     async def flood_then_reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        flooding = asyncio.create_task(send_blocks(writer, 64, progress))
+        flooding = asyncio.create_task(send_blocks(writer, BLOCKS, progress))
         await paused.wait()  # held back: the client is not reading
         flooding.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -1399,9 +1409,7 @@ async def test_a_failed_delivery_after_the_other_side_failed_still_ends_the_conn
         port = free_port()
         async with running(forward(port, target(stalling))):
             async with connect(port) as (reader, writer):
-                relay = await only_relay(relays)
-                writer.write(b"u" * (16 * MIB))
-                await until(lambda: relay.up.held > 0, "the proxy paused")
+                relay = await until_held(relays, writer)
                 reset(writer)
             poke.set()
             await until(lambda: relay.closing, "the proxy saw the client go")

@@ -141,10 +141,6 @@ class SocketPeek:
 
     def event(self, fd: int, events: int) -> None:
         """The socket is readable (or failed): look at what it holds."""
-        if self.watched:
-            self._readable()
-
-    def _readable(self) -> None:
         try:
             data = self.sock.recv(MAX_PEEK, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
