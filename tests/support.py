@@ -395,3 +395,55 @@ async def read_to_end(reader: asyncio.StreamReader, timeout: float = 10) -> tupl
     except ConnectionError:
         return bytes(data), True
     return bytes(data), False
+
+
+@contextlib.asynccontextmanager
+async def nginx_server(folder: Path, server_block: str) -> AsyncIterator[int]:
+    """A real nginx on a free loopback port for the block, configured with ``server_block``
+    (the lines inside ``server { }`` after ``listen``); yields its port."""
+    nginx = require_tool("nginx")
+    port = free_port()
+    conf = folder / "nginx.conf"
+    conf.write_text(
+        f"""
+daemon off;
+user root;
+pid {folder}/nginx.pid;
+error_log {folder}/error.log;
+events {{ worker_connections 64; }}
+http {{
+  access_log off;
+  client_body_temp_path {folder}/body;
+  proxy_temp_path {folder}/proxy;
+  fastcgi_temp_path {folder}/fastcgi;
+  uwsgi_temp_path {folder}/uwsgi;
+  scgi_temp_path {folder}/scgi;
+  server {{
+    listen {LOOPBACK}:{port};
+    {server_block}
+  }}
+}}
+"""
+    )
+    proc = await asyncio.create_subprocess_exec(
+        nginx, "-c", str(conf), "-p", str(folder), stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        for _ in range(200):  # wait for nginx's port to accept, bounded
+            if proc.returncode is not None:
+                assert proc.stderr is not None
+                raise RuntimeError(f"nginx exited: {(await proc.stderr.read()).decode()}")
+            try:
+                _, writer = await asyncio.open_connection(LOOPBACK, port)
+            except OSError:
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            break
+        else:
+            raise RuntimeError(f"nginx did not listen on port {port}")
+        yield port
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        await proc.wait()

@@ -168,7 +168,7 @@ def test_examples_run_and_show_what_they_promise() -> None:
         "static_site.py": [
             "/               200 text/html; charset=utf-8 <h1>smartroute docs</h1>",
             "/style.css      200 text/css; charset=utf-8",
-            "/../etc/passwd  404",
+            "/../etc/passwd  400",
         ],
         "api_gateway.py": [
             '/api/users   200 {"users": []}',

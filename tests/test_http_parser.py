@@ -123,9 +123,14 @@ GOOD: dict[str, tuple[bytes, dict[str, Any]]] = {
         b"GET / HTTP/1.1\r\nHost: a\r\nX-Name: caf\xe9\r\n\r\n",
         {"headers": (("Host", "a"), ("X-Name", "caf\xe9"))},
     ),
-    "same Host twice": (
-        b"GET / HTTP/1.1\r\nHost: a.example\r\nHost: A.example.\r\n\r\n",
-        {"host": "a.example"},
+    "HTTP/1.0 without Host, path kept": (b"GET /x HTTP/1.0\r\n\r\n", {"host": None, "path": "/x"}),
+    "path normalised, target kept": (
+        b"GET //a/./b/../%63?x=/../y HTTP/1.1\r\nHost: a\r\n\r\n",
+        {"path": "/a/c", "query": "x=/../y", "target": "//a/./b/../%63?x=/../y"},
+    ),
+    "absolute-form path normalised": (
+        b"GET http://a/x/%2e%2e/y HTTP/1.1\r\nHost: b\r\n\r\n",
+        {"host": "a", "path": "/y"},
     ),
     "empty lines before the request line": (
         b"\r\n\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",
@@ -170,7 +175,7 @@ def test_header_lookup() -> None:
 
 
 def test_size_limit_is_exact() -> None:
-    data = b"GET / HTTP/1.1\r\nX: " + b"a" * 40 + b"\r\n\r\n"
+    data = b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"a" * 40 + b"\r\n\r\n"
     assert replay(data, max_size=len(data)).length == len(data)
     with pytest.raises(HttpParseError) as info:
         parse_request_head(data, max_size=len(data) - 1)
@@ -227,12 +232,36 @@ BAD: dict[str, tuple[bytes, int, str]] = {  # input, status, a piece of the erro
     "two different Host headers": (
         b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
         400,
-        "two different Host",
+        "more than one Host",
     ),
     "same host, different port": (
         b"GET / HTTP/1.1\r\nHost: a\r\nHost: a:81\r\n\r\n",
         400,
-        "two different Host",
+        "more than one Host",
+    ),
+    # RFC 9112 section 3.2: more than one Host line is a 400 even when they agree.
+    "same Host twice": (
+        b"GET / HTTP/1.1\r\nHost: a.example\r\nHost: A.example.\r\n\r\n",
+        400,
+        "more than one Host",
+    ),
+    "same Host twice in HTTP/1.0": (
+        b"GET / HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n",
+        400,
+        "more than one Host",
+    ),
+    "HTTP/1.1 without Host": (b"GET / HTTP/1.1\r\nX: y\r\n\r\n", 400, "without a Host"),
+    "HTTP/1.1 absolute-form without Host": (
+        b"GET http://a/ HTTP/1.1\r\n\r\n",
+        400,
+        "without a Host",
+    ),
+    "path above the root": (b"GET /a/../../b HTTP/1.1\r\nHost: a\r\n\r\n", 400, "above"),
+    "encoded slash in the path": (b"GET /a%2Fb HTTP/1.1\r\nHost: a\r\n\r\n", 400, "slash"),
+    "bad percent-encoding in the path": (
+        b"GET /a%G0 HTTP/1.1\r\nHost: a\r\n\r\n",
+        400,
+        "percent-encoding",
     ),
     "bad Host even with absolute-form": (
         b"GET http://a/ HTTP/1.1\r\nHost: a b\r\n\r\n",

@@ -9,7 +9,7 @@ import resource
 from typing import Any
 
 from http_backend import Backend, http_backend, unused_port
-from support import LOOPBACK, async_test, curl, free_port, require_tool
+from support import LOOPBACK, async_test, curl, free_port, nginx_server
 
 from smartroute import SmartRoute
 from smartroute.protocols.http_response import ResponseHead, parse_response_head
@@ -315,54 +315,19 @@ async def test_websocket_upgrade_is_tunnelled_both_ways_and_outlives_idle_timeou
 
 @async_test()
 async def test_nginx_backend_through_the_proxy(tmp_path: Any) -> None:
-    nginx = require_tool("nginx")
-    backend_port, port = free_port(), free_port()
+    port = free_port()
     root = tmp_path / "www"
     root.mkdir()
     (root / "hello.txt").write_text("hello from nginx\n")
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(
-        f"""
-daemon off;
-user root;
-pid {tmp_path}/nginx.pid;
-error_log {tmp_path}/error.log;
-events {{ worker_connections 64; }}
-http {{
-  access_log off;
-  client_body_temp_path {tmp_path}/body;
-  proxy_temp_path {tmp_path}/proxy;
-  fastcgi_temp_path {tmp_path}/fastcgi;
-  uwsgi_temp_path {tmp_path}/uwsgi;
-  scgi_temp_path {tmp_path}/scgi;
-  server {{
-    listen 127.0.0.1:{backend_port};
-    root {root};
-    location /echo-headers {{ return 200 "$http_x_forwarded_for $http_x_forwarded_proto\\n"; }}
-  }}
-}}
-"""
-    )
-    proc = await asyncio.create_subprocess_exec(
-        nginx, "-c", str(conf), "-p", str(tmp_path), stderr=asyncio.subprocess.PIPE
-    )
-    try:
-        for _ in range(100):  # wait for nginx's port to accept, bounded
-            try:
-                _, w = await asyncio.open_connection(LOOPBACK, backend_port)
-                w.close()
-                break
-            except OSError:
-                await asyncio.sleep(0.05)
+    block = f"""root {root};
+    location /echo-headers {{ return 200 "$http_x_forwarded_for $http_x_forwarded_proto\\n"; }}"""
+    async with nginx_server(tmp_path, block) as backend_port:
         async with proxy([http_route(port, backend_port, name="nginx")]):
             code, out, err = await curl(
                 f"http://{LOOPBACK}:{port}/hello.txt", f"http://{LOOPBACK}:{port}/echo-headers"
             )
             assert code == 0, err
             assert out == "hello from nginx\n127.0.0.1 http\n"
-    finally:
-        proc.terminate()
-        await proc.wait()
 
 
 @async_test()

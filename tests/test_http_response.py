@@ -230,6 +230,10 @@ def length(n: int) -> BodyFraming:
     return BodyFraming("length", n)
 
 
+def chunked_after(codings: str) -> BodyFraming:
+    return BodyFraming("chunked", codings=codings)
+
+
 def request(headers: Headers, version: str = "HTTP/1.1") -> RequestHead:
     return RequestHead("POST", "/", "/", None, version, headers, "a", None, 0)
 
@@ -253,8 +257,19 @@ REQUEST_FRAMING: dict[str, tuple[Headers, str, BodyFraming | str]] = {
     "identical Content-Length values": (((CL, "5, 5"), (CL, "5")), "HTTP/1.1", length(5)),
     "chunked": (((TE, "chunked"),), "HTTP/1.1", CHUNKED),
     "chunked, any case": (((TE, "Chunked"),), "HTTP/1.1", CHUNKED),
-    "gzip, chunked": (((TE, "gzip, chunked"),), "HTTP/1.1", CHUNKED),
-    "gzip then chunked on two lines": (((TE, "gzip"), (TE, "chunked")), "HTTP/1.1", CHUNKED),
+    "gzip, chunked: gzip kept": (((TE, "gzip, chunked"),), "HTTP/1.1", chunked_after("gzip")),
+    "gzip then chunked on two lines": (
+        ((TE, "gzip"), (TE, "chunked")),
+        "HTTP/1.1",
+        chunked_after("gzip"),
+    ),
+    "two codings kept in order": (
+        ((TE, "gzip,deflate , chunked"),),
+        "HTTP/1.1",
+        chunked_after("gzip, deflate"),
+    ),
+    "empty coding": (((TE, "gzip, , chunked"),), "HTTP/1.1", "invalid transfer coding"),
+    "coding with a parameter": (((TE, "gzip;q=1, chunked"),), "HTTP/1.1", "invalid transfer"),
     "chunked, gzip": (((TE, "chunked, gzip"),), "HTTP/1.1", "must end in one chunked"),
     "gzip alone": (((TE, "gzip"),), "HTTP/1.1", "must end in one chunked"),
     "chunked twice": (((TE, "chunked, chunked"),), "HTTP/1.1", "must end in one chunked"),
@@ -290,7 +305,8 @@ def test_request_framing_agrees_with_the_head_parser(case: str) -> None:
     """What the head parser accepts frames the same way; what it refuses, framing refuses."""
     headers, version, expected = REQUEST_FRAMING[case]
     lines = b"".join(f"{name}: {value}\r\n".encode() for name, value in headers)
-    data = f"POST / {version}\r\n".encode() + lines + b"\r\n"
+    host = b"" if any(name.lower() == "host" for name, _ in headers) else b"Host: a\r\n"
+    data = f"POST / {version}\r\n".encode() + host + lines + b"\r\n"
     try:
         head = parse_request_head(data, max_size=len(data))
     except HttpParseError as error:
@@ -311,12 +327,18 @@ RESPONSE_FRAMING: dict[str, tuple[str, int, Headers, str, BodyFraming | str]] = 
     "Content-Length": ("GET", 200, ((CL, "5"),), "HTTP/1.1", length(5)),
     "identical Content-Lengths": ("GET", 200, ((CL, "5,5"), (CL, "5")), "HTTP/1.1", length(5)),
     "chunked": ("GET", 200, ((TE, "chunked"),), "HTTP/1.1", CHUNKED),
-    "gzip, chunked": ("GET", 200, ((TE, "gzip, chunked"),), "HTTP/1.1", CHUNKED),
+    "gzip, chunked": ("GET", 200, ((TE, "gzip, chunked"),), "HTTP/1.1", chunked_after("gzip")),
     "nothing said: until close": ("GET", 200, (), "HTTP/1.1", CLOSE),
     "HTTP/1.0 until close": ("GET", 200, (("Server", "x"),), "HTTP/1.0", CLOSE),
     "HTTP/1.0 Content-Length": ("GET", 200, ((CL, "3"),), "HTTP/1.0", length(3)),
-    "chunked, gzip: until close": ("GET", 200, ((TE, "chunked, gzip"),), "HTTP/1.1", CLOSE),
-    "gzip alone: until close": ("GET", 200, ((TE, "gzip"),), "HTTP/1.1", CLOSE),
+    "chunked, gzip": ("GET", 200, ((TE, "chunked, gzip"),), "HTTP/1.1", "one chunked"),
+    "gzip alone: until close": (
+        "GET",
+        200,
+        ((TE, "gzip"),),
+        "HTTP/1.1",
+        BodyFraming("close", codings="gzip"),
+    ),
     "POST answered with Content-Length": ("POST", 201, ((CL, "2"),), "HTTP/1.1", length(2)),
     "error status with a body": ("GET", 500, ((CL, "9"),), "HTTP/1.1", length(9)),
     "HEAD with Content-Length": ("HEAD", 200, ((CL, "5"),), "HTTP/1.1", NONE),
@@ -359,7 +381,7 @@ def test_response_framing(case: str) -> None:
 def test_response_framing_of_a_parsed_head() -> None:
     head = parse_response_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip,  Chunked\r\n\r\n")
     assert head is not None
-    assert response_framing("GET", head) == CHUNKED
+    assert response_framing("GET", head) == chunked_after("gzip")
 
 
 # --- properties ----------------------------------------------------------------------------

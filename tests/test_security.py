@@ -9,7 +9,7 @@ import ipaddress
 from typing import Any
 
 from http_backend import http_backend
-from support import LOOPBACK, async_test, echo_handler, free_port, serve
+from support import LOOPBACK, async_test, echo_handler, free_port, nginx_server, serve
 
 from smartroute import SmartRoute
 from smartroute.routing.validation import validate_routes
@@ -179,3 +179,70 @@ def test_rate_windows_are_pruned() -> None:
     clock[0] += 61
     assert gate.admit(route, ipaddress.ip_address("10.9.9.9")) is None  # the 1,000th admit
     assert gate.tracked == 2  # only the new client's window and its live connection remain
+
+
+BYPASS_PATHS = ["/admin/x", "//admin/x", "/./admin/x", "/%61dmin/x", "/public/../admin/x"]
+BYPASS_PATHS += ["/admin//x", "/ADMIN/../admin/x", "/admin/y/../x", "/%2e/admin/x"]
+
+
+@async_test()
+async def test_path_rules_cannot_be_walked_around_with_path_tricks(tmp_path: Any) -> None:
+    """basic_auth, block and allow-list rules on a path hold for every spelling of that path
+    that the backend (a real nginx) resolves to it, and the backend gets the path the proxy
+    matched ($request_uri is the target nginx received)."""
+    port = free_port()
+    block = 'location / { return 200 "uri=$uri sent=$request_uri\\n"; }'
+    credentials = base64.b64encode(b"alice:secret").decode()
+    async with nginx_server(tmp_path, block) as nginx:
+
+        def route(name: str, path: str | None, **extra: Any) -> dict[str, Any]:
+            match: dict[str, Any] = {"ports": port}
+            if path is not None:
+                match["path"] = path
+            target = {"host": LOOPBACK, "port": nginx}
+            action = {"type": "forward", "protocol": "http", "targets": [target]}
+            return {"name": name, "match": match, "action": action, **extra}
+
+        routes = [
+            route("admin", "/admin/*", security={"basic_auth": {"users": {"alice": "secret"}}}),
+            route("secret", "/secret/*", security={"ip_allow_list": ["10.0.0.0/8"]}),
+            {
+                "name": "gone",
+                "match": {"ports": port, "path": "/gone/*"},
+                "action": {"type": "block"},
+            },
+            route("site", None),
+        ]
+        async with SmartRoute(routes, bind_address=LOOPBACK):
+            for path in BYPASS_PATHS:
+                status, body = await get(port, path)
+                assert status == 401, (path, status, body)
+                status, body = await get(port, path, f"Authorization: Basic {credentials}\r\n")
+                assert (status, body) == (200, "uri=/admin/x sent=/admin/x\n"), path
+                for rule, expected in (("secret", 403), ("gone", 403)):
+                    tricked = path.replace("admin", rule).replace("ADMIN", rule.upper())
+                    tricked = tricked.replace("%61dmin", "%" + f"{ord(rule[0]):02x}" + rule[1:])
+                    status, body = await get(port, tricked)
+                    assert status == expected, (tricked, status, body)
+            # What the proxy refuses outright, nginx would have resolved somewhere.
+            for path in ("/%2fadmin/x", "/admin%2fx", "/..;/admin/x", "/%00", "/..", "/a\\b"):
+                status, body = await get(port, path)
+                assert status == 400, (path, status, body)
+            # The public part is served, normalised the same way.
+            assert await get(port, "/public/./a//b?q=/../x") == (
+                200,
+                "uri=/public/a/b sent=/public/a/b?q=/../x\n",
+            )
+
+
+async def get(port: int, path: str, extra: str = "") -> tuple[int, str]:
+    """One request with a raw target (no client normalises it); the status and body."""
+    reader, writer = await asyncio.open_connection(LOOPBACK, port)
+    try:
+        request = f"GET {path} HTTP/1.1\r\nHost: site.test\r\nConnection: close\r\n{extra}\r\n"
+        writer.write(request.encode())
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body.decode()

@@ -411,11 +411,9 @@ async def test_http_to_https_redirect_keeps_host_path_and_query_and_cannot_be_in
             code, out, err = await curl(
                 "-I", "--path-as-is", *resolve, f"http://shop.test:{http_port}/a%0d%0aSet-Cookie:x"
             )
-            assert (
-                "set-cookie" not in headers_of(out)
-                and headers_of(out)["location"]
-                == f"https://shop.test:{https_port}/a%0d%0aSet-Cookie:x"
-            )
+            # Encoded control characters in a path are refused before any route sees them.
+            assert out.startswith("HTTP/1.1 400"), out
+            assert "set-cookie" not in headers_of(out) and "location" not in headers_of(out)
             for host in (
                 "evil.test/x",
                 "evil.test@shop.test",

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 from smartroute.errors import HttpParseError
+from smartroute.protocols.paths import normalize_path
 from smartroute.routing.patterns import normalize_host
 
 __all__ = [
@@ -58,17 +59,25 @@ _FIELD_LINES = rb"((?:[" + _TCHAR + rb"]+:[\t\x20-\x7e\x80-\xff]*\r?\n)*)\r?\n"
 _FAST_REQUEST = re.compile(
     rb"([" + _TCHAR + rb"]+) (/[\x21\x22\x24-\x7e]*) (HTTP/1\.[01])\r?\n" + _FIELD_LINES
 )
+# A transfer coding's name (a token); codings with parameters are not accepted.
+CODING = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _HOSTS_SEEN: dict[str, tuple[str | None, int | None]] = {}
 _HOSTS_SEEN_MAX = 512
 
 
 @dataclass(frozen=True, slots=True)
 class RequestHead:
-    """A parsed request head; ``length`` is its size in bytes, final blank line included."""
+    """A parsed request head; ``length`` is its size in bytes, final blank line included.
+
+    ``path`` is in the normal form of :func:`~smartroute.protocols.paths.normalize_path`:
+    routes match it and the reverse proxy forwards it (:attr:`origin`); ``target`` is kept as
+    sent, for logs.
+    """
 
     method: str
     target: str  # the request-target as sent
-    path: str  # before "?"; "/" for an absolute-form URL without one; the target for CONNECT
+    path: str  # normalised, before "?"; "/" for an absolute-form URL without one;
+    # "*" for OPTIONS *; the target for CONNECT
     query: str | None  # after "?", None without "?"
     version: str  # "HTTP/1.1" or "HTTP/1.0"
     headers: tuple[tuple[str, str], ...]  # in order, names as sent, values without OWS
@@ -84,6 +93,14 @@ class RequestHead:
             if len(key) == size and key.lower() == wanted:
                 return value
         return None
+
+    @property
+    def origin(self) -> str:
+        """The request-target to send on: the normal path and the query (origin form), or
+        ``*`` / the CONNECT authority as sent."""
+        if self.query is None:
+            return self.path
+        return f"{self.path}?{self.query}"
 
     def header_map(self) -> dict[str, str]:
         """Headers by lower-cased name; repeated headers joined with ``", "`` in order."""
@@ -134,7 +151,7 @@ def parse_request_head(
 
 def _fast_request_head(found: re.Match[bytes]) -> RequestHead | None:
     """The head that :func:`_parse_request_head` would return for this match, or None when
-    it is a case left to that function (CONNECT, several Host headers)."""
+    it is a case left to that function (CONNECT, several Host headers, no Host)."""
     method = found.group(1).decode("ascii")
     if method == "CONNECT":
         return None
@@ -146,7 +163,7 @@ def _fast_request_head(found: re.Match[bytes]) -> RequestHead | None:
         lower = name.lower()
         if lower == "host":
             if host_value is not None:
-                return None  # two Host headers: the long way compares them
+                return None  # two Host headers: the long way refuses them
             host_value = value
         elif lower == "content-length":
             lengths.append(value)
@@ -154,15 +171,21 @@ def _fast_request_head(found: re.Match[bytes]) -> RequestHead | None:
             encodings.append(value)
     if lengths or encodings:
         _check_framing(lengths, encodings)
-    host, port = (None, None) if host_value is None else split_host(host_value)
+    version = found.group(3).decode("ascii")
+    if host_value is None:
+        if version == "HTTP/1.1":
+            return None  # the long way refuses it
+        host, port = None, None
+    else:
+        host, port = split_host(host_value)
     target = found.group(2).decode("ascii")
     path, question, query = target.partition("?")
     return RequestHead(
         method=method,
         target=target,
-        path=path,
+        path=normalize_path(path),
         query=query if question else None,
-        version=found.group(3).decode("ascii"),
+        version=version,
         headers=headers,
         host=host,
         port=port,
@@ -233,13 +256,12 @@ def _parse_request_head(
             transfer_encodings.append(value)
     _check_framing(content_lengths, transfer_encodings)
 
-    host: str | None = None
-    port: int | None = None
-    for index, value in enumerate(hosts):  # each Host must be valid, all naming one authority
-        parsed = _split_authority(value)
-        if index and parsed != (host, port):
-            raise HttpParseError("two different Host headers", status=400)
-        host, port = parsed
+    # RFC 9112 section 3.2: exactly one Host line in HTTP/1.1, at most one in HTTP/1.0.
+    if len(hosts) > 1:
+        raise HttpParseError("more than one Host header", status=400)
+    if not hosts and version == "HTTP/1.1":
+        raise HttpParseError("HTTP/1.1 request without a Host header", status=400)
+    host, port = _split_authority(hosts[0]) if hosts else (None, None)
 
     path, query, authority = _split_target(method, target)
     if authority is not None:
@@ -293,7 +315,7 @@ def _split_target(method: str, target: str) -> tuple[str, str | None, str | None
         return target, None, target
     if target.startswith("/"):
         path, question, query = target.partition("?")
-        return path, query if question else None, None
+        return normalize_path(path), query if question else None, None
     if target == "*":
         if method != "OPTIONS":
             raise HttpParseError(f"request target * is only for OPTIONS, not {method}", status=400)
@@ -305,7 +327,7 @@ def _split_target(method: str, target: str) -> tuple[str, str | None, str | None
     stop = _AUTHORITY_END.search(rest)
     cut = len(rest) if stop is None else stop.start()
     path, question, query = rest[cut:].partition("?")
-    return path or "/", query if question else None, rest[:cut]
+    return normalize_path(path or "/"), query if question else None, rest[:cut]
 
 
 def _target_authority(method: str, target: str, authority: str) -> tuple[str, int | None]:
@@ -352,5 +374,8 @@ def _check_framing(content_lengths: list[str], transfer_encodings: list[str]) ->
             raise HttpParseError("both Content-Length and Transfer-Encoding", status=400)
     if transfer_encodings:
         codings = [c.strip(_OWS).lower() for v in transfer_encodings for c in v.split(",")]
+        for coding in codings:
+            if CODING.fullmatch(coding) is None:
+                raise HttpParseError(f"invalid transfer coding {coding[:32]!r}", status=400)
         if codings[-1] != "chunked" or codings.count("chunked") != 1:
             raise HttpParseError("Transfer-Encoding must end in one chunked", status=400)

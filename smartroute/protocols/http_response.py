@@ -27,6 +27,7 @@ from smartroute.protocols.http import (
     _NEWLINE,
     _OWS,
     _VERSIONS,
+    CODING,
     RequestHead,
     field_lines,
 )
@@ -115,10 +116,17 @@ class ResponseHead:
 @dataclass(frozen=True, slots=True)
 class BodyFraming:
     """How a message body is delimited: absent, ``length`` bytes, chunked, or until the
-    connection closes (responses only)."""
+    connection closes (responses only).
+
+    ``codings`` are the transfer codings applied before ``chunked`` (or, for a response read
+    until close, all of them), as a list header value: ``"gzip"`` for
+    ``Transfer-Encoding: gzip, chunked``. They belong to the body's bytes and are sent on
+    with them; only the chunked framing is the proxy's to remake.
+    """
 
     kind: Literal["none", "length", "chunked", "close"]
     length: int = 0  # the Content-Length for kind "length", else 0
+    codings: str = ""
 
 
 _NO_BODY = BodyFraming("none")
@@ -225,8 +233,9 @@ def response_framing(request_method: str, head: ResponseHead) -> BodyFraming:
 
     No body after HEAD, 1xx, 204 and 304, nor after a 2xx to CONNECT (a tunnel follows), whatever
     the headers say; then chunked, Content-Length, or until the connection closes. A
-    Transfer-Encoding whose last coding is not ``chunked`` also means "until close". Ambiguous
-    framing raises 502.
+    Transfer-Encoding without ``chunked`` also means "until close". Ambiguous framing raises
+    502: Content-Length with Transfer-Encoding, an invalid Content-Length, Transfer-Encoding in
+    HTTP/1.0, and ``chunked`` anywhere but once at the end.
     """
     status = head.status
     if request_method == "HEAD" or status < 200 or status in (204, 304):
@@ -254,12 +263,21 @@ def _message_framing(
             raise HttpParseError("both Content-Length and Transfer-Encoding", status=error_status)
         if version == "HTTP/1.0":  # RFC 9112 section 6.1: treat the framing as faulty
             raise HttpParseError("Transfer-Encoding in an HTTP/1.0 message", status=error_status)
-        codings = [c.strip(_OWS).lower() for value in encodings for c in value.split(",")]
-        if codings[-1] != "chunked" and not request:
-            return _UNTIL_CLOSE  # RFC 9112 section 6.3, item 4
-        if codings[-1] != "chunked" or codings.count("chunked") != 1:
+        codings = [c.strip(_OWS) for value in encodings for c in value.split(",")]
+        for coding in codings:
+            if CODING.fullmatch(coding) is None:
+                raise HttpParseError(
+                    f"invalid transfer coding {coding[:32]!r}", status=error_status
+                )
+        chunked = [coding.lower() == "chunked" for coding in codings]
+        if not request and not any(chunked):
+            # RFC 9112 section 6.3, item 4: the body ends when the connection does.
+            return BodyFraming("close", codings=", ".join(codings))
+        if not chunked[-1] or chunked.count(True) != 1:
             raise HttpParseError("Transfer-Encoding must end in one chunked", status=error_status)
-        return _CHUNKED
+        if len(codings) == 1:
+            return _CHUNKED
+        return BodyFraming("chunked", codings=", ".join(codings[:-1]))
     if lengths:
         return BodyFraming("length", _content_length(lengths, error_status))
     return None

@@ -80,19 +80,30 @@ def render_lines(headers: Iterable[tuple[str, str]]) -> str:
 
 
 def request_lines(
-    headers: Iterable[tuple[str, str]], tokens: set[str], *, client_ip: str, proto: str
+    headers: Iterable[tuple[str, str]],
+    tokens: set[str],
+    *,
+    client_ip: str,
+    proto: str,
+    host: str | None = None,
 ) -> str:
     """The header lines of a request going to a backend: ``forwarding_headers`` of
     ``end_to_end`` of ``headers`` (``expect`` and ``content-length`` dropped too), rendered,
-    with the first ``Host`` as the forwarded host. ``tokens`` are the request's
-    :func:`connection_tokens`."""
+    with the ``Host`` as the forwarded host. ``tokens`` are the request's
+    :func:`connection_tokens`. ``host`` replaces the client's ``Host`` (for an absolute-form
+    target, whose authority wins over Host: RFC 9112 section 3.2.2)."""
     lines = []
-    host: str | None = None
+    replace_host = host is not None
+    if replace_host:
+        lines.append(f"Host: {host}\r\n")
     previous: list[tuple[str, str]] = []  # the forwarding chains the client sent
     for name, value in headers:
         lower = name.lower()
-        if lower == "host" and host is None:
-            host = value
+        if lower == "host":
+            if replace_host:
+                continue
+            if host is None:
+                host = value
         if lower in _END_TO_END_DROP or tokens and lower in tokens:
             continue
         if lower in _FORWARDING:

@@ -3,7 +3,10 @@
 Backend connections come from a pool per target and go back to it when the exchange ended
 cleanly; a pooled connection the backend closed meanwhile is replaced once, for requests
 without a body. Bodies stream both ways with backpressure. ``Upgrade`` requests (WebSocket)
-become a two-way byte tunnel after the backend's 101.
+become a two-way byte tunnel after the backend's 101; a connection whose protocol changed is
+never pooled, and a 101 nobody asked for is a 502. ``CONNECT`` is refused (405): this is a
+reverse proxy, not a tunnel to anywhere. A response whose framing is broken or ambiguous gets
+502 while nothing of it has reached the client yet.
 
 This runs once per proxied request, so it keeps to one pass over each message's headers, one
 write per head (with the body bytes already there) and no work for what a request does not
@@ -39,15 +42,26 @@ if TYPE_CHECKING:
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 NO_BODY = BodyFraming("none")
+CONNECT_REFUSED = text_response(
+    405,
+    "CONNECT is not supported: this is a reverse proxy",
+    [("Allow", "GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH, TRACE")],
+)
 
 
 class _Failed(Exception):
-    """The exchange failed before the response head reached the client: answer ``status``."""
+    """The exchange failed before the response head reached the client: answer ``status``.
 
-    def __init__(self, status: int, message: str, *, broken_request: bool = False) -> None:
+    ``sent``: the request went to the backend whole (its body is no longer the client's to
+    drop).
+    """
+
+    def __init__(
+        self, status: int, message: str, *, broken_request: bool = False, sent: bool = False
+    ) -> None:
         super().__init__(message)
         self.status = status
-        self.body_consumed = broken_request
+        self.body_consumed = broken_request or sent
         # The client's own request was malformed mid-body: its connection cannot be reused.
         self.broken_request = broken_request
 
@@ -71,6 +85,9 @@ async def forward_request(
     """
     action = found.route.action
     assert isinstance(action, ForwardAction)
+    if head.method == "CONNECT":
+        session.record.fail("refused", "CONNECT is not served by a reverse proxy route")
+        return await session.answer_locally(CONNECT_REFUSED, head, framing, False)
     exchange = _Exchange(session, head, framing, keep_alive, found, action, facts, tokens)
     try:
         try:
@@ -83,6 +100,19 @@ async def forward_request(
         left = NO_BODY if failure.body_consumed else framing
         keep = keep_alive and not failure.broken_request
         return await session.answer_locally(response, head, left, keep)
+
+
+def _chunked_after(codings: str) -> str:
+    """The Transfer-Encoding value for a body chunked after ``codings``."""
+    return f"{codings}, chunked" if codings else "chunked"
+
+
+def _authority(head: RequestHead) -> str:
+    """``host[:port]`` of an absolute-form target, as a Host value."""
+    host = head.host or ""
+    if ":" in host:
+        host = f"[{host}]"
+    return host if head.port is None else f"{host}:{head.port}"
 
 
 def _fixed_candidates(action: ForwardAction, port: int) -> list[Candidate] | None:
@@ -189,14 +219,17 @@ class _Exchange:
             self.tokens,
             client_ip=session.record.client_ip,
             proto="http" if session.tls is None else "https",
+            host=None if head.target[0] in "/*" else _authority(head),
         )
         if framing.kind == "length":
             lines += f"Content-Length: {framing.length}\r\n"
         elif framing.kind == "chunked":
-            lines += "Transfer-Encoding: chunked\r\n"
+            lines += f"Transfer-Encoding: {_chunked_after(framing.codings)}\r\n"
         if self.upgrade is not None:
             lines += f"Connection: upgrade\r\nUpgrade: {self.upgrade}\r\n"
-        return f"{head.method} {head.target} HTTP/1.1\r\n{lines}\r\n".encode("latin-1")
+        # The path the routes matched, normalised, in origin form: what the backend resolves
+        # is what the proxy checked.
+        return f"{head.method} {head.origin} HTTP/1.1\r\n{lines}\r\n".encode("latin-1")
 
     async def run(self, *, reuse: bool) -> tuple[int | str, bool]:
         session, head, framing = self.session, self.head, self.framing
@@ -228,7 +261,9 @@ class _Exchange:
                     raise _Failed(exc.status, str(exc), broken_request=True) from None
             response = await self.response(backend, reused)
             response_tokens = connection_tokens(response.headers)
-            if response.status == 101 and self.upgrade is not None:
+            if response.status == 101:
+                if self.upgrade is None:
+                    raise _Failed(502, "the backend switched protocols unasked (101)", sent=True)
                 upgraded = response.header("upgrade") or self.upgrade
                 lines = response_lines(response.headers, response_tokens, keep_length=True)
                 lines += f"Connection: upgrade\r\nUpgrade: {upgraded}\r\n"
@@ -236,7 +271,20 @@ class _Exchange:
                 session.record.outcome = "upgraded"
                 tunnel(client, backend, session.record, session.finish)
                 raise Handover
-            keep, backend_keep = await self.relay_response(backend, response, response_tokens)
+            try:
+                out = response_framing(head.method, response)
+            except HttpParseError as exc:
+                raise _Failed(
+                    502, f"the backend sent an invalid response: {exc}", sent=True
+                ) from None
+            if out.codings and head.version == "HTTP/1.0":
+                raise _Failed(
+                    502,
+                    f"the response's transfer coding {out.codings!r} cannot reach an HTTP/1.0"
+                    " client",
+                    sent=True,
+                )
+            keep, backend_keep = await self.relay_response(backend, response, response_tokens, out)
         except Handover:
             raise
         except BaseException:
@@ -287,24 +335,25 @@ class _Exchange:
                 session.client.write(f"{status_line(response.status)}{lines}\r\n".encode("latin-1"))
 
     async def relay_response(
-        self, backend: Stream, response: ResponseHead, tokens: set[str]
+        self, backend: Stream, response: ResponseHead, tokens: set[str], out: BodyFraming
     ) -> tuple[bool, bool]:
         """Send the response to the client; returns (client stays, backend reusable).
 
-        ``tokens`` are the response's ``Connection`` options.
+        ``tokens`` are the response's ``Connection`` options, ``out`` its body's framing. An
+        HTTP/1.1 client gets a body of unknown length chunked; an HTTP/1.0 client, which
+        cannot read chunked, gets it plain and delimited by the end of the connection.
         """
         head, client = self.head, self.session.client
-        out = response_framing(head.method, response)
         kind = out.kind
         backend_keep = kind != "close" and response.version == "HTTP/1.1" and "close" not in tokens
-        rechunk = kind == "chunked" or (kind == "close" and head.version == "HTTP/1.1")
-        client_keep = self.keep_alive and (kind != "close" or rechunk)
+        rechunk = kind in ("chunked", "close") and head.version == "HTTP/1.1"
+        client_keep = self.keep_alive and (kind in ("none", "length") or rechunk)
         # A body-less answer (HEAD, 304) keeps the Content-Length the backend stated.
         lines = response_lines(response.headers, tokens, keep_length=kind == "none")
         if kind == "length":
             lines += f"Content-Length: {out.length}\r\n"
         elif rechunk and head.method != "HEAD":
-            lines += "Transfer-Encoding: chunked\r\n"
+            lines += f"Transfer-Encoding: {_chunked_after(out.codings)}\r\n"
         connection = "keep-alive" if client_keep else "close"
         prefix = f"{status_line(response.status)}{lines}Connection: {connection}\r\n\r\n"
         # The head goes out with the body bytes already here: one send for a small answer.
