@@ -59,8 +59,7 @@ _FIELD_LINES = rb"((?:[" + _TCHAR + rb"]+:[\t\x20-\x7e\x80-\xff]*\r?\n)*)\r?\n"
 _FAST_REQUEST = re.compile(
     rb"([" + _TCHAR + rb"]+) (/[\x21\x22\x24-\x7e]*) (HTTP/1\.[01])\r?\n" + _FIELD_LINES
 )
-# A transfer coding's name (a token); codings with parameters are not accepted.
-CODING = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_CODING = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _HOSTS_SEEN: dict[str, tuple[str | None, int | None]] = {}
 _HOSTS_SEEN_MAX = 512
 
@@ -364,6 +363,13 @@ def _split_authority(value: str) -> tuple[str | None, int | None]:
     return normalize_host(host), int(port_text) if port_text else None
 
 
+def valid_coding(name: str) -> bool:
+    """Whether ``name`` is a transfer coding the proxy passes on: a token without parameters,
+    and not ``identity``, which RFC 7230 dropped and which a peer that still honours it would
+    read as "no framing" where the proxy reads ``chunked``."""
+    return _CODING.fullmatch(name) is not None and name.lower() != "identity"
+
+
 def _check_framing(content_lengths: list[str], transfer_encodings: list[str]) -> None:
     """Reject heads whose body length is ambiguous (RFC 9112 section 6.3): request smuggling."""
     if content_lengths:
@@ -375,7 +381,7 @@ def _check_framing(content_lengths: list[str], transfer_encodings: list[str]) ->
     if transfer_encodings:
         codings = [c.strip(_OWS).lower() for v in transfer_encodings for c in v.split(",")]
         for coding in codings:
-            if CODING.fullmatch(coding) is None:
+            if not valid_coding(coding):
                 raise HttpParseError(f"invalid transfer coding {coding[:32]!r}", status=400)
         if codings[-1] != "chunked" or codings.count("chunked") != 1:
             raise HttpParseError("Transfer-Encoding must end in one chunked", status=400)

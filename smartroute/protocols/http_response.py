@@ -27,9 +27,9 @@ from smartroute.protocols.http import (
     _NEWLINE,
     _OWS,
     _VERSIONS,
-    CODING,
     RequestHead,
     field_lines,
+    valid_coding,
 )
 
 __all__ = [
@@ -265,7 +265,7 @@ def _message_framing(
             raise HttpParseError("Transfer-Encoding in an HTTP/1.0 message", status=error_status)
         codings = [c.strip(_OWS) for value in encodings for c in value.split(",")]
         for coding in codings:
-            if CODING.fullmatch(coding) is None:
+            if not valid_coding(coding):
                 raise HttpParseError(
                     f"invalid transfer coding {coding[:32]!r}", status=error_status
                 )

@@ -109,10 +109,13 @@ def _chunked_after(codings: str) -> str:
 
 def _authority(head: RequestHead) -> str:
     """``host[:port]`` of an absolute-form target, as a Host value."""
-    host = head.host or ""
+    return _authority_of(head.host or "", head.port)
+
+
+def _authority_of(host: str, port: int | None) -> str:
     if ":" in host:
         host = f"[{host}]"
-    return host if head.port is None else f"{host}:{head.port}"
+    return host if port is None else f"{host}:{port}"
 
 
 def _fixed_candidates(action: ForwardAction, port: int) -> list[Candidate] | None:
@@ -212,14 +215,19 @@ class _Exchange:
                 return stream, key, False
         raise _Failed(502, "backend unreachable: " + "; ".join(failures))
 
-    def request_head(self) -> bytes:
+    def request_head(self, target_host: str, target_port: int) -> bytes:
         head, framing, session = self.head, self.framing, self.session
+        host = None if head.target[0] in "/*" else _authority(head)
+        if head.host is None and host is None and head.header("host") is None:
+            # An HTTP/1.0 request without Host goes on as HTTP/1.1, which needs one: the name
+            # the client connected to (SNI), else the backend's address.
+            host = self.facts.domain or _authority_of(target_host, target_port)
         lines = request_lines(
             head.headers,
             self.tokens,
             client_ip=session.record.client_ip,
             proto="http" if session.tls is None else "https",
-            host=None if head.target[0] in "/*" else _authority(head),
+            host=host,
         )
         if framing.kind == "length":
             lines += f"Content-Length: {framing.length}\r\n"
@@ -237,7 +245,7 @@ class _Exchange:
         backend, key, reused = await self.connect(reuse)
         backend.serve(client)  # losing the client ends the exchange, whatever it waits for
         try:
-            request_head = self.request_head()
+            request_head = self.request_head(key[0], key[1])
             if framing.kind == "none":
                 backend.write(request_head)
             else:
@@ -362,9 +370,18 @@ class _Exchange:
         elif kind == "length" and out.length <= len(backend.buffer) and out.length <= CHUNK:
             client.write(prefix.encode("latin-1") + backend.consume(out.length))
         else:
-            await copy_body(
-                backend, client, out, chunked_out=rechunk, prefix=prefix.encode("latin-1")
-            )
+            record = self.session.record
+            sent = record.bytes_out
+            try:
+                await copy_body(
+                    backend, client, out, chunked_out=rechunk, prefix=prefix.encode("latin-1")
+                )
+            except HttpParseError as exc:
+                if record.bytes_out != sent:
+                    raise  # the head is out: all that is left is to end the connection
+                # The body broke before a byte of the response left: the client can still be
+                # told (the head goes out with the first body bytes, see copy_body).
+                raise _Failed(502, f"the backend sent an invalid body: {exc}", sent=True) from None
         if client.blocked:
             await client.drain()
         return client_keep, backend_keep

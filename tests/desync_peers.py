@@ -1,0 +1,398 @@
+"""The two peers of the desync battery (tests/test_desync.py), independent of the product's code.
+
+:class:`RecordingBackend` is an HTTP/1.1 backend on loopback that keeps every byte each
+connection brought, frames the requests in them strictly (CRLF only, Content-Length or a
+chunked body ending in ``chunked``) and answers each one with a scripted reply, by default
+``200`` with the request line as its body. :class:`RawClient` is a plain socket that sends
+bytes and reads responses with a small strict parser of its own; a plain socket, not
+``asyncio.open_connection``, so that bytes the proxy sent before resetting the connection are
+still read (a ``StreamReader`` raises the reset before handing out what it buffered).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import socket
+from dataclasses import dataclass, field
+
+LOOPBACK = "127.0.0.1"
+WAIT = 5.0  # the longest any single wait on a peer may take; the cases need milliseconds
+
+_CRLF = b"\r\n"
+_TCHAR = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]"
+_FIELD = re.compile(rb"(" + _TCHAR + rb"+):[ \t]*(.*?)[ \t]*")
+_REQUEST_LINE = re.compile(rb"(" + _TCHAR + rb"+) ([!-~]+) HTTP/1\.1")
+_STATUS_LINE = re.compile(rb"(HTTP/1\.[01]) ([0-9]{3})(?: (.*))?")
+_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]+)(?:[ \t]*;.*)?")
+
+
+class Unframeable(Exception):
+    """The backend cannot tell where a request it received ends."""
+
+
+# -- the backend ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One whole request as the backend framed it."""
+
+    conn: int  # the backend connection it came on, in order of acceptance
+    head: bytes  # request line and headers, the final blank line included
+    body: bytes  # the payload, de-chunked when it came chunked
+    trailers: bytes = b""  # the trailer lines of a chunked body, as sent
+    chunk_lines: tuple[bytes, ...] = ()  # the chunk-size lines of a chunked body, without CRLF
+
+    @property
+    def method(self) -> bytes:
+        return self.head.split(b" ", 1)[0]
+
+    @property
+    def target(self) -> bytes:
+        return self.head.split(b" ", 2)[1]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What the backend sends instead of its usual answer: ``data``, then ``then`` once
+    :attr:`RecordingBackend.resume` is set (by the client, when the proxy relayed something);
+    ``close`` closes the connection afterwards."""
+
+    data: bytes
+    close: bool = False
+    then: bytes = b""
+
+
+@dataclass
+class BackendConnection:
+    index: int
+    raw: bytearray = field(default_factory=bytearray)  # every byte received, in order
+    unframed: str | None = None  # why the backend stopped framing requests on it
+    closed: asyncio.Event = field(default_factory=asyncio.Event)  # EOF, reset or closed by us
+
+
+def answer_for(seen: Seen) -> bytes:
+    """The backend's usual answer: 200 with ``METHOD target`` as the body."""
+    body = seen.method + b" " + seen.target
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
+    return head if seen.method == b"HEAD" else head + body
+
+
+def frame_request(data: bytes) -> tuple[Seen, int] | None:
+    """The first whole request in ``data`` (with ``conn`` 0) and its size; None: incomplete."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    head = data[: end + 4]
+    lines = data[:end].split(_CRLF)
+    if _REQUEST_LINE.fullmatch(lines[0]) is None:
+        raise Unframeable(f"request line {lines[0][:80]!r}")
+    lengths: list[bytes] = []
+    codings: list[bytes] = []
+    for line in lines[1:]:
+        match = _FIELD.fullmatch(line)
+        if match is None:
+            raise Unframeable(f"header line {line[:80]!r}")
+        name = match.group(1).lower()
+        if name == b"content-length":
+            lengths.append(match.group(2))
+        elif name == b"transfer-encoding":
+            codings += [c.strip(b" \t").lower() for c in match.group(2).split(b",")]
+    if lengths and codings:
+        raise Unframeable("both Content-Length and Transfer-Encoding")
+    if codings:
+        if codings[-1] != b"chunked" or codings.count(b"chunked") != 1:
+            raise Unframeable(f"Transfer-Encoding {b', '.join(codings)!r}")
+        return _frame_chunked(data, head)
+    if lengths:
+        if len(lengths) != 1 or not lengths[0].isdigit():
+            raise Unframeable(f"Content-Length {lengths!r}")
+        size = int(lengths[0])
+        if len(data) < len(head) + size:
+            return None
+        return Seen(0, head, data[len(head) : len(head) + size]), len(head) + size
+    return Seen(0, head, b""), len(head)
+
+
+def _frame_chunked(data: bytes, head: bytes) -> tuple[Seen, int] | None:
+    pos = len(head)
+    body = bytearray()
+    sizes: list[bytes] = []
+    while True:
+        end = data.find(_CRLF, pos)
+        if end < 0:
+            return None
+        line = data[pos:end]
+        match = _SIZE_LINE.fullmatch(line)
+        if match is None:
+            raise Unframeable(f"chunk-size line {line[:80]!r}")
+        sizes.append(line)
+        size = int(match.group(1), 16)
+        pos = end + 2
+        if size == 0:
+            break
+        if len(data) < pos + size + 2:
+            return None
+        if data[pos + size : pos + size + 2] != _CRLF:
+            raise Unframeable("chunk data not followed by CRLF")
+        body += data[pos : pos + size]
+        pos += size + 2
+    start = pos
+    while True:
+        end = data.find(_CRLF, pos)
+        if end < 0:
+            return None
+        if end == pos:
+            trailers = data[start:pos]
+            return Seen(0, head, bytes(body), trailers, tuple(sizes)), end + 2
+        pos = end + 2
+
+
+class RecordingBackend:
+    """An HTTP/1.1 backend on 127.0.0.1 (port 0) recording what every connection brought.
+
+    ``script`` maps the number of a request (0 for the first the backend receives, counted
+    over all its connections) to the :class:`Reply` it gets instead of :func:`answer_for`.
+    A connection on which a request cannot be framed stays open and is only recorded.
+    """
+
+    def __init__(self, script: dict[int, Reply] | None = None) -> None:
+        self.script = dict(script or {})
+        self.connections: list[BackendConnection] = []
+        self.requests: list[Seen] = []
+        self.port = 0
+        self.resume = asyncio.Event()  # see Reply.then
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> RecordingBackend:
+        self._server = await asyncio.start_server(self._handle, LOOPBACK, 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.close()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=WAIT)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._server.wait_closed(), WAIT)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self._writers.append(writer)
+        conn = BackendConnection(len(self.connections))
+        self.connections.append(conn)
+        pending = b""
+        try:
+            while data := await reader.read(65536):
+                conn.raw += data
+                if conn.unframed is not None:
+                    continue
+                pending += data
+                while True:
+                    try:
+                        framed = frame_request(pending)
+                    except Unframeable as exc:
+                        conn.unframed = str(exc)
+                        break
+                    if framed is None:
+                        break
+                    seen, used = framed
+                    seen = Seen(conn.index, seen.head, seen.body, seen.trailers, seen.chunk_lines)
+                    pending = pending[used:]
+                    reply = self.script.get(len(self.requests))
+                    self.requests.append(seen)
+                    writer.write(answer_for(seen) if reply is None else reply.data)
+                    await writer.drain()
+                    if reply is not None and reply.then:
+                        with contextlib.suppress(TimeoutError):  # then the failure shows
+                            await asyncio.wait_for(self.resume.wait(), WAIT)
+                        writer.write(reply.then)
+                        await writer.drain()
+                    if reply is not None and reply.close:
+                        return
+        except OSError:  # reset by the proxy, which may close with bytes unread
+            pass
+        finally:
+            conn.closed.set()
+            writer.close()
+
+
+# -- the client -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Response:
+    """One response as the client read it; ``complete`` is False when the connection ended
+    inside its body."""
+
+    version: str
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    complete: bool
+
+    def header(self, name: str) -> str | None:
+        """Every value of header ``name`` joined with ", ", None when it is absent."""
+        values = [v for n, v in self.headers if n.lower() == name.lower()]
+        return ", ".join(values) if values else None
+
+    def tokens(self, name: str) -> list[str]:
+        value = self.header(name) or ""
+        return [t.strip().lower() for t in value.split(",") if t.strip()]
+
+    def summary(self) -> str:
+        cut = "" if self.complete else " (cut short)"
+        return f"{self.status} {dict(self.headers)} {self.body[:120]!r}{cut}"
+
+
+class RawClient:
+    """A client connection on a plain non-blocking socket; every wait is bounded by WAIT."""
+
+    def __init__(self, sock: socket.socket, received: asyncio.Event | None = None) -> None:
+        self.sock = sock
+        self.received = received  # set whenever bytes arrive
+        self.buffer = bytearray()
+        self.eof = False
+        self.reset = False
+
+    @classmethod
+    async def connect(cls, port: int, received: asyncio.Event | None = None) -> RawClient:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(
+                asyncio.get_running_loop().sock_connect(sock, (LOOPBACK, port)), WAIT
+            )
+        except BaseException:
+            sock.close()
+            raise
+        return cls(sock, received)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    async def send(self, data: bytes, *, half_close: bool = False) -> None:
+        """Send ``data`` in one call; the proxy may close before it has read it all."""
+        with contextlib.suppress(OSError):
+            await asyncio.wait_for(asyncio.get_running_loop().sock_sendall(self.sock, data), WAIT)
+            if half_close:
+                self.sock.shutdown(socket.SHUT_WR)
+
+    async def _fill(self) -> bool:
+        """Read more; False at EOF or reset."""
+        if self.eof:
+            return False
+        loop = asyncio.get_running_loop()
+        try:
+            data = await asyncio.wait_for(loop.sock_recv(self.sock, 65536), WAIT)
+        except TimeoutError:
+            raise AssertionError(
+                f"nothing more from the proxy within {WAIT}s; have {bytes(self.buffer[:300])!r}"
+            ) from None
+        except ConnectionResetError:
+            self.eof = self.reset = True
+            return False
+        if not data:
+            self.eof = True
+            return False
+        self.buffer += data
+        if self.received is not None:
+            self.received.set()
+        return True
+
+    async def rest(self) -> bytes:
+        """Everything until the proxy closes the connection (fails if it stays open)."""
+        while await self._fill():
+            pass
+        data = bytes(self.buffer)
+        self.buffer.clear()
+        return data
+
+    async def responses(self, heads: list[bool]) -> list[Response]:
+        """Up to ``len(heads)`` responses, fewer if the connection ends first; ``heads[i]``
+        says whether the i-th answers a HEAD request (so has no body)."""
+        got: list[Response] = []
+        for head_request in heads:
+            response = await self.response(head_request=head_request)
+            if response is None:
+                break
+            got.append(response)
+            if not response.complete:
+                break
+        return got
+
+    async def response(self, *, head_request: bool = False) -> Response | None:
+        """The next response; None when the connection ended before one began."""
+        while (end := self.buffer.find(b"\r\n\r\n")) < 0:
+            if not await self._fill():
+                if self.buffer:
+                    raise AssertionError(f"closed inside a response head: {bytes(self.buffer)!r}")
+                return None
+        lines = bytes(self.buffer[:end]).split(_CRLF)
+        del self.buffer[: end + 4]
+        status_line = _STATUS_LINE.fullmatch(lines[0])
+        assert status_line is not None, f"bad status line from the proxy: {lines[0]!r}"
+        headers = []
+        for line in lines[1:]:
+            match = _FIELD.fullmatch(line)
+            assert match is not None, f"bad header line from the proxy: {line!r}"
+            headers.append((match.group(1).decode(), match.group(2).decode("latin-1")))
+        version, status = status_line.group(1).decode(), int(status_line.group(2))
+        bodiless = head_request or status < 200 or status in (204, 304)
+        response = Response(version, status, tuple(headers), b"", True)
+        if bodiless:
+            return response
+        codings, length = response.tokens("transfer-encoding"), response.header("content-length")
+        if codings and codings[-1] == "chunked":
+            body, complete = await self._chunked()
+        elif codings or length is None:
+            body, complete = await self.rest(), True
+        else:
+            assert length.isdigit(), f"bad Content-Length from the proxy: {length!r}"
+            body, complete = await self._exactly(int(length))
+        return Response(version, status, tuple(headers), body, complete)
+
+    async def _exactly(self, size: int) -> tuple[bytes, bool]:
+        while len(self.buffer) < size:
+            if not await self._fill():
+                break
+        body = bytes(self.buffer[:size])
+        del self.buffer[:size]
+        return body, len(body) == size
+
+    async def _line(self) -> bytes | None:
+        while (end := self.buffer.find(_CRLF)) < 0:
+            if not await self._fill():
+                return None
+        line = bytes(self.buffer[:end])
+        del self.buffer[: end + 2]
+        return line
+
+    async def _chunked(self) -> tuple[bytes, bool]:
+        body = bytearray()
+        while True:
+            line = await self._line()
+            if line is None:
+                return bytes(body), False
+            assert re.fullmatch(rb"[0-9A-Fa-f]+", line), f"bad chunk size from the proxy {line!r}"
+            size = int(line, 16)
+            if size == 0:
+                break
+            data, complete = await self._exactly(size + 2)
+            if not complete:
+                return bytes(body + data[:size]), False
+            assert data.endswith(_CRLF), f"chunk data without CRLF from the proxy: {data!r}"
+            body += data[:size]
+        while (line := await self._line()) != b"":
+            if line is None:
+                return bytes(body), False
+        return bytes(body), True
