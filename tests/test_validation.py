@@ -44,6 +44,7 @@ from smartroute.routing.schema import (
     Tls,
 )
 from smartroute.routing.validation import validate_route, validate_routes
+from smartroute.routing.validation.security import compile_security
 
 # -- helpers -----------------------------------------------------------------------------------
 
@@ -544,8 +545,8 @@ BAD: list[tuple[str, object, str]] = [
     ("missing-action", [{"match": {"ports": 1}}], f'{R0}: missing required key "action"'),
     (
         "key-of-match",
-        [block(domain="x")],
-        f'{R0}: unknown key "domain" (did you mean "match.domains"?)',
+        [block(domains="x")],
+        f'{R0}: unknown key "domains" (did you mean "match.domains"?)',
     ),
     ("key-typo", [block(priorty=1)], f'{R0}: unknown key "priorty" (did you mean "priority"?)'),
     ("key-of-tls", [block(tls={})], f'{R0}: unknown key "tls" (did you mean "action.tls"?)'),
@@ -559,6 +560,12 @@ BAD: list[tuple[str, object, str]] = [
         "key-of-action-in-match",
         [matching(targets=[])],
         f'{R0}.match: unknown key "targets" (did you mean "routes[0].action.targets"?)',
+    ),
+    (
+        "key-of-two-blocks",
+        [matching(status=301)],
+        f'{R0}.match: unknown key "status" (did you mean "routes[0].action.redirect.status" '
+        'or "routes[0].action.static.status"?)',
     ),
     ("name-empty", [block(name="")], f"{R0}.name: expected a non-empty str, got ''"),
     ("name-type", [block(name=5)], f"{R0}.name: expected a non-empty str, got 5"),
@@ -652,6 +659,18 @@ BAD: list[tuple[str, object, str]] = [
         "path-relative",
         [matching(path="api")],
         f"{R0}.match.path: 'api' is not a path pattern (it must start with '/')",
+    ),
+    (
+        "path-not-normal",
+        [matching(path="/api//v1/./*")],
+        f"{R0}.match.path: '/api//v1/./*' is not a normal path (requests are matched as"
+        " '/api/v1/*'); write '/api/v1/*'",
+    ),
+    (
+        "path-never-matches",
+        [matching(path="/files/a%2Fb")],
+        f"{R0}.match.path: '/files/a%2Fb' can never match: the request path holds an encoded"
+        " slash (%2F)",
     ),
     (
         "client-ip-bad",
@@ -1064,6 +1083,114 @@ BAD: list[tuple[str, object, str]] = [
 @pytest.mark.parametrize(("routes", "message"), [c[1:] for c in BAD], ids=[c[0] for c in BAD])
 def test_bad_input(routes: object, message: str) -> None:
     assert error_of(routes) == message
+
+
+# -- unknown keys: a near miss is compared with the keys of its own block only ------------------
+
+
+def keys_of(typed_dict: Any) -> list[str]:
+    return sorted(typed_dict.__required_keys__ | typed_dict.__optional_keys__)
+
+
+def in_tls(**tls: object) -> Any:
+    return on(forward(tls=terminate(**tls)))
+
+
+def in_certificate(**extra: object) -> Any:
+    cert, key = make_pair()
+    return on(
+        forward(tls={"mode": "terminate", "certificate": {"cert": cert, "key": key, **extra}})
+    )
+
+
+STATIC = {"type": "static", "static": {"content": "hi"}}
+SOCKET = {"type": "socket-handler", "socket_handler": echo_handler}
+# (id, route, path of the block, its TypedDict, the unknown key, the key of that block suggested)
+# Each "far" key is unlike every key of its block and of the blocks inside it, but close to a
+# key of another block: it once got that one ("client_ca" in tls -> "routes[0].match.client_ip").
+# None of these keys is a key anywhere; one that is, written in the wrong block, is placed (the
+# "key-of-*" cases above).
+UNKNOWN_KEYS: list[tuple[str, Any, str, Any, str, str | None]] = [
+    ("route", block(priorty=1), R0, schema.RouteDict, "priorty", "priority"),
+    ("route-far", block(colour="x"), R0, schema.RouteDict, "colour", None),
+    ("match", matching(client_ips="*"), f"{R0}.match", schema.MatchDict, "client_ips", "client_ip"),
+    ("match-far", matching(certificat="auto"), f"{R0}.match", schema.MatchDict, "certificat", None),
+    ("port-range", matching(ports=[{"form": 1, "to": 2}]), f"{R0}.match.ports[0]", schema.PortRangeDict, "form", "from"),
+    ("port-range-far", matching(ports=[{"from": 1, "to": 2, "realm": 3}]), f"{R0}.match.ports[0]", schema.PortRangeDict, "realm", None),
+    ("forward", on(forward(targts=[])), f"{R0}.action", schema.ForwardActionDict, "targts", "targets"),
+    ("forward-far", on(forward(idel=1)), f"{R0}.action", schema.ForwardActionDict, "idel", None),
+    ("redirect-action", on({"type": "redirect", "redirct": {}}), f"{R0}.action", schema.RedirectActionDict, "redirct", "redirect"),
+    ("redirect-action-far", on({"type": "redirect", "usr": {}}), f"{R0}.action", schema.RedirectActionDict, "usr", None),
+    ("block-action", on({"type": "block", "typ": 1}), f"{R0}.action", schema.BlockActionDict, "typ", "type"),
+    ("block-action-far", on({"type": "block", "rot": "/"}), f"{R0}.action", schema.BlockActionDict, "rot", None),
+    ("static-action", on({**STATIC, "statik": {}}), f"{R0}.action", schema.StaticActionDict, "statik", "static"),
+    ("static-action-far", on({**STATIC, "realms": 1}), f"{R0}.action", schema.StaticActionDict, "realms", None),
+    ("socket-action", on({**SOCKET, "sockethandler": 1}), f"{R0}.action", schema.SocketHandlerActionDict, "sockethandler", "socket_handler"),
+    ("socket-action-far", on({**SOCKET, "realms": 1}), f"{R0}.action", schema.SocketHandlerActionDict, "realms", None),
+    ("target", on(forward(targets=[{"hots": "a", "port": 1}])), f"{R0}.action.targets[0]", schema.TargetDict, "hots", "host"),
+    ("target-far", on(forward(targets=[{"host": "a", "port": 1, "contnet": 1}])), f"{R0}.action.targets[0]", schema.TargetDict, "contnet", None),
+    ("redirect", on({"type": "redirect", "redirect": {"to": "/", "stats": 301}}), f"{R0}.action.redirect", schema.RedirectDict, "stats", "status"),
+    ("redirect-far", on({"type": "redirect", "redirect": {"to": "/", "mod": 1}}), f"{R0}.action.redirect", schema.RedirectDict, "mod", None),
+    ("static", on({"type": "static", "static": {"rot": "/"}}), f"{R0}.action.static", schema.StaticDict, "rot", "root"),
+    ("static-far", on({"type": "static", "static": {"content": "x", "domain": 1}}), f"{R0}.action.static", schema.StaticDict, "domain", None),
+    ("tls", in_tls(mdoe=1), f"{R0}.action.tls", schema.TlsDict, "mdoe", "mode"),
+    ("tls-client-ca", in_tls(client_ca="x"), f"{R0}.action.tls", schema.TlsDict, "client_ca", "backend_ca"),
+    ("tls-far", in_tls(alpns=["h2"]), f"{R0}.action.tls", schema.TlsDict, "alpns", None),
+    ("certificate", in_certificate(kye="x"), f"{R0}.action.tls.certificate", schema.CertificateDict, "kye", "key"),
+    ("certificate-far", in_certificate(idel=1), f"{R0}.action.tls.certificate", schema.CertificateDict, "idel", None),
+    ("security", with_security({"ip_allowlist": "*"}), f"{R0}.security", schema.SecurityDict, "ip_allowlist", "ip_allow_list"),
+    ("security-far", with_security({"clientip": "*"}), f"{R0}.security", schema.SecurityDict, "clientip", None),
+    ("rate-limit", with_security({"rate_limit": {"connections_per_min": 1}}), f"{R0}.security.rate_limit", schema.RateLimitDict, "connections_per_min", "connections_per_minute"),
+    ("rate-limit-far", with_security({"rate_limit": {"max_connection": 1}}), f"{R0}.security.rate_limit", schema.RateLimitDict, "max_connection", None),
+    ("basic-auth", with_security({"basic_auth": {"user": {}}}), f"{R0}.security.basic_auth", schema.BasicAuthDict, "user", "users"),
+    ("basic-auth-far", with_security({"basic_auth": {"users": {"a": "b"}, "pathh": "/"}}), f"{R0}.security.basic_auth", schema.BasicAuthDict, "pathh", None),
+    ("timeouts", block(timeouts={"idel": 1}), f"{R0}.timeouts", schema.TimeoutsDict, "idel", "idle"),
+    ("timeouts-far", block(timeouts={"domain": 1}), f"{R0}.timeouts", schema.TimeoutsDict, "domain", None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("route", "path", "typed_dict", "key", "suggested"),
+    [case[1:] for case in UNKNOWN_KEYS],
+    ids=[case[0] for case in UNKNOWN_KEYS],
+)
+def test_unknown_key_hint_comes_from_its_own_block(
+    route: Any, path: str, typed_dict: Any, key: str, suggested: str | None
+) -> None:
+    keys = keys_of(typed_dict)
+    if suggested is None:
+        hint = "allowed: " + ", ".join(f'"{name}"' for name in keys)
+    else:
+        assert suggested in keys
+        hint = f'did you mean "{suggested}"?'
+    assert error_of([route]) == f'{path}: unknown key "{key}" ({hint})'
+
+
+def test_a_near_miss_may_point_into_a_block_inside_its_own() -> None:
+    # Below the block is fine ("domain" at route level is a typo of match's "domains");
+    # above it or beside it never is (see the "far" cases).
+    assert error_of([block(domain="x")]) == (
+        f'{R0}: unknown key "domain" (did you mean "match.domains"?)'
+    )
+
+
+def test_unknown_tls_key_never_points_into_match() -> None:
+    message = error_of([in_tls(client_ca="x")])
+    assert message.startswith(f'{R0}.action.tls: unknown key "client_ca" (')
+    assert "match" not in message and "client_ip" not in message
+
+
+def test_proxy_wide_security_places_no_key_in_a_route() -> None:
+    # settings.security is not inside a route: "idle" has no route timeouts to point to
+    with pytest.raises(ConfigError) as caught:
+        compile_security({"idle": 1}, "settings.security", "")
+    allowed = ", ".join(f'"{name}"' for name in keys_of(schema.SecurityDict))
+    assert str(caught.value) == f'settings.security: unknown key "idle" (allowed: {allowed})'
+    with pytest.raises(ConfigError) as caught:
+        compile_security({"users": {"a": "b"}}, "settings.security", "")
+    assert str(caught.value) == (
+        'settings.security: unknown key "users" (did you mean "basic_auth.users"?)'
+    )
 
 
 def test_bad_dataclass_input_reports_the_same_paths() -> None:

@@ -13,6 +13,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from smartroute.errors import HttpParseError
+from smartroute.protocols.paths import normalize_path
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -164,6 +167,16 @@ def compile_path(raw: str) -> PathPattern:
     """
     if not raw.startswith("/"):
         raise ValueError(f"{raw!r} is not a path pattern (it must start with '/')")
+    # Requests are matched in the normal form of their path, so a pattern in any other form
+    # could never match what it seems to say.
+    try:
+        normal = normalize_path(raw)
+    except HttpParseError as exc:
+        raise ValueError(f"{raw!r} can never match: {exc}") from None
+    if normal != raw:
+        raise ValueError(
+            f"{raw!r} is not a normal path (requests are matched as {normal!r}); write {normal!r}"
+        )
     if "*" not in raw and ":" not in raw:
         return PathPattern(raw, "exact", raw, None)
     pieces: list[str] = []

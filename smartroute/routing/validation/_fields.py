@@ -54,23 +54,24 @@ ACTION_KEYS: Final = {
 }
 ANY_ACTION_KEY = frozenset().union(*ACTION_KEYS.values())
 
-# Where each key of the route-level sections lives, relative to the route: the "did you mean"
-# hint for a key written at the wrong level ("domains" at route level -> "match.domains").
-_LOCATIONS: dict[str, str] = {key: key for key in sorted(ROUTE_KEYS)}
-for _section, _section_keys in (
+# Where each key of a route's blocks belongs, relative to the route ("status" belongs in two
+# places). Only an exact key is placed: "tls" at route level -> "action.tls". A near-miss is only
+# ever compared with the keys of its own block, so a typo never points into another block.
+_PLACES: dict[str, tuple[str, ...]] = {key: (key,) for key in ROUTE_KEYS}
+for _block, _block_keys in (
     ("match", MATCH_KEYS),
     ("action", ANY_ACTION_KEY),
     ("action.tls", TLS_KEYS),
     ("action.tls.certificate", CERT_KEYS),
+    ("action.redirect", REDIRECT_KEYS),
+    ("action.static", STATIC_KEYS),
     ("security", SECURITY_KEYS),
     ("security.rate_limit", RATE_KEYS),
     ("security.basic_auth", AUTH_KEYS),
     ("timeouts", TIMEOUT_KEYS),
-    ("action.redirect", REDIRECT_KEYS),
-    ("action.static", STATIC_KEYS),
 ):
-    for _key in sorted(_section_keys):
-        _LOCATIONS.setdefault(_key, f"{_section}.{_key}")
+    for _key in _block_keys:
+        _PLACES[_key] = (*_PLACES.get(_key, ()), f"{_block}.{_key}")
 
 
 # -- messages and small checks -------------------------------------------------------------------
@@ -110,8 +111,12 @@ def check_keys(
     route: str = "",
     skip: tuple[str, ...] = (),
 ) -> None:
-    """Unknown keys are errors; ``level`` (route-relative, "" for the route) enables hints
-    for keys that belong elsewhere in the route, except at locations starting with ``skip``."""
+    """Unknown keys are errors, with a hint from the keys of this block only.
+
+    ``level`` (route-relative, "" for the route itself) also places a key that belongs to
+    another block of the route (not at places starting with ``skip``); ``route`` is the
+    route's path, "" outside a route (then only keys of blocks inside this one are placed).
+    """
     if raw.keys() <= allowed:
         return
     for key in raw:
@@ -125,21 +130,47 @@ def _unknown_key(
     listed = f"allowed: {quoted(sorted(allowed))}"
     if not isinstance(key, str):
         return f"unknown key {key!r} ({listed})"
-    candidates = {name: name for name in allowed}
-    if level is not None:
-        for name, where in _LOCATIONS.items():
-            here = name if level == "" else f"{level}.{name}"
-            if name in candidates or where == here or where.startswith(skip):
-                continue
-            if level == "":
-                candidates[name] = where
-            elif where.startswith(level + "."):
-                candidates[name] = where[len(level) + 1 :]
-            else:
-                candidates[name] = f"{route}.{where}"
-    close = difflib.get_close_matches(key, list(candidates), n=1)
-    hint = f'did you mean "{candidates[close[0]]}"?' if close else listed
-    return f'unknown key "{key}" ({hint})'
+    places = () if level is None else _placed(key, level, route, skip)
+    if not places:
+        places = tuple(difflib.get_close_matches(key, sorted(allowed), n=1))
+    if not places and level is not None:
+        places = _near_below(key, level, skip)
+    if not places:
+        return f'unknown key "{key}" ({listed})'
+    either = " or ".join(f'"{place}"' for place in places)
+    return f'unknown key "{key}" (did you mean {either}?)'
+
+
+def _near_below(key: str, level: str, skip: tuple[str, ...]) -> tuple[str, ...]:
+    """A near-miss among the keys of the blocks inside the one at ``level``, as a path relative
+    to it ("domain" at route level -> "match.domains"); never a key of a block above or
+    beside it."""
+    prefix = f"{level}." if level else ""
+    below: dict[str, str] = {}
+    for name, wheres in _PLACES.items():
+        for where in wheres:
+            inner = where[len(prefix) :]
+            if where.startswith(prefix) and "." in inner and not where.startswith(skip):
+                below.setdefault(name, inner)
+    close = difflib.get_close_matches(key, sorted(below), n=1)
+    return (below[close[0]],) if close else ()
+
+
+def _placed(key: str, level: str, route: str, skip: tuple[str, ...]) -> tuple[str, ...]:
+    """Where ``key``, written in the block at ``level``, belongs in the route: as a path
+    relative to the block when it is inside it, to the route at its top, else in full."""
+    places: list[str] = []
+    here = key if level == "" else f"{level}.{key}"
+    for where in _PLACES.get(key, ()):
+        if where == here or where.startswith(skip):
+            continue
+        if level == "":
+            places.append(where)
+        elif where.startswith(level + "."):
+            places.append(where[len(level) + 1 :])
+        elif route:
+            places.append(f"{route}.{where}")
+    return tuple(places)
 
 
 def require(raw: Raw, path: str, *keys: str) -> None:
