@@ -1,10 +1,18 @@
 """How the route matcher's cost grows with the number of routes (it should not).
 
-Builds route tables of 10, 100, 1,000 and 10,000 routes: mostly exact domains (on ports 443
-and 80), one wildcard in 20 (443 and 8443), two domain-less client-IP routes with a higher
-priority (443; the measured client never matches them, so every match that reaches the
-domain-less bucket checks them) and one domain-less fallback per port (443, 80, 8443, 8080).
-Times ``RouteTable.match`` on port 443 for four kinds of connection, and the construction.
+Builds route tables of 10, 100, 1,000 and 10,000 routes, three kinds:
+
+- domains: mostly exact domains (on ports 443 and 80), one wildcard in 20 (443 and 8443), two
+  domain-less client-IP routes with a higher priority (443; the measured client never matches
+  them, so every match that reaches the domain-less bucket checks them) and one domain-less
+  fallback per port (443, 80, 8443, 8080);
+- paths: every route under one domain, ``api.example.com``: a third exact paths
+  (``/svc{i}/health``), a third globs (``/svc{i}/*``), a third params
+  (``/svc{i}/users/:id``), and a catch-all for the domain;
+- headers: every route under that domain with one exact header value (``x-tenant: t{i}``),
+  and the catch-all.
+
+Times ``RouteTable.match`` on port 443 for each kind's connections, and the construction.
 
     python bench/routing_bench.py [--loops N] [--repeat N]
 
@@ -23,11 +31,17 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from smartroute.routing.matcher import ConnectionFacts, RouteTable
 from smartroute.routing.model import CompiledRoute, ForwardAction, MatchCriteria, TargetSpec
-from smartroute.routing.patterns import compile_domain, compile_ip_rule, parse_ip
+from smartroute.routing.patterns import (
+    compile_domain,
+    compile_header_rule,
+    compile_ip_rule,
+    compile_path,
+    parse_ip,
+)
 
 SIZES = (10, 100, 1_000, 10_000)
 PORTS = (443, 80, 8443, 8080)
@@ -79,6 +93,62 @@ def build_routes(size: int) -> tuple[list[CompiledRoute], int, int]:
     return routes, exacts, wildcards
 
 
+API = compile_domain("api.example.com")
+
+
+def build_path_routes(size: int) -> list[CompiledRoute]:
+    """``size`` routes under one domain: exact, glob and params paths, then a catch-all."""
+    routes: list[CompiledRoute] = []
+    shapes = ("/svc{}/health", "/svc{}/*", "/svc{}/users/:id")
+    for i in range(size - 1):
+        path = compile_path(shapes[i % 3].format(i // 3))
+        criteria = MatchCriteria(ports=frozenset({PORT}), domains=(API,), path=path)
+        routes.append(_route(len(routes), f"path-{i}", criteria))
+    routes.append(_route(len(routes), "api-all", MatchCriteria(frozenset({PORT}), (API,))))
+    return routes
+
+
+def build_header_routes(size: int) -> list[CompiledRoute]:
+    """``size`` routes under one domain, each for one tenant header value, then a catch-all."""
+    routes: list[CompiledRoute] = []
+    for i in range(size - 1):
+        rule = compile_header_rule("x-tenant", f"t{i}")
+        criteria = MatchCriteria(ports=frozenset({PORT}), domains=(API,), headers=(rule,))
+        routes.append(_route(len(routes), f"tenant-{i}", criteria))
+    routes.append(_route(len(routes), "api-all", MatchCriteria(frozenset({PORT}), (API,))))
+    return routes
+
+
+def path_connections(size: int) -> dict[str, tuple[list[ConnectionFacts], str]]:
+    """Requests spread over the path routes of a table of ``size``, and misses."""
+    groups = (size - 1) // 3
+
+    def request(path: str, headers: dict[str, str] | None = None) -> ConnectionFacts:
+        return ConnectionFacts(PORT, CLIENT, "api.example.com", path=path, headers=headers)
+
+    picks = [k * groups // 64 for k in range(64)]
+    return {
+        "path exact hit": ([request(f"/svc{i}/health") for i in picks], "path-"),
+        "path glob hit": ([request(f"/svc{i}/static/app.js") for i in picks], "path-"),
+        "path params hit": ([request(f"/svc{i}/users/{i}") for i in picks], "path-"),
+        "path miss": ([request(f"/other/{k}/x") for k in range(64)], "api-all"),
+    }
+
+
+def header_connections(size: int) -> dict[str, tuple[list[ConnectionFacts], str]]:
+    """Requests with a tenant header of the table, and with an unknown one."""
+    picks = [k * (size - 1) // 64 for k in range(64)]
+
+    def request(tenant: str) -> ConnectionFacts:
+        headers = {"host": "api.example.com", "accept": "*/*", "x-tenant": tenant}
+        return ConnectionFacts(PORT, CLIENT, "api.example.com", path="/", headers=headers)
+
+    return {
+        "header hit": ([request(f"t{i}") for i in picks], "tenant-"),
+        "header miss": ([request(f"unknown{k}") for k in range(64)], "api-all"),
+    }
+
+
 def connections(size: int) -> dict[str, tuple[list[ConnectionFacts], str]]:
     """Per case: 64 connections spread over the table, and the prefix of the winner's name.
 
@@ -123,13 +193,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=5, help="runs per figure (median)")
     args = parser.parse_args(argv)
 
-    routes = {size: build_routes(size)[0] for size in SIZES}
-    tables = {size: RouteTable(routes[size]) for size in SIZES}
-    cases = {size: connections(size) for size in SIZES}
+    Builder = Callable[[int], list[CompiledRoute]]
+    Requests = Callable[[int], dict[str, tuple[list[ConnectionFacts], str]]]
+    kinds: dict[str, tuple[Builder, Requests]] = {
+        "domains": (lambda size: build_routes(size)[0], connections),
+        "paths": (build_path_routes, path_connections),
+        "headers": (build_header_routes, header_connections),
+    }
+    routes: dict[int, list[CompiledRoute]] = {}
+    tables: dict[tuple[str, int], RouteTable] = {}
+    cases: dict[int, dict[str, tuple[list[ConnectionFacts], str]]] = {s: {} for s in SIZES}
+    table_of: dict[str, str] = {}  # case -> the kind of table it runs against
+    for kind, (build, requests) in kinds.items():
+        for size in SIZES:
+            built = build(size)
+            if kind == "domains":
+                routes[size] = built
+            tables[kind, size] = RouteTable(built)
+            for case, batch in requests(size).items():
+                cases[size][case] = batch
+                table_of[case] = kind
     for size in SIZES:  # check that every case is what it says before timing it
         for case, (facts, winner) in cases[size].items():
             for item in facts:
-                found = tables[size].match(item)
+                found = tables[table_of[case], size].match(item)
                 assert found is not None and found.route.name.startswith(winner), (size, case)
 
     names = list(cases[SIZES[0]])
@@ -155,7 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 spent = dict.fromkeys(SIZES, 0.0)
                 for chunk in range(chunks):
                     for size in order if chunk % 2 == 0 else order[::-1]:
-                        spent[size] += time_matches(tables[size], batches[case, size])
+                        table = tables[table_of[case], size]
+                        spent[size] += time_matches(table, batches[case, size])
                 for size in SIZES:
                     calls = chunks * CHUNK
                     match_runs.setdefault((case, size), []).append(spent[size] / calls * 1e6)
@@ -170,6 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"median of {args.repeat} runs x {calls} calls, microseconds per match call\n")
     header = "".join(f"{size:>10,}" for size in SIZES)
     print(f"{'case':<18}{header}{'10,000/10':>12}{'(best runs)':>12}")
+    # Build times are of the domains tables.
     for case in names:
         medians = [statistics.median(match_runs[case, size]) for size in SIZES]
         ratio = medians[-1] / medians[0]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from smartroute.routing import matcher
 from smartroute.routing.matcher import ConnectionFacts, RouteMatch, RouteTable
 from smartroute.routing.model import BlockAction, CompiledRoute, MatchCriteria, TlsSettings
 from smartroute.routing.patterns import (
@@ -562,6 +564,52 @@ def test_matches_naive_reference(specs: list[R], connections: list[ConnectionFac
     table = RouteTable(routes)
     for connection in connections:
         assert table.match(connection) == reference(routes, connection)
+
+
+@contextlib.contextmanager
+def every_bucket_indexed() -> Iterator[None]:
+    """Tables built inside index every bucket, however short (see _IndexedBucket)."""
+    saved = matcher.INDEX_THRESHOLD
+    matcher.INDEX_THRESHOLD = 0
+    try:
+        yield
+    finally:
+        matcher.INDEX_THRESHOLD = saved
+
+
+@settings(max_examples=250)
+@given(route_specs(), st.lists(connection_facts, min_size=1, max_size=8))
+def test_indexed_buckets_match_the_naive_reference(
+    specs: list[R], connections: list[ConnectionFacts]
+) -> None:
+    routes = build(specs)
+    with every_bucket_indexed():
+        table = RouteTable(routes)
+    for connection in connections:
+        assert table.match(connection) == reference(routes, connection)
+
+
+def test_many_paths_and_headers_under_one_domain_same_as_reference() -> None:
+    specs = [R(f"exact{i}", domains=["api.test"], path=f"/exact/{i}") for i in range(300)]
+    specs += [R(f"glob{i}", domains=["api.test"], path=f"/svc{i}/*") for i in range(300)]
+    specs += [R(f"param{i}", domains=["api.test"], path=f"/u{i}/:id/x") for i in range(300)]
+    specs += [R(f"deep{i}", domains=["api.test"], path=f"/a/b{i}/c*") for i in range(100)]
+    specs += [
+        R(f"tenant{i}", domains=["api.test"], headers={"x-tenant": f"t{i}"}) for i in range(300)
+    ]
+    specs += [R("glob-header", domains=["api.test"], headers={"x-tenant": "t1*"}, priority=1)]
+    specs += [R("root", domains=["api.test"], path="/*"), R("catch-all", domains=["api.test"])]
+    specs += [R(f"nodomain{i}", path=f"/n{i}/*") for i in range(50)]
+    routes = build(specs)
+    table = RouteTable(routes)
+    paths: list[str | None] = ["/exact/7", "/exact/7/", "/svc12", "/svc12/", "/svc12/a/b"]
+    paths += ["/svc123x", "/u5/9/x"]
+    paths += ["/u5/9/y", "/a/b7/cd", "/a/b7/c", "/a/b7", "/n3/q", "/", "/nothing", None]
+    for domain in ("api.test", "other.test", None):
+        for path in paths:
+            for headers in (None, {}, {"x-tenant": "t7"}, {"x-tenant": "t15"}, {"x-other": "t7"}):
+                connection = facts(domain=domain, path=path, headers=headers)
+                assert table.match(connection) == reference(routes, connection), connection
 
 
 @st.composite

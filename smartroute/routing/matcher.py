@@ -3,8 +3,10 @@
 Pure and synchronous. :class:`RouteTable` indexes the enabled routes once: by port, then by exact
 domain (a dict), wildcard suffix (a dict walked with the connection domain's label suffixes, ``*``
 under the empty suffix) and "no domain". Every bucket is pre-sorted by the winner ordering, so a
-match looks at a handful of buckets and stops at the first full match in each: its cost depends
-on the domain's label count and on how many routes share a bucket, not on the table's size.
+match looks at a handful of buckets and stops at the first full match in each. A bucket of more
+than a few routes (many paths under one domain, say) is indexed in turn by its routes' paths and
+exact header values (:class:`_IndexedBucket`), so only the routes that can match the request's
+path and headers are checked: a match costs about the same with 10 routes or 10,000.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
 from types import MappingProxyType
-from typing import TypeAlias
+from typing import TypeAlias, cast
 
 from smartroute.routing.model import CompiledRoute, MatchCriteria, Timeouts
 from smartroute.routing.patterns import IPAddress
@@ -113,10 +115,14 @@ def _conditions(criteria: MatchCriteria, facts: ConnectionFacts) -> Mapping[str,
     return criteria.path.match(facts.path)
 
 
-def _first(bucket: list[_Entry], facts: ConnectionFacts, bound: _Key | None) -> _Found | None:
+def _first(
+    bucket: list[_Entry] | _IndexedBucket, facts: ConnectionFacts, bound: _Key | None
+) -> _Found | None:
     """The first full match in a sorted bucket, if it orders before ``bound``."""
+    if bucket.__class__ is _IndexedBucket:
+        bucket = bucket.candidates(facts)
     terminated = facts.terminated
-    for key, found, criteria, layer in bucket:
+    for key, found, criteria, layer in cast(list[_Entry], bucket):
         if bound is not None and key >= bound:
             return None
         # Inside a terminated session only terminating routes apply; outside, a route with a
@@ -131,6 +137,78 @@ def _first(bucket: list[_Entry], facts: ConnectionFacts, bound: _Key | None) -> 
     return None
 
 
+# A bucket longer than this is indexed by path and header values; a shorter one is scanned.
+INDEX_THRESHOLD = 8
+
+
+class _IndexedBucket:
+    """A long bucket, its entries found by the request's path and headers.
+
+    Each entry is filed once, under the most selective condition that a lookup can find: its
+    exact path, the folder part of its path pattern's literal prefix (``/api/v1/`` for
+    ``/api/v1/users/*``; a pattern ending in ``/*`` also under its bare prefix, which it
+    matches too), or its first exact header value; the rest (no path, a path pattern with no
+    folder to file it under, only glob header values) are always candidates. A lookup gathers
+    the entries filed under the request's path, each folder of it and each of its header
+    values, in winner order: the same entries, in the same order, that a scan would reach,
+    less the ones that cannot match.
+    """
+
+    __slots__ = ("floor", "always", "exact", "folders", "headers")
+
+    def __init__(self, bucket: list[_Entry]) -> None:
+        self.floor = bucket[0][0]  # the best key in the bucket
+        self.always: list[_Entry] = []
+        self.exact: dict[str, list[_Entry]] = {}
+        self.folders: dict[str, list[_Entry]] = {}
+        self.headers: dict[tuple[str, str], list[_Entry]] = {}
+        for entry in bucket:  # sorted: every list below stays sorted
+            criteria = entry[2]
+            path = criteria.path if criteria is not None else None
+            if path is not None and path.kind == "exact":
+                self.exact.setdefault(path.text, []).append(entry)
+            elif path is not None:
+                prefix = path.literal_prefix
+                self.folders.setdefault(prefix[: prefix.rfind("/") + 1], []).append(entry)
+                if path.text.endswith("/*") and len(path.text) > 2:
+                    self.exact.setdefault(path.text[:-2], []).append(entry)
+            elif criteria is not None and (
+                rule := next((r for r in criteria.headers if r.regex is None), None)
+            ):
+                self.headers.setdefault((rule.name, rule.value), []).append(entry)
+            else:
+                self.always.append(entry)
+
+    def candidates(self, facts: ConnectionFacts) -> list[_Entry]:
+        """The entries that may match ``facts``, in winner order."""
+        found: list[_Entry] = []
+        path = facts.path
+        if path is not None:
+            hit = self.exact.get(path)
+            if hit is not None:
+                found += hit
+            folders = self.folders
+            if folders:
+                end = path.find("/")
+                while end >= 0:
+                    hit = folders.get(path[: end + 1])
+                    if hit is not None:
+                        found += hit
+                    end = path.find("/", end + 1)
+        headers = facts.headers
+        if headers and self.headers:
+            by_value = self.headers
+            for pair in headers.items():
+                hit = by_value.get(pair)
+                if hit is not None:
+                    found += hit
+        if not found:
+            return self.always
+        found += self.always
+        found.sort(key=_by_key)
+        return found
+
+
 class _PortIndex:
     """The buckets of one port."""
 
@@ -139,16 +217,18 @@ class _PortIndex:
         "wildcard",
         "wildcard_floor",
         "no_domain",
+        "no_domain_floor",
         "routes",
         "needs_data",
         "waits",
     )
 
     def __init__(self) -> None:
-        self.exact: dict[str, list[_Entry]] = {}
-        self.wildcard: dict[str, list[_Entry]] = {}  # "*" is the empty suffix
+        self.exact: dict[str, list[_Entry] | _IndexedBucket] = {}
+        self.wildcard: dict[str, list[_Entry] | _IndexedBucket] = {}  # "*": the empty suffix
         self.wildcard_floor: _Key | None = None  # the best key of any wildcard entry
-        self.no_domain: list[_Entry] = []
+        self.no_domain: list[_Entry] | _IndexedBucket = []
+        self.no_domain_floor: _Key | None = None
         self.routes: list[tuple[_Key, CompiledRoute]] = []  # best-case key, for ordered()
         self.needs_data = False
         # (initial data, HTTP header) timeouts before the route is known: the most patient
@@ -163,15 +243,26 @@ class _PortIndex:
             self.waits = (max(initial, timeouts.initial_data), max(header, timeouts.http_header))
 
     def finish(self) -> None:
-        for bucket in self.exact.values():
-            if len(bucket) > 1:
-                bucket.sort(key=_by_key)
-        for bucket in self.wildcard.values():
-            if len(bucket) > 1:
-                bucket.sort(key=_by_key)
+        for buckets in (self.exact, self.wildcard):
+            for name, bucket in buckets.items():
+                buckets[name] = _finished(cast(list[_Entry], bucket))
         if self.wildcard:
-            self.wildcard_floor = min(bucket[0][0] for bucket in self.wildcard.values())
-        self.no_domain.sort(key=_by_key)
+            self.wildcard_floor = min(_floor(bucket) for bucket in self.wildcard.values())
+        no_domain = cast(list[_Entry], self.no_domain)
+        if no_domain:
+            self.no_domain = _finished(no_domain)
+            self.no_domain_floor = _floor(self.no_domain)
+
+
+def _finished(bucket: list[_Entry]) -> list[_Entry] | _IndexedBucket:
+    """``bucket`` sorted in winner order, and indexed when it is long."""
+    bucket.sort(key=_by_key)
+    return _IndexedBucket(bucket) if len(bucket) > INDEX_THRESHOLD else bucket
+
+
+def _floor(bucket: list[_Entry] | _IndexedBucket) -> _Key:
+    """The best key in a finished (non-empty) bucket."""
+    return bucket.floor if isinstance(bucket, _IndexedBucket) else bucket[0][0]
 
 
 def shortest_limit(timeouts: Timeouts, so_far: float | None) -> float | None:
@@ -231,7 +322,7 @@ class RouteTable:
                 if needs_data:
                     index.needs_data = True
                 if not entries:
-                    index.no_domain.append((best, answer, extra, layer))
+                    cast(list[_Entry], index.no_domain).append((best, answer, extra, layer))
                     continue
                 for (kind, name), entry in entries.items():
                     buckets = index.exact if kind == _EXACT else index.wildcard
@@ -239,7 +330,7 @@ class RouteTable:
                     if bucket is None:
                         buckets[name] = [entry]
                     else:
-                        bucket.append(entry)
+                        cast(list[_Entry], bucket).append(entry)
         for index in ports.values():
             index.finish()
         self._ports = ports
@@ -297,9 +388,9 @@ class RouteTable:
                     if dot < 0:
                         break
                     dot = domain.find(".", dot + 1)
-        bucket = index.no_domain
-        if bucket and (best is None or bucket[0][0] < best[0]):
-            found = _first(bucket, facts, None if best is None else best[0])
+        floor = index.no_domain_floor
+        if floor is not None and (best is None or floor < best[0]):
+            found = _first(index.no_domain, facts, None if best is None else best[0])
             if found is not None:
                 best = found
         return None if best is None else best[1]
