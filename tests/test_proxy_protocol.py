@@ -370,10 +370,59 @@ def test_encode_v2_local() -> None:
     )
 
 
-def test_mapped_with_real_ipv6_stays_tcp6() -> None:
-    header = parse_proxy_header(encode_v1(("::ffff:1.2.3.4", 1), ("2001:db8::1", 2)))
-    assert header is not None and header.family == "TCP6"
-    assert header.source == ("::ffff:102:304", 1)
+def ip6(text: str) -> bytes:
+    return ipaddress.IPv6Address(text).packed
+
+
+def unmapped(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    address = ipaddress.ip_address(text)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+TCP4, TCP6 = 0x11, 0x21
+# The client's family decides; the destination is converted to it (IPv4 into IPv6 as its mapped
+# form, an IPv6 address that IPv4 cannot say as 0.0.0.0); ports are kept.
+# (client, destination, v1 line, v2 family, v2 address block)
+MIXED: list[tuple[tuple[str, int], tuple[str, int], bytes, int, bytes]] = [
+    (("192.0.2.1", 1), ("192.0.2.2", 2), b"PROXY TCP4 192.0.2.1 192.0.2.2 1 2\r\n",
+     TCP4, bytes([192, 0, 2, 1, 192, 0, 2, 2]) + u16(1) + u16(2)),
+    (("2001:db8::7", 1), ("2001:db8::1", 2), b"PROXY TCP6 2001:db8::7 2001:db8::1 1 2\r\n",
+     TCP6, ip6("2001:db8::7") + ip6("2001:db8::1") + u16(1) + u16(2)),
+    (("2001:db8::7", 40000), ("192.0.2.2", 443),
+     b"PROXY TCP6 2001:db8::7 ::ffff:192.0.2.2 40000 443\r\n",
+     TCP6, ip6("2001:db8::7") + ip6("::ffff:192.0.2.2") + u16(40000) + u16(443)),
+    (("192.0.2.1", 40000), ("2001:db8::1", 443), b"PROXY TCP4 192.0.2.1 0.0.0.0 40000 443\r\n",
+     TCP4, bytes([192, 0, 2, 1, 0, 0, 0, 0]) + u16(40000) + u16(443)),
+    # Mapped forms are IPv4 addresses, on either side.
+    (("::ffff:192.0.2.1", 1), ("2001:db8::1", 2), b"PROXY TCP4 192.0.2.1 0.0.0.0 1 2\r\n",
+     TCP4, bytes([192, 0, 2, 1, 0, 0, 0, 0]) + u16(1) + u16(2)),
+    (("::ffff:192.0.2.1", 1), ("192.0.2.2", 2), b"PROXY TCP4 192.0.2.1 192.0.2.2 1 2\r\n",
+     TCP4, bytes([192, 0, 2, 1, 192, 0, 2, 2]) + u16(1) + u16(2)),
+    (("2001:db8::7", 1), ("::ffff:192.0.2.2", 2), b"PROXY TCP6 2001:db8::7 ::ffff:192.0.2.2 1 2\r\n",
+     TCP6, ip6("2001:db8::7") + ip6("::ffff:192.0.2.2") + u16(1) + u16(2)),
+    (("192.0.2.1", 1), ("::ffff:c000:202", 2), b"PROXY TCP4 192.0.2.1 192.0.2.2 1 2\r\n",
+     TCP4, bytes([192, 0, 2, 1, 192, 0, 2, 2]) + u16(1) + u16(2)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("source", "destination", "line", "family", "block"),
+    MIXED,
+    ids=["4-4", "6-6", "6-4", "4-6", "mapped-6", "mapped-4", "6-mapped", "4-mapped"],
+)
+def test_encoders_announce_the_clients_family(
+    source: tuple[str, int], destination: tuple[str, int], line: bytes, family: int, block: bytes
+) -> None:
+    assert encode_v1(source, destination) == line
+    assert encode_v2(source, destination) == v2(0x21, family, block)
+    for header in (parse_proxy_header(line), parse_proxy_header(encode_v2(source, destination))):
+        assert header is not None and header.source is not None
+        assert (ipaddress.ip_address(header.source[0]), header.source[1]) == (
+            unmapped(source[0]),
+            source[1],
+        )
 
 
 def test_encode_drops_ipv6_scope() -> None:
@@ -383,9 +432,8 @@ def test_encode_drops_ipv6_scope() -> None:
 
 
 BAD_ENCODER_INPUT: list[tuple[tuple[str, int], tuple[str, int]]] = [
-    (("1.2.3.4", 1), ("2001:db8::1", 2)),  # mixed families
-    (("2001:db8::1", 1), ("1.2.3.4", 2)),
     (("1.2.3.4", 1), ("example.com", 2)),
+    (("example.com", 1), ("1.2.3.4", 2)),
     (("1.2.3.4", -1), ("5.6.7.8", 2)),
     (("1.2.3.4", 1), ("5.6.7.8", 65536)),
 ]
@@ -425,17 +473,17 @@ def expected_pair(
     source: tuple[str, int], destination: tuple[str, int]
 ) -> tuple[str, tuple[str, int], tuple[str, int]]:
     """Family and canonical endpoints the encoders should announce for this pair."""
-    src, dst = ipaddress.ip_address(source[0]), ipaddress.ip_address(destination[0])
-    mapped = [a.ipv4_mapped if isinstance(a, ipaddress.IPv6Address) else a for a in (src, dst)]
-    if mapped[0] is not None and mapped[1] is not None:
-        return "TCP4", (str(mapped[0]), source[1]), (str(mapped[1]), destination[1])
+    src, dst = unmapped(source[0]), unmapped(destination[0])
+    if src.version == 4:
+        dst4 = dst if isinstance(dst, ipaddress.IPv4Address) else ipaddress.IPv4Address(0)
+        return "TCP4", (str(src), source[1]), (str(dst4), destination[1])
+    if isinstance(dst, ipaddress.IPv4Address):
+        dst = ipaddress.IPv6Address(f"::ffff:{dst}")
     return "TCP6", (str(src), source[1]), (str(dst), destination[1])
 
 
-endpoint_pairs = st.one_of(
-    st.tuples(st.tuples(ipv4, ports), st.tuples(ipv4, ports)),
-    st.tuples(st.tuples(ipv6, ports), st.tuples(ipv6, ports)),
-)
+addresses = st.one_of(ipv4, ipv6, st.ip_addresses(v=4).map(lambda a: f"::ffff:{a}"))
+endpoint_pairs = st.tuples(st.tuples(addresses, ports), st.tuples(addresses, ports))
 
 
 @settings(max_examples=300, deadline=None)

@@ -284,15 +284,19 @@ _Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def encode_v1(source: tuple[str, int], destination: tuple[str, int]) -> bytes:
-    """The v1 line for a TCP connection from ``source`` to ``destination``.
+    """The v1 line for a TCP connection from ``source`` (the client) to ``destination``.
 
-    IPv4-mapped IPv6 addresses are sent as TCP4 when the other end is IPv4 (or mapped) too.
-    Raises ValueError for a bad address or port, or an IPv4 and an IPv6 address together.
+    The header always names the client in its own family, whatever the destination's:
+    addresses are unmapped first (``::ffff:a.b.c.d`` is IPv4), the line is TCP4 for an IPv4
+    client and TCP6 for an IPv6 one, and the destination is converted to that family: an IPv4
+    destination of an IPv6 client goes as its IPv4-mapped form ``::ffff:a.b.c.d``, an IPv6
+    destination of an IPv4 client as ``0.0.0.0``. Ports are kept. Raises ValueError for an
+    address that is not an IP address, or a bad port.
     """
     src, dst = _address_pair(source[0], destination[0])
     sport, dport = _port(source[1]), _port(destination[1])
     protocol = "TCP4" if src.version == 4 else "TCP6"
-    return f"PROXY {protocol} {src} {dst} {sport} {dport}\r\n".encode("ascii")
+    return f"PROXY {protocol} {_text(src)} {_text(dst)} {sport} {dport}\r\n".encode("ascii")
 
 
 def encode_v2(
@@ -303,7 +307,8 @@ def encode_v2(
 ) -> bytes:
     """The v2 header (PROXY command, STREAM transport) for ``source`` -> ``destination``.
 
-    Addresses are normalised as in :func:`encode_v1`. Raises ValueError for a bad address,
+    The family is the client's (``source``), with the destination converted to it, as in
+    :func:`encode_v1`. Raises ValueError for an address that is not an IP address, a bad
     port or TLV, or when the header would exceed :data:`MAX_V2_HEADER`.
     """
     src, dst = _address_pair(source[0], destination[0])
@@ -324,15 +329,31 @@ def encode_v2_local() -> bytes:
     return V2_SIGNATURE + _V2_HEAD.pack(_V2_VERSION | _CMD_LOCAL, _FAM_UNSPEC, 0)
 
 
+_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
+_IPV4_ANY = ipaddress.IPv4Address(0)
+
+
 def _address_pair(source: str, destination: str) -> tuple[_Address, _Address]:
-    src, dst = _address(source), _address(destination)
-    src4 = src.ipv4_mapped if isinstance(src, ipaddress.IPv6Address) else src
-    dst4 = dst.ipv4_mapped if isinstance(dst, ipaddress.IPv6Address) else dst
-    if src4 is not None and dst4 is not None:
-        return src4, dst4
-    if isinstance(src, ipaddress.IPv6Address) and isinstance(dst, ipaddress.IPv6Address):
+    """The client's address, unmapped, and the destination in the client's family."""
+    src, dst = _unmapped(_address(source)), _unmapped(_address(destination))
+    if src.version == dst.version:
         return src, dst
-    raise ValueError(f"cannot send {source} and {destination} in one header: families differ")
+    if isinstance(dst, ipaddress.IPv4Address):  # an IPv6 client reached an IPv4 address
+        return src, ipaddress.IPv6Address(_MAPPED_PREFIX + dst.packed)
+    return src, _IPV4_ANY  # an IPv4 client reached an IPv6 address: none to name in IPv4
+
+
+def _unmapped(address: _Address) -> _Address:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _text(address: _Address) -> str:
+    """v1 text: a mapped address in its usual ``::ffff:a.b.c.d`` form (RFC 5952 section 5)."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return f"::ffff:{address.ipv4_mapped}"
+    return str(address)
 
 
 def _address(text: str) -> _Address:

@@ -8,8 +8,10 @@ with ``MSG_PEEK``, so nothing is consumed. If the winning route pipes bytes to f
 :class:`~smartroute.server.socket_relay.SocketRelay` takes the socket: no transport, no task,
 and no byte of the client's copied before the backend is connected.
 
-Everything else - HTTP, TLS termination, socket handlers, PROXY protocol headers, first bytes
-that do not arrive in one piece - is adopted by an asyncio transport whose protocol is
+Everything else - HTTP, TLS termination, socket handlers, every connection of a proxy that
+accepts PROXY protocol headers (whose first bytes must be checked for one: see
+:mod:`smartroute.server.pipeline`), first bytes that do not arrive in one piece - is adopted
+by an asyncio transport whose protocol is
 :class:`~smartroute.server.pipeline.InboundConnection`, with the same record; bytes only
 peeked at are still in the socket for it to read.
 """
@@ -40,21 +42,15 @@ def accept_socket(runtime: Runtime, sock: socket.socket, address: Any, port: int
     client_ip, client_text = client_address(address[0])
     record = ConnectionRecord(client_text, address[1], port, runtime.timeouts)
     runtime.stats.opened(record)
-    table = runtime.table
     settings = runtime.settings
-    if (
-        not runtime.accepting
-        or not runtime.lane.serves(port)
-        or (settings.accept_proxy_protocol and runtime.trusts(client_text))
-    ):
-        # The pipeline refuses, reads the PROXY header, or serves a port whose routes all
-        # need a transport (TLS termination, HTTP, handlers, host names).
+    if not runtime.accepting or not runtime.lane.serves(port) or settings.accept_proxy_protocol:
+        # The pipeline refuses, serves a port whose routes all need a transport (TLS
+        # termination, HTTP, handlers, host names), or reads a trusted proxy's PROXY header
+        # and refuses anyone else's, even on routes that pipe bytes without looking at them.
         adopt(runtime, sock, record)
-    elif not table.needs_data(port):
+    elif not runtime.table.needs_data(port):
         if not relay(runtime, sock, record, ConnectionFacts(port, client_ip)):
             adopt(runtime, sock, record)
-    elif settings.accept_proxy_protocol:
-        adopt(runtime, sock, record)  # untrusted PROXY headers are refused by the pipeline
     else:
         SocketPeek(runtime, sock, record, client_ip)
 

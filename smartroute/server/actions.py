@@ -3,6 +3,10 @@
 The pipeline decides *which* route; these functions take the client transport over and run
 the route's action on it. The HTTP session calls the same functions when a request hands its
 connection to a raw pipe or a socket handler.
+
+On a proxy that accepts PROXY protocol headers, a connection routed before its first bytes
+were seen gets a :class:`FirstBytesGuard` in front of the action's protocol: only a trusted
+load balancer may say who the client is, so a header from anyone else must not reach a target.
 """
 
 from __future__ import annotations
@@ -11,10 +15,11 @@ import asyncio
 import logging
 import ssl
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from smartroute.context import RouteContext
 from smartroute.protocols.detect import detect
+from smartroute.protocols.proxy_protocol import looks_like_proxy_protocol
 from smartroute.protocols.tls import ClientHello
 from smartroute.routing.model import (
     Action,
@@ -35,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("smartroute")
 
 HTTP_ALPN = ("http/1.1",)
+UNTRUSTED_HEADER = "PROXY header from a client: only a proxy in proxy_ips may send one, first"
 
 
 def speaks_http(action: Action) -> bool:
@@ -51,11 +57,67 @@ def needs_http(action: Action) -> bool:
     return action.type in ("redirect", "static")
 
 
+class FirstBytesGuard(asyncio.Protocol):
+    """Stands before an action's protocol until the client's first bytes are known not to
+    start a PROXY protocol header; then steps aside, so later bytes cost nothing.
+
+    A header closes the connection (outcome ``untrusted-proxy-header``) before any of it is
+    passed on. Bytes that may still become one (at most 11: the signatures are 6 and 12 bytes
+    long) are held until the next read or the client's EOF decides.
+    """
+
+    __slots__ = ("transport", "inner", "record", "held")
+
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        inner: asyncio.Protocol,
+        record: ConnectionRecord,
+        held: bytes,
+    ) -> None:
+        self.transport = transport
+        self.inner = inner
+        self.record = record
+        self.held = held  # already counted as bytes in
+
+    def data_received(self, data: bytes) -> None:
+        self.record.bytes_in += len(data)
+        held = self.held + data
+        verdict = looks_like_proxy_protocol(held)
+        if verdict is None:
+            self.held = held
+        elif verdict:
+            self.held = b""
+            self.record.fail("untrusted-proxy-header", UNTRUSTED_HEADER)
+            self.record.closer()  # ends the action too (the relay's backend, a handler's task)
+        else:
+            self._step_aside(held)
+
+    def eof_received(self) -> bool | None:
+        self._step_aside(self.held)  # a beginning that ended there: the client's own bytes
+        return self.inner.eof_received()
+
+    def _step_aside(self, held: bytes) -> None:
+        self.transport.set_protocol(self.inner)
+        if held:
+            self.record.bytes_in -= len(held)  # the action's protocol counts them again
+            self.inner.data_received(held)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
 class Connection:
     """A routed client connection and what the actions need to take it over."""
 
     # Its ``finish`` stays referenced by a relay for the connection's whole life.
-    __slots__ = ("runtime", "transport", "record", "port", "server_ip")
+    __slots__ = ("runtime", "transport", "record", "port", "server_ip", "unchecked")
 
     def __init__(
         self,
@@ -65,15 +127,28 @@ class Connection:
         *,
         port: int,
         server_ip: str,
+        unchecked: bytes | None = None,
     ) -> None:
         self.runtime = runtime
         self.transport = transport
         self.record = record
         self.port = port
         self.server_ip = server_ip
+        # The client's first bytes, held back from the action until they show they are not a
+        # PROXY header (possibly none yet); None when there is nothing to check.
+        self.unchecked = unchecked
 
     def finish(self) -> None:
         self.runtime.stats.finished(self.record)
+
+    def _guard(self, transport: asyncio.Transport) -> None:
+        """Put a :class:`FirstBytesGuard` before the protocol an action just gave
+        ``transport``, if the first bytes are unchecked. Actions call this once their protocol
+        is in place and before the loop runs again, so no byte reaches them unchecked."""
+        if self.unchecked is not None:
+            inner = cast(asyncio.Protocol, transport.get_protocol())
+            transport.set_protocol(FirstBytesGuard(transport, inner, self.record, self.unchecked))
+            self.unchecked = None
 
     # -- raw pipe and socket handler -------------------------------------------------------
 
@@ -115,6 +190,7 @@ class Connection:
             client_side.close()
             return
         splice(transport, client_side, initial, eof)
+        self._guard(transport)
 
     def run_handler(
         self,
@@ -124,9 +200,9 @@ class Connection:
         eof: bool,
         transport: asyncio.Transport | None = None,
     ) -> None:
-        coro = start_handler(
-            action.handler, transport or self.transport, initial, eof, ctx, self.record, self.finish
-        )
+        transport = transport or self.transport
+        coro = start_handler(action.handler, transport, initial, eof, ctx, self.record, self.finish)
+        self._guard(transport)
         self.runtime.spawn(coro)
 
     # -- HTTP ------------------------------------------------------------------------------
@@ -158,6 +234,7 @@ class Connection:
         stream.connection_made(self.transport)
         stream.buffer += initial
         stream.eof = eof
+        self._guard(self.transport)
         self.transport.resume_reading()
         return stream
 

@@ -37,7 +37,12 @@ class Candidate:
     proxy_protocol: str | None = None
 
     def proxy_header(self, ctx: RouteContext) -> bytes:
-        """The PROXY header naming the client of ``ctx`` (empty when not asked for)."""
+        """The PROXY header naming the client of ``ctx`` (empty when not asked for).
+
+        The header is in the client's address family whatever the proxy's own address is (an
+        IPv6 client announced by a load balancer reaching us over IPv4, say): the encoders
+        convert the destination to the client's family.
+        """
         if self.proxy_protocol is None:
             return b""
         source = (ctx.client_ip, ctx.client_port)
@@ -46,7 +51,7 @@ class Candidate:
             if self.proxy_protocol == "v1":
                 return encode_v1(source, destination)
             return encode_v2(source, destination)
-        except ValueError:  # mixed address families: say nothing about the addresses
+        except ValueError:  # not IP addresses (never for a TCP client): name no one
             return b"PROXY UNKNOWN\r\n" if self.proxy_protocol == "v1" else encode_v2_local()
 
 

@@ -6,6 +6,12 @@ only when some route on the port needs them (SNI, Host, ALPN, ...); otherwise it
 once, so protocols where the server speaks first work. Once a route is chosen, reading pauses
 and the transport is handed to the action (a relay for ``forward``, streams for a socket
 handler); every byte read while peeking is delivered to whatever takes the connection over.
+
+With ``accept_proxy_protocol``, first bytes that are a PROXY header (after a trusted proxy's
+own, if any) close the connection; when the route is chosen before they are known, the action
+gets them through a :class:`~smartroute.server.actions.FirstBytesGuard`. A ``block`` chosen
+before the first bytes, on a port whose other routes speak HTTP, reads them to answer an HTTP
+client ``403``.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from smartroute.certs.tls_alpn import ACME_TLS_ALPN
 from smartroute.context import RouteContext
 from smartroute.errors import HttpParseError
 from smartroute.protocols.detect import OTHER, Detection, detect
+from smartroute.protocols.http import looks_like_http
 from smartroute.protocols.proxy_protocol import (
     ProxyProtocolError,
     looks_like_proxy_protocol,
@@ -28,7 +35,7 @@ from smartroute.protocols.tls import ClientHello
 from smartroute.routing.matcher import ConnectionFacts, RouteMatch, RouteTable
 from smartroute.routing.model import ForwardAction, SocketHandlerAction
 from smartroute.routing.patterns import client_address
-from smartroute.server.actions import Connection, needs_http, speaks_http
+from smartroute.server.actions import UNTRUSTED_HEADER, Connection, needs_http, speaks_http
 from smartroute.server.http.messages import closing_answer
 from smartroute.server.stats import ConnectionRecord
 
@@ -44,6 +51,7 @@ MAX_PEEK_READS = 256
 
 NOT_FOUND = closing_answer(404, "no route for this request")
 BAD_REQUEST = closing_answer(400, "this port expects HTTP")
+FORBIDDEN = closing_answer(403, "forbidden")
 DRAIN_TIMEOUT = 2.0
 """Seconds a refused client that has not sent its request yet may take to close."""
 
@@ -68,6 +76,7 @@ class InboundConnection(asyncio.Protocol):
         self.expect_proxy_header = False
         self.starting = False
         self.draining = False
+        self.blocking = False  # a block route waits for the first bytes (see _block)
 
     # -- asyncio callbacks -------------------------------------------------------------------
 
@@ -129,6 +138,9 @@ class InboundConnection(asyncio.Protocol):
         if self.draining:
             return
         self.buffer += data
+        if self.blocking:
+            self._blocked_bytes()
+            return
         if self.routed or self.starting:
             return  # arrived before reading paused; delivered with the rest of the buffer
         if self.expect_proxy_header:
@@ -159,10 +171,6 @@ class InboundConnection(asyncio.Protocol):
         self.transport.close()
 
     def _peek(self) -> None:
-        if self.runtime.settings.accept_proxy_protocol and looks_like_proxy_protocol(self.buffer):
-            # Only proxy_ips may say who the client is; anyone else sending a header is refused.
-            self._refuse("untrusted-proxy-header", "PROXY header from an address not in proxy_ips")
-            return
         self.reads += 1
         detection = detect(self.buffer)
         if detection is None and (len(self.buffer) > MAX_PEEK or self.reads >= MAX_PEEK_READS):
@@ -174,6 +182,9 @@ class InboundConnection(asyncio.Protocol):
         self.eof = True
         if self.draining:
             return False  # the client has read the answer and closed: close
+        if self.blocking:
+            self.blocking = False
+            return False  # no request to answer: close
         if self.starting:
             return True  # _start decides
         if self.expect_proxy_header and not self.routed:
@@ -201,6 +212,12 @@ class InboundConnection(asyncio.Protocol):
         elif not self.routed:
             self._dispatch(OTHER)
 
+    def _answer(self, answer: bytes) -> None:
+        """Write one of the pipeline's own answers, counted as bytes out like any other."""
+        assert self.transport is not None
+        self.record.bytes_out += len(answer)
+        self.transport.write(answer)
+
     def _answer_then_drain(self, answer: bytes) -> None:
         """Send ``answer`` and end our side, then drop what the client sends until it closes.
 
@@ -209,7 +226,7 @@ class InboundConnection(asyncio.Protocol):
         assert self.transport is not None
         transport = self.transport
         self.draining = True
-        transport.write(answer)
+        self._answer(answer)
         transport.write_eof()
         self.timer = asyncio.get_running_loop().call_later(DRAIN_TIMEOUT, transport.close)
         transport.resume_reading()
@@ -289,6 +306,18 @@ class InboundConnection(asyncio.Protocol):
         self._cancel_timer()
         transport, record = self.transport, self.record
         transport.pause_reading()
+        unchecked: bytes | None = None
+        if self.runtime.settings.accept_proxy_protocol:
+            # Only proxy_ips may say who the client is, in the header they send first: a header
+            # from anyone else, or after theirs, is refused. First bytes that may still become
+            # one are held back from the action until they show (see FirstBytesGuard); bytes
+            # that end before are the client's own.
+            verdict = looks_like_proxy_protocol(self.buffer)
+            if verdict:
+                self._refuse("untrusted-proxy-header", UNTRUSTED_HEADER)
+                return
+            if verdict is None and not self.eof:
+                unchecked = bytes(self.buffer)
         facts = self._facts(detection)
         record.domain = facts.domain
         hello = detection.hello if detection is not None else None
@@ -302,11 +331,11 @@ class InboundConnection(asyncio.Protocol):
             # Bytes that looked like HTTP get an HTTP answer: what was wrong, or no route.
             if http_error is not None:
                 record.fail("bad-request", str(http_error))
-                transport.write(closing_answer(http_error.status, str(http_error)))
+                self._answer(closing_answer(http_error.status, str(http_error)))
             else:
                 record.fail("no-route", "no route matches")
                 if detection is not None and detection.kind == "http":
-                    transport.write(NOT_FOUND)
+                    self._answer(NOT_FOUND)
             transport.close()
             return
         route = found.route
@@ -324,15 +353,21 @@ class InboundConnection(asyncio.Protocol):
                     self._answer_then_drain(closing_answer(status, reason))
                     return
                 if kind == "http":
-                    transport.write(closing_answer(status, reason))
+                    self._answer(closing_answer(status, reason))
                 transport.close()
                 return
             record.admitted = route.name
         ctx = self._context(facts, found, detection)
         connection = Connection(
-            self.runtime, transport, record, port=self.port, server_ip=ctx.server_ip
+            self.runtime,
+            transport,
+            record,
+            port=self.port,
+            server_ip=ctx.server_ip,
+            unchecked=unchecked,
         )
-        initial, eof = bytes(self.buffer), self.eof
+        initial = bytes(self.buffer) if unchecked is None else b""
+        eof = self.eof
         if route.terminates_tls and detection is not None and detection.hello is not None:
             self.task = self.runtime.spawn(
                 connection.terminate(route, ctx, detection.hello, initial)
@@ -344,11 +379,52 @@ class InboundConnection(asyncio.Protocol):
             self.task = self.runtime.spawn(connection.forward_raw(action, route, ctx, initial, eof))
         elif isinstance(action, SocketHandlerAction):
             connection.run_handler(action, ctx, initial, eof)
+        elif action.type == "block":
+            self._block(kind)
         else:
-            if action.type == "block":
-                record.outcome = "blocked"
-            else:
-                record.fail("not-http", f"the {action.type!r} action needs an HTTP request")
-                if kind != "tls":
-                    transport.write(BAD_REQUEST)
+            record.fail("not-http", f"the {action.type!r} action needs an HTTP request")
+            if kind != "tls":
+                self._answer(BAD_REQUEST)
             transport.close()
+
+    # -- block -------------------------------------------------------------------------------
+
+    def _block(self, kind: str) -> None:
+        """Close; an HTTP client first gets ``403``.
+
+        Routed before the first bytes on a port whose other routes speak HTTP, the connection
+        is likely an HTTP client's that has not sent its request yet: wait for its first bytes
+        (as long as the port waits for them) to tell.
+        """
+        assert self.transport is not None and self.table is not None
+        self.record.outcome = "blocked"
+        if kind == "none" and any(needs_http(r.action) for r in self.table.ordered(self.port)):
+            self.blocking = True
+            self.timer = asyncio.get_running_loop().call_later(
+                self._initial_wait(), self._blocked_timeout
+            )
+            self.transport.resume_reading()
+            if self.buffer or self.eof:
+                self._blocked_bytes()
+        else:
+            self.transport.close()
+
+    def _blocked_bytes(self) -> None:
+        assert self.transport is not None
+        is_http = looks_like_http(self.buffer)
+        if is_http is None and not self.eof:
+            return  # a few bytes that may still begin a method
+        self.blocking = False
+        self._cancel_timer()
+        if is_http:
+            # The request is not read whole: answer, then drain it, so that closing with
+            # unread bytes does not reset the connection and destroy the answer.
+            self._answer_then_drain(FORBIDDEN)
+        else:
+            self.transport.close()
+
+    def _blocked_timeout(self) -> None:
+        self.timer = None
+        self.blocking = False
+        assert self.transport is not None
+        self.transport.close()
