@@ -17,7 +17,7 @@ from operator import itemgetter
 from types import MappingProxyType
 from typing import TypeAlias, cast
 
-from smartroute.routing.model import CompiledRoute, MatchCriteria, Timeouts
+from smartroute.routing.model import CompiledRoute, MatchCriteria, Timeouts, needs_http
 from smartroute.routing.patterns import IPAddress
 
 # The winner ordering, smallest first:
@@ -220,6 +220,7 @@ class _PortIndex:
         "no_domain_floor",
         "routes",
         "needs_data",
+        "serves_http",
         "waits",
     )
 
@@ -231,6 +232,7 @@ class _PortIndex:
         self.no_domain_floor: _Key | None = None
         self.routes: list[tuple[_Key, CompiledRoute]] = []  # best-case key, for ordered()
         self.needs_data = False
+        self.serves_http = False  # some route on the port only makes sense on HTTP
         # (initial data, HTTP header) timeouts before the route is known: the most patient
         # route on the port sets them; None when no route carries its effective timeouts.
         self.waits: tuple[float, float] | None = None
@@ -321,6 +323,8 @@ class RouteTable:
                     index.add_waits(route.timeouts)
                 if needs_data:
                     index.needs_data = True
+                if needs_http(route.action):
+                    index.serves_http = True
                 if not entries:
                     cast(list[_Entry], index.no_domain).append((best, answer, extra, layer))
                     continue
@@ -348,6 +352,12 @@ class RouteTable:
         """True when some route on ``port`` needs the client's first bytes to be matched."""
         index = self._ports.get(port)
         return index is not None and index.needs_data
+
+    def serves_http(self, port: int) -> bool:
+        """True when some route on ``port`` only makes sense on HTTP (a forward forced to HTTP,
+        a redirect, static files)."""
+        index = self._ports.get(port)
+        return index is not None and index.serves_http
 
     def waits(self, port: int) -> tuple[float, float] | None:
         """How long to wait for the first bytes and for a first HTTP head on ``port``.

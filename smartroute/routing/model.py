@@ -135,6 +135,20 @@ Action: TypeAlias = (
 )
 
 
+def speaks_http(action: Action) -> bool:
+    """True for actions that work on HTTP requests (a forward only unless forced to TCP)."""
+    if isinstance(action, ForwardAction):
+        return action.protocol != "tcp"
+    return action.type in ("redirect", "static", "block")
+
+
+def needs_http(action: Action) -> bool:
+    """True for actions that only make sense on HTTP requests."""
+    if isinstance(action, ForwardAction):
+        return action.protocol == "http"
+    return action.type in ("redirect", "static")
+
+
 @dataclass(frozen=True, slots=True)
 class RateLimitPolicy:
     connections_per_minute: int

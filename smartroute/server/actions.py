@@ -22,10 +22,10 @@ from smartroute.protocols.detect import detect
 from smartroute.protocols.proxy_protocol import looks_like_proxy_protocol
 from smartroute.protocols.tls import ClientHello
 from smartroute.routing.model import (
-    Action,
     CompiledRoute,
     ForwardAction,
     SocketHandlerAction,
+    speaks_http,
 )
 from smartroute.server.forward import TargetError, connect_relay, resolve_targets, splice
 from smartroute.server.handler import start_handler
@@ -41,20 +41,6 @@ log = logging.getLogger("smartroute")
 
 HTTP_ALPN = ("http/1.1",)
 UNTRUSTED_HEADER = "PROXY header from a client: only a proxy in proxy_ips may send one, first"
-
-
-def speaks_http(action: Action) -> bool:
-    """True for actions that work on HTTP requests (a forward only unless forced to TCP)."""
-    if isinstance(action, ForwardAction):
-        return action.protocol != "tcp"
-    return action.type in ("redirect", "static", "block")
-
-
-def needs_http(action: Action) -> bool:
-    """True for actions that only make sense on HTTP requests."""
-    if isinstance(action, ForwardAction):
-        return action.protocol == "http"
-    return action.type in ("redirect", "static")
 
 
 class FirstBytesGuard(asyncio.Protocol):

@@ -33,9 +33,14 @@ from smartroute.protocols.proxy_protocol import (
 )
 from smartroute.protocols.tls import ClientHello
 from smartroute.routing.matcher import ConnectionFacts, RouteMatch, RouteTable
-from smartroute.routing.model import ForwardAction, SocketHandlerAction
+from smartroute.routing.model import (
+    ForwardAction,
+    SocketHandlerAction,
+    needs_http,
+    speaks_http,
+)
 from smartroute.routing.patterns import client_address
-from smartroute.server.actions import UNTRUSTED_HEADER, Connection, needs_http, speaks_http
+from smartroute.server.actions import UNTRUSTED_HEADER, Connection
 from smartroute.server.http.messages import closing_answer
 from smartroute.server.stats import ConnectionRecord
 
@@ -398,7 +403,7 @@ class InboundConnection(asyncio.Protocol):
         """
         assert self.transport is not None and self.table is not None
         self.record.outcome = "blocked"
-        if kind == "none" and any(needs_http(r.action) for r in self.table.ordered(self.port)):
+        if kind == "none" and self.table.serves_http(self.port):
             self.blocking = True
             self.timer = asyncio.get_running_loop().call_later(
                 self._initial_wait(), self._blocked_timeout
