@@ -355,7 +355,11 @@ class _Exchange:
         kind = out.kind
         backend_keep = kind != "close" and response.version == "HTTP/1.1" and "close" not in tokens
         rechunk = kind in ("chunked", "close") and head.version == "HTTP/1.1"
-        client_keep = self.keep_alive and (kind in ("none", "length") or rechunk)
+        client_keep = (
+            self.keep_alive
+            and (kind in ("none", "length") or rechunk)
+            and self.session.runtime.accepting  # a stopping proxy tells the client to go
+        )
         # A body-less answer (HEAD, 304) keeps the Content-Length the backend stated.
         lines = response_lines(response.headers, tokens, keep_length=kind == "none")
         if kind == "length":

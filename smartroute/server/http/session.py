@@ -128,11 +128,18 @@ class HttpSession:
             )
         # Deadlines rather than a timeout context per wait: see Stream.fill.
         if not client.buffer:
+            runtime = self.runtime
+            if self.requests and not runtime.accepting:
+                return None  # the proxy is stopping: no next request on this connection
+            waiting = runtime.between_requests
+            waiting.add(client)
             try:
                 if not await client.fill(self.loop.time() + first_wait):
                     return None
             except TimeoutError:
                 return None
+            finally:
+                waiting.discard(client)
         try:
             head = parse_request_head(client.buffer)
             if head is None:
@@ -211,7 +218,8 @@ class HttpSession:
             self.record.fail("bad-request", str(exc))
             return False
         tokens = connection_tokens(head.headers)
-        keep_alive = _keeps_alive(head.version, tokens)
+        # A stopping proxy tells each kept-alive client to go with its next response.
+        keep_alive = _keeps_alive(head.version, tokens) and self.runtime.accepting
         facts = self._facts(head)
         found = self.runtime.table.match(facts)
         route_name = found.route.name if found else None
