@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from smartroute.server.stats import ConnectionRecord
+
 MIB = 1 << 20
 PARTIAL = b"partial:" + bytes(range(256)) * 100  # what a failing peer manages to send
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
@@ -447,3 +449,26 @@ http {{
         if proc.returncode is None:
             proc.terminate()
         await proc.wait()
+
+
+class Finished:
+    """The records of connections the proxy finished, in order (see the ``finished`` fixture
+    in conftest.py)."""
+
+    def __init__(self) -> None:
+        self.records: list[ConnectionRecord] = []
+        self._taken = 0
+        self._changed = asyncio.Event()
+
+    def add(self, record: ConnectionRecord) -> None:
+        self.records.append(record)
+        self._changed.set()
+
+    async def next(self, timeout: float = 5) -> ConnectionRecord:
+        """The next finished connection's record, waiting for it if needed."""
+        async with asyncio.timeout(timeout):
+            while self._taken >= len(self.records):
+                self._changed.clear()
+                await self._changed.wait()
+        self._taken += 1
+        return self.records[self._taken - 1]

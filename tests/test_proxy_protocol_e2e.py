@@ -10,11 +10,10 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from support import LOOPBACK, async_test, free_port, read_line, read_to_end, serve
+from support import LOOPBACK, Finished, async_test, free_port, read_line, read_to_end, serve
 
 from smartroute import RouteContext, SmartRoute
 from smartroute.protocols.proxy_protocol import encode_v2, parse_proxy_header
-from smartroute.server.stats import ConnectionRecord, StatsBook
 
 
 def whoami_routes(port: int, seen: list[RouteContext]) -> list[dict[str, Any]]:
@@ -136,40 +135,6 @@ async def test_send_proxy_protocol_tells_targets_who_the_client_is() -> None:
 FORGED_V1 = b"PROXY TCP4 203.0.113.7 127.0.0.1 40000 443\r\n"
 FORGED_V2 = encode_v2(("203.0.113.7", 40000), ("127.0.0.1", 443))
 UNTRUSTING: dict[str, Any] = {"accept_proxy_protocol": True, "proxy_ips": ["192.0.2.1"]}
-
-
-class Finished:
-    """The records of the connections the proxy folded into its stats, in order."""
-
-    def __init__(self) -> None:
-        self.records: list[ConnectionRecord] = []
-        self._changed = asyncio.Event()
-
-    def add(self, record: ConnectionRecord) -> None:
-        self.records.append(record)
-        self._changed.set()
-
-    async def next(self, timeout: float = 5) -> ConnectionRecord:
-        async with asyncio.timeout(timeout):
-            while not self.records:
-                self._changed.clear()
-                await self._changed.wait()
-        return self.records.pop(0)
-
-
-@pytest.fixture
-def finished(monkeypatch: pytest.MonkeyPatch) -> Finished:
-    book = Finished()
-    original = StatsBook.finished
-
-    def spy(self: StatsBook, record: ConnectionRecord) -> None:
-        first = record in self.active
-        original(self, record)
-        if first:
-            book.add(record)
-
-    monkeypatch.setattr(StatsBook, "finished", spy)
-    return book
 
 
 class Recorder:

@@ -35,6 +35,7 @@ from support import (
     PARTIAL,
     Behaviour,
     Connection,
+    Finished,
     ScriptedBackend,
     TestCA,
     async_test,
@@ -62,7 +63,7 @@ from smartroute.server.socket_relay import (
     literal_address,
     relay_plan,
 )
-from smartroute.server.stats import ConnectionRecord, StatsBook
+from smartroute.server.stats import ConnectionRecord
 
 FAST = {"connect_timeout": 0.5, "graceful_shutdown_timeout": 1}
 
@@ -92,44 +93,6 @@ def plan(route: dict[str, Any], port: int = 8000) -> tuple[socket_relay.Address,
 
 
 # -- spies -----------------------------------------------------------------------------------
-
-
-class Finished:
-    """The records of connections the proxy finished, in order."""
-
-    def __init__(self) -> None:
-        self.records: list[ConnectionRecord] = []
-        self._taken = 0
-        self._changed = asyncio.Event()
-
-    def add(self, record: ConnectionRecord) -> None:
-        self.records.append(record)
-        self._changed.set()
-
-    async def next(self, timeout: float = 5) -> ConnectionRecord:
-        """The next finished connection's record, waiting for it if needed."""
-        async with asyncio.timeout(timeout):
-            while self._taken >= len(self.records):
-                self._changed.clear()
-                await self._changed.wait()
-        self._taken += 1
-        return self.records[self._taken - 1]
-
-
-@pytest.fixture
-def finished(monkeypatch: pytest.MonkeyPatch) -> Finished:
-    """Every record the stats book folds in (each once) while the test runs."""
-    book = Finished()
-    original = StatsBook.finished
-
-    def spy(self: StatsBook, record: ConnectionRecord) -> None:
-        first = record in self.active
-        original(self, record)
-        if first:
-            book.add(record)
-
-    monkeypatch.setattr(StatsBook, "finished", spy)
-    return book
 
 
 @pytest.fixture
