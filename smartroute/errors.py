@@ -54,3 +54,11 @@ class HttpParseError(ProtocolError):
 
 class AcmeError(SmartRouteError):
     """An ACME operation failed; wraps the acme library's error at the boundary."""
+
+
+class CertificateStoreError(SmartRouteError, ValueError):
+    """A certificate, key or account cannot be stored or read; never quotes key material."""
+
+
+class WorkerGone(SmartRouteError):
+    """A worker process (``workers=N``) ended, or was killed, while the parent waited for it."""

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import partial
 from types import TracebackType
 from typing import Any
@@ -23,12 +23,9 @@ from smartroute.server.accept import accept_socket
 from smartroute.server.http.pool import targets_named_by
 from smartroute.server.port_manager import PortManager
 from smartroute.server.runtime import Runtime
-from smartroute.server.workers import (
-    WORKER_TOP_CLIENTS,
-    WorkerPool,
-    encode_routes,
-    merge_snapshots,
-)
+from smartroute.server.workers.pool import WorkerPool
+from smartroute.server.workers.snapshots import WORKER_TOP_CLIENTS, merge_snapshots
+from smartroute.server.workers.wire import encode_routes
 from smartroute.settings import Settings, validate_settings
 
 log = logging.getLogger("smartroute")
@@ -81,11 +78,15 @@ class SmartRoute:
         self._name = f"smartroute worker {worker} (pid {os.getpid()})" if worker else "smartroute"
         self._workers: WorkerPool | None = None
         if self.settings.workers > 1:
-            self._workers = WorkerPool(self.settings.workers, self._fork_state, self._lock)
+            self._workers = WorkerPool(
+                self.settings.workers, self._fork_state, self._lock, _worker_side(type(self))
+            )
         # Routes the proxy adds itself (the ACME HTTP-01 responder), kept across updates.
         self._internal: dict[str, CompiledRoute] = {}
         acme = validate_acme(self.settings.acme) if self.settings.acme is not None else None
-        self._certs = CertificateManager(self, acme, self.settings.certificate_provider)
+        self._certs = CertificateManager(
+            _CertificateHost(self), acme, self.settings.certificate_provider
+        )
         self._runtime.alpn_responder = self._certs.alpn
         self._check_auto(self._routes)
 
@@ -200,7 +201,7 @@ class SmartRoute:
             if not self._started:
                 return
             self._started = False
-            runtime.accepting = False
+            runtime.stop_accepting()
             await self._ports.close()
             grace = self.settings.graceful_shutdown_timeout
             workers = (
@@ -243,6 +244,29 @@ class SmartRoute:
 
     # -- internals ---------------------------------------------------------------------------
 
+    async def _set_internal_route(self, name: str, route: RouteInput | None) -> None:
+        """Add (or with None remove) a route of the proxy's own, kept across route updates
+        (the certificate manager's ACME HTTP-01 responder)."""
+        async with self._lock:
+            if route is None:
+                if self._internal.pop(name, None) is None:
+                    return
+            else:
+                self._internal[name] = validate_route(route, -1, path=name)
+            await self._install(self._routes, bind=self._started)
+
+    def _serve_certificate(self, new: CertificatePair, old: CertificatePair | None) -> None:
+        """Serve ``new`` to new handshakes; ``old`` stays with the connections that use it."""
+        self._runtime.certificates.add(new)
+        if old is not None and old != new:
+            self._runtime.certificates.remove(old)
+
+    async def _replace_routes(self, routes: tuple[CompiledRoute, ...]) -> None:
+        """Make an already validated route set current in this process alone, as it is (a
+        worker's side of a route change: its parent sends the set)."""
+        async with self._lock:
+            await self._install(routes, bind=self._started)
+
     def _own_snapshot(self, top_clients: int) -> dict[str, Any]:
         """This process's figures only."""
         return self._runtime.stats.snapshot(top_clients)
@@ -270,11 +294,6 @@ class SmartRoute:
             # The workers that refused still hold their ports: no probe for other holders.
             await self._install(previous, bind=True, check_free=False)
             raise
-
-    async def _replace_routes(self, routes: tuple[CompiledRoute, ...]) -> None:
-        """A worker's side of a route change: install the parent's set as it is."""
-        async with self._lock:
-            await self._install(routes, bind=self._started)
 
     def _warn_per_worker_limits(self) -> None:
         policies = [self.settings.security, *(r.security for r in self._routes)]
@@ -320,22 +339,6 @@ class SmartRoute:
         self._routes = routes
         runtime.pool.retain(targets_named_by(effective))  # no idle links to dropped backends
 
-    async def _set_internal_route(self, name: str, route: RouteInput | None) -> None:
-        """Add (or with None remove) a route of the proxy's own, kept across route updates."""
-        async with self._lock:
-            if route is None:
-                if self._internal.pop(name, None) is None:
-                    return
-            else:
-                self._internal[name] = validate_route(route, -1, path=name)
-            await self._install(self._routes, bind=self._started)
-
-    def _serve_certificate(self, new: CertificatePair, old: CertificatePair | None) -> None:
-        """Serve ``new`` to new handshakes; ``old`` stays with the connections that use it."""
-        self._runtime.certificates.add(new)
-        if old is not None and old != new:
-            self._runtime.certificates.remove(old)
-
     def _check_auto(self, routes: Iterable[CompiledRoute]) -> None:
         """``"certificate": "auto"`` needs the acme setting or a certificate provider."""
         if self._certs.settings is not None or self._certs.provider is not None:
@@ -350,3 +353,54 @@ class SmartRoute:
 
 def _describe_ports(ports: dict[int, int]) -> str:
     return ", ".join(f"{port} ({count} route{'s' * (count != 1)})" for port, count in ports.items())
+
+
+class _CertificateHost:
+    """What the certificate manager may do to its proxy (see ``CertificateHost``)."""
+
+    __slots__ = ("_proxy",)
+
+    def __init__(self, proxy: SmartRoute) -> None:
+        self._proxy = proxy
+
+    def serve_certificate(self, new: CertificatePair, old: CertificatePair | None) -> None:
+        self._proxy._serve_certificate(new, old)
+
+    async def set_internal_route(self, name: str, route: RouteInput | None) -> None:
+        await self._proxy._set_internal_route(name, route)
+
+
+class _WorkerSide:
+    """A worker process's proxy as the worker code drives it (see ``WorkerProxy``)."""
+
+    __slots__ = ("_proxy",)
+
+    def __init__(self, proxy: SmartRoute) -> None:
+        self._proxy = proxy
+
+    @property
+    def routes(self) -> tuple[CompiledRoute, ...]:
+        return self._proxy.routes
+
+    async def start(self) -> None:
+        await self._proxy.start()
+
+    async def stop(self) -> None:
+        await self._proxy.stop()
+
+    def stats(self, top_clients: int) -> dict[str, Any]:
+        return self._proxy.stats(top_clients)
+
+    async def replace_routes(self, routes: tuple[CompiledRoute, ...]) -> None:
+        await self._proxy._replace_routes(routes)
+
+
+def _worker_side(
+    cls: type[SmartRoute],
+) -> Callable[[tuple[CompiledRoute, ...], Settings, int], _WorkerSide]:
+    """What the worker pool calls in a forked process to make that process's proxy."""
+
+    def build(routes: tuple[CompiledRoute, ...], settings: Settings, slot: int) -> _WorkerSide:
+        return _WorkerSide(cls._worker(routes, settings, slot))
+
+    return build

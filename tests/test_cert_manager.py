@@ -13,6 +13,8 @@ from smartroute import ConfigError, SmartRoute
 from smartroute.certs.manager import CertificateManager, DomainStatus, auto_domains
 from smartroute.certs.settings import DIRECTORIES, AcmeSettings, validate_acme
 from smartroute.certs.store import CertificateStore
+from smartroute.routing.model import CertificatePair
+from smartroute.routing.schema import RouteInput
 from smartroute.routing.validation import validate_routes
 
 NOW = datetime.datetime.now(datetime.UTC)
@@ -30,10 +32,23 @@ def auto_route(*domains: str, port: int = 443) -> dict[str, Any]:
     }
 
 
+class Host:
+    """A proxy as the manager sees it: what it was asked to serve and route."""
+
+    def __init__(self) -> None:
+        self.served: list[tuple[CertificatePair, CertificatePair | None]] = []
+        self.internal: dict[str, RouteInput | None] = {}
+
+    def serve_certificate(self, new: CertificatePair, old: CertificatePair | None) -> None:
+        self.served.append((new, old))
+
+    async def set_internal_route(self, name: str, route: RouteInput | None) -> None:
+        self.internal[name] = route
+
+
 def manager(tmp_path: Path, **settings: Any) -> CertificateManager:
     acme = AcmeSettings(certificate_store=str(tmp_path / "certs"), **settings)
-    proxy = SmartRoute([], acme={"certificate_store": str(tmp_path / "certs")})
-    return CertificateManager(proxy, acme)
+    return CertificateManager(Host(), acme)
 
 
 def test_auto_domains_are_the_exact_names_of_auto_routes() -> None:

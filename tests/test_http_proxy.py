@@ -355,3 +355,35 @@ async def test_backend_connections_are_kept_alive_and_reused() -> None:
             backend_addresses = {tuple(described(body)["client"])}
     assert len(backend.connections) == 1, backend.connections
     assert backend_addresses == backend.connections
+
+
+@async_test()
+async def test_a_graceful_stop_tells_kept_alive_clients_to_go() -> None:
+    """Stopping does not wait for kept-alive clients: one idle between requests is closed at
+    once, one whose request is under way gets its answer with ``Connection: close``."""
+    with http_backend("b") as backend:
+        port = free_port()
+        server = proxy([http_route(port, backend.port, name="b")], graceful_shutdown_timeout=20)
+        await server.start()
+        idle_reader, idle_writer = await asyncio.open_connection(LOOPBACK, port)
+        busy_reader, busy_writer = await asyncio.open_connection(LOOPBACK, port)
+        try:
+            request = b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n"
+            for reader, writer in ((idle_reader, idle_writer), (busy_reader, busy_writer)):
+                writer.write(request)
+                head, _ = await read_response(reader)
+                assert head.status == 200 and head.header("connection") == "keep-alive"
+            busy_writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\nX-Delay: 1\r\n\r\n")
+            await asyncio.sleep(0.2)  # the slow request is with the backend now
+            started = asyncio.get_running_loop().time()
+            stopping = asyncio.create_task(server.stop())
+            head, body = await read_response(busy_reader)
+            assert (head.status, body, head.header("connection")) == (200, b"late\n", "close")
+            assert await asyncio.wait_for(busy_reader.read(), 5) == b""
+            assert await asyncio.wait_for(idle_reader.read(), 5) == b""
+            await asyncio.wait_for(stopping, 10)
+            assert asyncio.get_running_loop().time() - started < 5  # not the 20 s of grace
+        finally:
+            idle_writer.close()
+            busy_writer.close()
+            await server.stop()

@@ -17,21 +17,20 @@ import logging
 import random
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from smartroute.certs.acme_client import AcmeClient, PendingOrder
+from smartroute.certs.records import StoredCertificate
 from smartroute.certs.settings import AcmeSettings
-from smartroute.certs.store import CertificateStore, StoredCertificate
+from smartroute.certs.store import CertificateStore
 from smartroute.certs.tls_alpn import TlsAlpnResponder
 from smartroute.context import RouteContext
 from smartroute.errors import AcmeError
 from smartroute.routing.model import CertificatePair, CompiledRoute
-
-if TYPE_CHECKING:
-    from smartroute.proxy import SmartRoute
+from smartroute.routing.schema import RouteInput
 
 log = logging.getLogger("smartroute.certs")
 
@@ -103,12 +102,26 @@ def _provided_entry(domain: str, pair: CertificatePair) -> StoredCertificate:
     )
 
 
+class CertificateHost(Protocol):
+    """What the manager needs of the proxy it keeps certificates for."""
+
+    def serve_certificate(self, new: CertificatePair, old: CertificatePair | None) -> None:
+        """Serve ``new`` to new handshakes; ``old`` stays with the connections that use it."""
+
+    async def set_internal_route(self, name: str, route: RouteInput | None) -> None:
+        """Add (or with None remove) a route of the proxy's own, kept across route updates."""
+
+
 class CertificateManager:
-    """Keeps a certificate in service for every domain of every ``auto`` route."""
+    """Keeps a certificate in service for every domain of every ``auto`` route.
+
+    Certificates go to new handshakes, and the HTTP-01 challenge route comes and goes, through
+    ``proxy`` (see :class:`CertificateHost`).
+    """
 
     def __init__(
         self,
-        proxy: SmartRoute,
+        proxy: CertificateHost,
         settings: AcmeSettings | None,
         provider: CertificateProvider | None = None,
     ) -> None:
@@ -330,7 +343,7 @@ class CertificateManager:
     def _install(self, domain: str, entry: StoredCertificate, source: str) -> None:
         """Serve ``entry`` for ``domain`` to new handshakes; the previous one stops being used."""
         pair = entry.pair
-        self.proxy._serve_certificate(pair, self._serving.get(domain))  # noqa: SLF001
+        self.proxy.serve_certificate(pair, self._serving.get(domain))
         self._serving[domain] = pair
         self._stored[domain] = entry
         status = self._status.setdefault(domain, DomainStatus())
@@ -383,10 +396,10 @@ class CertificateManager:
             },
             "action": {"type": "socket-handler", "socket_handler": self._answer_http01},
         }
-        await self.proxy._set_internal_route(HTTP01_ROUTE, route)  # noqa: SLF001
+        await self.proxy.set_internal_route(HTTP01_ROUTE, route)
 
     async def _close_http01(self) -> None:
-        await self.proxy._set_internal_route(HTTP01_ROUTE, None)  # noqa: SLF001
+        await self.proxy.set_internal_route(HTTP01_ROUTE, None)
 
     async def _answer_http01(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ctx: RouteContext

@@ -5,11 +5,11 @@ Layout under the store folder (mode 0700)::
     <entry>/cert.pem, key.pem (0600), meta.json     one folder per certificate
     accounts/<sha256(directory url)[:16]>/account.key (0600), account.json
 
-Every file is staged in a temp file of its final mode, fsync'd, renamed into place, and the
-folder fsync'd. ``meta.json`` is renamed last and holds the sha256 of ``cert.pem`` and
-``key.pem``, so a half-written or tampered entry is reported, never served. Plain blocking
-file I/O: call it from a worker thread. A lock file serialises writers against readers, across
-threads and processes, so a reader never sees a save half done.
+Files are written with :func:`smartroute.certs.disk.commit` (staged, fsync'd, renamed).
+``meta.json`` is renamed last and holds the sha256 of ``cert.pem`` and ``key.pem``, so a
+half-written or tampered entry is reported, never served. Plain blocking file I/O: call it from
+a worker thread. A lock file serialises writers against readers, across threads and processes,
+so a reader never sees a save half done.
 """
 
 from __future__ import annotations
@@ -20,22 +20,30 @@ import hashlib
 import json
 import os
 import re
-import secrets
 import shutil
-import stat
-import sys
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
-
-from smartroute.errors import SmartRouteError
-from smartroute.routing.model import CertificatePair
+from smartroute.certs.disk import (
+    FOLDER_MODE,
+    TEMP_SUFFIX,
+    commit,
+    file_lock,
+    fsync_folder,
+    private_folder,
+)
+from smartroute.certs.records import (
+    StoredCertificate,
+    StoreProblem,
+    dns_names,
+    normalize_domains,
+    parse_chain,
+    parse_key,
+    same_public_key,
+    uncovered,
+)
+from smartroute.errors import CertificateStoreError
 
 __all__ = [
     "CertificateStore",
@@ -48,8 +56,7 @@ __all__ = [
 CERT_FILE, KEY_FILE, META_FILE = "cert.pem", "key.pem", "meta.json"
 ACCOUNT_KEY_FILE, ACCOUNT_META_FILE = "account.key", "account.json"
 ACCOUNTS_FOLDER = "accounts"
-TEMP_SUFFIX = ".tmp"
-FOLDER_MODE, KEY_MODE, CERT_MODE, META_MODE = 0o700, 0o600, 0o644, 0o644
+KEY_MODE, CERT_MODE, META_MODE = 0o600, 0o644, 0o644
 _META_FORMAT = 1
 _MAX_PLAIN_NAME = 100
 _PLAIN_DOMAIN = re.compile(
@@ -57,82 +64,6 @@ _PLAIN_DOMAIN = re.compile(
 )
 _RESERVED_NAMES = frozenset({ACCOUNTS_FOLDER})
 _UTC = datetime.UTC
-
-
-class CertificateStoreError(SmartRouteError, ValueError):
-    """A certificate, key or account cannot be stored or read; never quotes key material."""
-
-
-@dataclass(frozen=True, slots=True)
-class StoredCertificate:
-    """One stored certificate: its chain, its key and what the store knows about it."""
-
-    domains: tuple[str, ...]  # sorted, lower-case
-    cert_pem: str  # leaf first, then the chain
-    key_pem: str = field(repr=False)  # never in logs or reprs
-    not_before: datetime.datetime  # aware, UTC; from the leaf
-    not_after: datetime.datetime
-    issuer: str  # RFC 4514 string of the leaf's issuer
-    source: str  # "acme", "provider", ...
-    stored_at: datetime.datetime
-    cert_path: str | None = None
-    key_path: str | None = None
-
-    @classmethod
-    def describe(
-        cls,
-        domains: tuple[str, ...],
-        cert_pem: str,
-        key_pem: str,
-        leaf: x509.Certificate,
-        source: str,
-        stored_at: datetime.datetime,
-        folder: Path | None = None,
-    ) -> StoredCertificate:
-        """The entry for a parsed leaf; ``folder`` is where its files are (None: memory only)."""
-        return cls(
-            domains=domains,
-            cert_pem=cert_pem,
-            key_pem=key_pem,
-            not_before=leaf.not_valid_before_utc,
-            not_after=leaf.not_valid_after_utc,
-            issuer=leaf.issuer.rfc4514_string(),
-            source=source,
-            stored_at=stored_at,
-            cert_path=None if folder is None else str(folder / CERT_FILE),
-            key_path=None if folder is None else str(folder / KEY_FILE),
-        )
-
-    @property
-    def pair(self) -> CertificatePair:
-        """What the TLS layer serves."""
-        return CertificatePair(self.cert_pem, self.key_pem, self.cert_path, self.key_path)
-
-    def remaining(self, now: datetime.datetime | None = None) -> datetime.timedelta:
-        """Time left until ``not_after`` (negative once expired); ``now`` must be aware."""
-        return self.not_after - (now if now is not None else datetime.datetime.now(_UTC))
-
-    @property
-    def lifetime(self) -> datetime.timedelta:
-        return self.not_after - self.not_before
-
-
-@dataclass(frozen=True, slots=True)
-class StoreProblem:
-    """An entry that ``load`` skipped: its folder name and why."""
-
-    name: str
-    reason: str
-
-
-def normalize_domains(domains: Sequence[str]) -> tuple[str, ...]:
-    """Lower-case, de-duplicated, sorted; raises CertificateStoreError for an empty set."""
-    if isinstance(domains, str):
-        domains = [domains]
-    result = tuple(sorted({d.lower() for d in domains}))
-    if not result or not all(result):
-        raise CertificateStoreError("a certificate needs at least one non-empty domain")
-    return result
 
 
 def entry_name(domains: Sequence[str]) -> str:
@@ -161,7 +92,7 @@ class CertificateStore:
     def __init__(self, folder: str | os.PathLike[str]) -> None:
         self.folder = Path(folder).absolute()
         os.makedirs(self.folder, mode=FOLDER_MODE, exist_ok=True)
-        _private_folder(self.folder)
+        private_folder(self.folder)
 
     def __repr__(self) -> str:
         return f"CertificateStore({str(self.folder)!r})"
@@ -173,15 +104,15 @@ class CertificateStore:
     ) -> StoredCertificate:
         """Validate and store a certificate for ``domains``, replacing any previous one."""
         names = normalize_domains(domains)
-        leaf = _parse_chain(cert_pem)
-        key = _parse_key(key_pem, "the private key")
-        if not _same_public_key(key, leaf):
+        leaf = parse_chain(cert_pem)
+        key = parse_key(key_pem, "the private key")
+        if not same_public_key(key, leaf):
             raise CertificateStoreError("the private key does not match the certificate")
-        uncovered = _uncovered(names, leaf)
-        if uncovered:
+        missing = uncovered(names, leaf)
+        if missing:
             raise CertificateStoreError(
-                f"the certificate does not cover {', '.join(uncovered)}"
-                f" (its DNS names: {', '.join(sorted(_dns_names(leaf))) or 'none'})"
+                f"the certificate does not cover {', '.join(missing)}"
+                f" (its DNS names: {', '.join(sorted(dns_names(leaf))) or 'none'})"
             )
         cert_bytes, key_bytes = cert_pem.encode(), key_pem.encode()
         stored_at = datetime.datetime.now(_UTC)
@@ -200,10 +131,10 @@ class CertificateStore:
         with self._lock(exclusive=True):
             self._clean_temp_files()
             os.makedirs(entry, mode=FOLDER_MODE, exist_ok=True)
-            _private_folder(entry)
+            private_folder(entry)
             # The key goes first: a failure before the certificate moves leaves the old entry
             # intact, and meta.json goes last because it is what vouches for the other two.
-            _commit(
+            commit(
                 entry,
                 [
                     (KEY_FILE, key_bytes, KEY_MODE),
@@ -211,7 +142,9 @@ class CertificateStore:
                     (META_FILE, _json_bytes(meta), META_MODE),
                 ],
             )
-        return StoredCertificate.describe(names, cert_pem, key_pem, leaf, source, stored_at, entry)
+        return StoredCertificate.describe(
+            names, cert_pem, key_pem, leaf, source, stored_at, _files(entry)
+        )
 
     def load(self) -> tuple[list[StoredCertificate], list[StoreProblem]]:
         """Every entry, sorted by folder name; broken ones come back as problems, not entries.
@@ -251,9 +184,9 @@ class CertificateStore:
                 return
             # meta.json first: an interrupted removal is a half-written entry, never a bad pair.
             (entry / META_FILE).unlink(missing_ok=True)
-            _fsync_folder(entry)
+            fsync_folder(entry)
             shutil.rmtree(entry)
-            _fsync_folder(self.folder)
+            fsync_folder(self.folder)
 
     # -- ACME accounts --------------------------------------------------------------------------
 
@@ -285,13 +218,13 @@ class CertificateStore:
                 f"{folder}: {ACCOUNT_KEY_FILE} does not match the hash in {ACCOUNT_META_FILE}"
             )
         key_pem = _decode(key_bytes, ACCOUNT_KEY_FILE, CertificateStoreError)
-        _parse_key(key_pem, f"{folder / ACCOUNT_KEY_FILE}")
+        parse_key(key_pem, f"{folder / ACCOUNT_KEY_FILE}")
         meta: dict[str, Any] = record["meta"]
         return key_pem, meta
 
     def save_account(self, directory_url: str, key_pem: str, meta: Mapping[str, Any]) -> None:
         """Store the account key (0600) and its metadata (``uri``, ``email``, ...)."""
-        _parse_key(key_pem, "the account key")
+        parse_key(key_pem, "the account key")
         key_bytes = key_pem.encode()
         record = {
             "format": _META_FORMAT,
@@ -311,8 +244,8 @@ class CertificateStore:
             self._clean_temp_files()
             for path in (folder.parent, folder):
                 os.makedirs(path, mode=FOLDER_MODE, exist_ok=True)
-                _private_folder(path)
-            _commit(
+                private_folder(path)
+            commit(
                 folder,
                 [
                     (ACCOUNT_KEY_FILE, key_bytes, KEY_MODE),
@@ -340,7 +273,7 @@ class CertificateStore:
 
     @contextlib.contextmanager
     def _lock(self, *, exclusive: bool) -> Iterator[None]:
-        with _file_lock(self.folder / ".lock", exclusive):
+        with file_lock(self.folder / ".lock", exclusive):
             yield
 
 
@@ -390,21 +323,28 @@ def _read_entry(entry: Path) -> StoredCertificate:
     cert_pem = _decode(contents[CERT_FILE], CERT_FILE, _Broken)
     key_pem = _decode(contents[KEY_FILE], KEY_FILE, _Broken)
     try:
-        leaf = _parse_chain(cert_pem)
+        leaf = parse_chain(cert_pem)
     except CertificateStoreError:
         raise _Broken(f"{CERT_FILE} does not hold a valid PEM certificate") from None
     try:
-        key = _parse_key(key_pem, KEY_FILE)
+        key = parse_key(key_pem, KEY_FILE)
     except CertificateStoreError:
         raise _Broken(f"{KEY_FILE} does not hold an unencrypted PEM private key") from None
-    if not _same_public_key(key, leaf):
+    if not same_public_key(key, leaf):
         raise _Broken("key does not match the certificate")
-    uncovered = _uncovered(names, leaf)
-    if uncovered:
-        raise _Broken(f"the certificate does not cover {', '.join(uncovered)}")
+    missing = uncovered(names, leaf)
+    if missing:
+        raise _Broken(f"the certificate does not cover {', '.join(missing)}")
     if not_after != leaf.not_valid_after_utc:
         raise _Broken(f"not_after in {META_FILE} differs from the certificate's")
-    return StoredCertificate.describe(names, cert_pem, key_pem, leaf, source, stored_at, entry)
+    return StoredCertificate.describe(
+        names, cert_pem, key_pem, leaf, source, stored_at, _files(entry)
+    )
+
+
+def _files(entry: Path) -> tuple[Path, Path]:
+    """Where an entry keeps its certificate chain and its key."""
+    return entry / CERT_FILE, entry / KEY_FILE
 
 
 def _field(meta: dict[str, Any], key: str, kind: type) -> Any:
@@ -433,147 +373,9 @@ def _decode(data: bytes, name: str, error: type[Exception]) -> str:
         raise error(f"{name} is not PEM text") from None
 
 
-def _parse_chain(cert_pem: str) -> x509.Certificate:
-    """The leaf (first) certificate of a PEM chain."""
-    if "PRIVATE KEY" in cert_pem:  # never let a key land in the world-readable cert.pem
-        raise CertificateStoreError("the certificate chain contains a private key")
-    try:
-        chain = x509.load_pem_x509_certificates(cert_pem.encode())
-    except ValueError:
-        raise CertificateStoreError("the certificate is not a valid PEM certificate") from None
-    return chain[0]
-
-
-def _parse_key(key_pem: str, what: str) -> PrivateKeyTypes:
-    # The library's messages do not quote the key, but nothing of it may leak: drop the cause.
-    try:
-        return serialization.load_pem_private_key(key_pem.encode(), password=None)
-    except (ValueError, TypeError, UnsupportedAlgorithm):
-        raise CertificateStoreError(
-            f"{what} is not an unencrypted PEM private key that can be read"
-        ) from None
-
-
-def _same_public_key(key: PrivateKeyTypes, leaf: x509.Certificate) -> bool:
-    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    return key.public_key().public_bytes(*spki) == leaf.public_key().public_bytes(*spki)
-
-
-def _dns_names(leaf: x509.Certificate) -> set[str]:
-    try:
-        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-    except x509.ExtensionNotFound:
-        return set()
-    return {name.lower() for name in san.value.get_values_for_type(x509.DNSName)}
-
-
-def _uncovered(domains: Sequence[str], leaf: x509.Certificate) -> list[str]:
-    """The domains the leaf's SAN DNS names do not cover (exactly or by a wildcard)."""
-    sans = _dns_names(leaf)
-    missing = []
-    for domain in domains:
-        head, _, rest = domain.partition(".")
-        if domain not in sans and not (rest and head != "*" and f"*.{rest}" in sans):
-            missing.append(domain)
-    return missing
-
-
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
 def _json_bytes(value: Mapping[str, Any]) -> bytes:
     return (json.dumps(value, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
-
-
-def _private_folder(path: Path) -> None:
-    """Make ``path`` a folder only its owner can enter, tightening wider permissions."""
-    if stat.S_IMODE(path.stat().st_mode) != FOLDER_MODE:
-        os.chmod(path, FOLDER_MODE)
-
-
-def _commit(folder: Path, files: Sequence[tuple[str, bytes, int]]) -> None:
-    """Put ``files`` (name, data, mode) in place in order; on failure, put the old ones back.
-
-    Everything is staged and fsync'd before the first rename, so a failure while staging
-    changes nothing, and the renames that did happen are undone on error (best effort: a
-    hard crash can still leave a mix, which the hashes in the last file expose).
-    """
-    staged: list[tuple[str, Path, int]] = []
-    done: list[tuple[str, bytes | None, int]] = []
-    try:
-        for name, data, mode in files:
-            staged.append((name, _stage(folder, name, data, mode), mode))
-        for name, temp, mode in staged:
-            try:
-                old: bytes | None = (folder / name).read_bytes()
-            except FileNotFoundError:
-                old = None
-            os.replace(temp, folder / name)
-            done.append((name, old, mode))
-            _fsync_folder(folder)
-    except BaseException:
-        for _, temp, _ in staged:
-            temp.unlink(missing_ok=True)
-        for name, old, mode in reversed(done):
-            with contextlib.suppress(OSError):
-                if old is None:
-                    (folder / name).unlink(missing_ok=True)
-                else:
-                    os.replace(_stage(folder, name, old, mode), folder / name)
-        with contextlib.suppress(OSError):
-            _fsync_folder(folder)
-        raise
-
-
-def _stage(folder: Path, name: str, data: bytes, mode: int) -> Path:
-    """Write ``data`` to a fresh temp file next to ``name``, born with ``mode``, fsync'd."""
-    temp = folder / f".{name}.{secrets.token_hex(6)}{TEMP_SUFFIX}"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(temp, flags | getattr(os, "O_NOFOLLOW", 0), mode)
-    try:
-        os.fchmod(fd, mode)  # the umask may have narrowed it; the mode is never wider than this
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        temp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    return temp
-
-
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        # Some file systems cannot fsync a folder; the renames are still atomic there.
-        with contextlib.suppress(OSError):
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-if sys.platform == "win32":  # pragma: no cover - no flock: serialise this process only
-    import threading
-
-    _PROCESS_LOCK = threading.RLock()
-
-    @contextlib.contextmanager
-    def _file_lock(path: Path, exclusive: bool) -> Iterator[None]:
-        with _PROCESS_LOCK:
-            yield
-
-else:
-    import fcntl
-
-    @contextlib.contextmanager
-    def _file_lock(path: Path, exclusive: bool) -> Iterator[None]:
-        """flock ``path``: shared for readers, exclusive for writers, across threads too."""
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, KEY_MODE)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-            yield
-        finally:
-            os.close(fd)
