@@ -27,9 +27,10 @@ from smartroute.routing.model import (
     SocketHandlerAction,
     speaks_http,
 )
+from smartroute.server.decision import TlsInfo
 from smartroute.server.forward import TargetError, connect_relay, resolve_targets, splice
 from smartroute.server.handler import start_handler
-from smartroute.server.http.session import HttpSession, TlsInfo
+from smartroute.server.http.session import HttpSession
 from smartroute.server.http.stream import Stream
 from smartroute.server.stats import ConnectionRecord
 from smartroute.server.tls import TlsHandshakeError, accept_tls

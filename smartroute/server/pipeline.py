@@ -41,6 +41,7 @@ from smartroute.routing.model import (
 )
 from smartroute.routing.patterns import client_address
 from smartroute.server.actions import UNTRUSTED_HEADER, Connection
+from smartroute.server.decision import decide_connection, detected_facts
 from smartroute.server.http.messages import closing_answer
 from smartroute.server.stats import ConnectionRecord
 
@@ -241,26 +242,6 @@ class InboundConnection(asyncio.Protocol):
             self.timer.cancel()
             self.timer = None
 
-    def _facts(self, detection: Detection | None) -> ConnectionFacts:
-        client_ip = client_address(self.record.client_ip)[0]
-        if detection is None or detection.kind == "other":
-            return ConnectionFacts(self.port, client_ip)
-        if detection.hello is not None:
-            hello = detection.hello
-            return ConnectionFacts(
-                self.port,
-                client_ip,
-                domain=hello.sni,
-                is_tls=True,
-                tls_version=hello.highest_version,
-                alpn=hello.alpn,
-            )
-        head = detection.head
-        assert head is not None
-        return ConnectionFacts(
-            self.port, client_ip, domain=head.host, path=head.path, headers=head.header_map()
-        )
-
     def _context(
         self, facts: ConnectionFacts, found: RouteMatch, detection: Detection | None
     ) -> RouteContext:
@@ -317,51 +298,42 @@ class InboundConnection(asyncio.Protocol):
             # from anyone else, or after theirs, is refused. First bytes that may still become
             # one are held back from the action until they show (see FirstBytesGuard); bytes
             # that end before are the client's own.
-            verdict = looks_like_proxy_protocol(self.buffer)
-            if verdict:
+            header = looks_like_proxy_protocol(self.buffer)
+            if header:
                 self._refuse("untrusted-proxy-header", UNTRUSTED_HEADER)
                 return
-            if verdict is None and not self.eof:
+            if header is None and not self.eof:
                 unchecked = bytes(self.buffer)
-        facts = self._facts(detection)
-        record.domain = facts.domain
         hello = detection.hello if detection is not None else None
         if hello is not None and self._acme_challenge(hello):
             return
-        found = self.table.match(facts)
-        http_error = detection.error if detection is not None else None
-        if not isinstance(http_error, HttpParseError):
-            http_error = None
-        if found is None or (http_error is not None and speaks_http(found.route.action)):
+        facts = detected_facts(self.port, client_address(record.client_ip)[0], detection)
+        error = detection.error if detection is not None else None
+        verdict = decide_connection(
+            self.runtime, record, facts, error if isinstance(error, HttpParseError) else None
+        )
+        found = verdict.found
+        kind = detection.kind if detection is not None else "none"
+        if found is None:
             # Bytes that looked like HTTP get an HTTP answer: what was wrong, or no route.
-            if http_error is not None:
-                record.fail("bad-request", str(http_error))
-                self._answer(closing_answer(http_error.status, str(http_error)))
-            else:
-                record.fail("no-route", "no route matches")
-                if detection is not None and detection.kind == "http":
-                    self._answer(NOT_FOUND)
+            if verdict.status:
+                self._answer(closing_answer(verdict.status, verdict.reason))
+            elif kind == "http":
+                self._answer(NOT_FOUND)
             transport.close()
             return
         route = found.route
-        self.runtime.stats.routed(record, route.name, route.timeouts)
-        kind = detection.kind if detection is not None else "none"
         action = route.action
-        if route.security is not None:
-            refusal = self.runtime.gate.admit(route, facts.client_ip)
-            if refusal is not None:
-                status, reason = refusal
-                record.fail("refused", reason)
-                if kind == "none" and needs_http(action):
-                    # The request is still unread: closing now would reset the connection
-                    # and could destroy the answer before the client reads it.
-                    self._answer_then_drain(closing_answer(status, reason))
-                    return
-                if kind == "http":
-                    self._answer(closing_answer(status, reason))
-                transport.close()
+        if verdict.status:
+            if kind == "none" and needs_http(action):
+                # The request is still unread: closing now would reset the connection and
+                # could destroy the answer before the client reads it.
+                self._answer_then_drain(closing_answer(verdict.status, verdict.reason))
                 return
-            record.admitted = route.name
+            if kind == "http":
+                self._answer(closing_answer(verdict.status, verdict.reason))
+            transport.close()
+            return
         ctx = self._context(facts, found, detection)
         connection = Connection(
             self.runtime,

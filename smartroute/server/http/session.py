@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from smartroute.context import RouteContext
@@ -28,6 +27,7 @@ from smartroute.routing.model import (
     StaticAction,
 )
 from smartroute.routing.patterns import parse_ip
+from smartroute.server.decision import TlsInfo, decide_request, request_facts
 from smartroute.server.http.body import copy_body
 from smartroute.server.http.headers import connection_tokens
 from smartroute.server.http.messages import RequestInfo, Response, response_head, text_response
@@ -35,7 +35,6 @@ from smartroute.server.http.redirect import render_redirect
 from smartroute.server.http.reverse_proxy import forward_request
 from smartroute.server.http.static import serve_static
 from smartroute.server.http.stream import Handover, Stream
-from smartroute.server.security import basic_auth_refusal, challenge_header, ip_refusal
 from smartroute.server.stats import ConnectionRecord
 
 if TYPE_CHECKING:
@@ -49,16 +48,6 @@ access_log = logging.getLogger("smartroute.access")
 # it is at most this large, so the connection stays usable; a larger one closes it.
 DISCARD_LIMIT = 1024 * 1024
 FILE_CHUNK = 256 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class TlsInfo:
-    """What the ClientHello said, for connections that arrived over TLS."""
-
-    sni: str | None
-    version: str | None
-    alpn: tuple[str, ...]
-    terminated: bool
 
 
 class HttpSession:
@@ -163,20 +152,6 @@ class HttpSession:
 
     # -- one request -----------------------------------------------------------------------
 
-    def _facts(self, head: RequestHead) -> ConnectionFacts:
-        tls = self.tls
-        return ConnectionFacts(
-            port=self.port,
-            client_ip=self.client_address,
-            domain=head.host or (tls.sni if tls else None),
-            is_tls=tls is not None,
-            tls_version=tls.version if tls else None,
-            alpn=tls.alpn if tls else (),
-            path=head.path,
-            headers=head.header_map(),
-            terminated=bool(tls and tls.terminated),
-        )
-
     def context(self, head: RequestHead, facts: ConnectionFacts, found: RouteMatch) -> RouteContext:
         return RouteContext(
             port=self.port,
@@ -220,8 +195,9 @@ class HttpSession:
         tokens = connection_tokens(head.headers)
         # A stopping proxy tells each kept-alive client to go with its next response.
         keep_alive = _keeps_alive(head.version, tokens) and self.runtime.accepting
-        facts = self._facts(head)
-        found = self.runtime.table.match(facts)
+        facts = request_facts(self.port, self.client_address, head, self.tls)
+        verdict = decide_request(self.runtime, self.record, facts, head)
+        found = verdict.found
         route_name = found.route.name if found else None
         status: int | str
         if found is None:
@@ -230,12 +206,8 @@ class HttpSession:
             )
         else:
             action = found.route.action
-            if self.record.route is None:
-                self.runtime.stats.routed(self.record, found.route.name, found.route.timeouts)
-            elif found.route.timeouts is not None:
-                self.record.timeouts = found.route.timeouts  # each request's route's limits
-            refusal = self._refusal(found, head)
-            if refusal is not None:
+            if verdict.status:
+                refusal = text_response(verdict.status, verdict.reason, list(verdict.headers))
                 status, keep = await self.answer_locally(refusal, head, framing, keep_alive)
             elif action.type == "block":
                 self.record.outcome = "blocked"
@@ -259,21 +231,6 @@ class HttpSession:
                 )
         self._log(head, route_name, status, started)
         return keep
-
-    def _refusal(self, found: RouteMatch, head: RequestHead) -> Response | None:
-        """The route's security answer for this request (403, 401), or None to go on."""
-        policy = found.route.security
-        if policy is None:
-            return None
-        if (reason := ip_refusal(policy, self.client_address)) is not None:
-            self.record.fail("refused", reason)
-            return text_response(403, reason)
-        auth = policy.basic_auth
-        if auth is not None:
-            reason = basic_auth_refusal(auth, head.header("authorization"))
-            if reason is not None:
-                return text_response(401, reason, [challenge_header(auth)])
-        return None
 
     async def _hand_over(self, found: RouteMatch, ctx: RouteContext, raw: bytes) -> None:
         """Give the connection, this request's head included, to a raw pipe or a handler."""

@@ -1,0 +1,168 @@
+"""The one decision point: what is known of a connection or a request -> route -> admission.
+
+Every path that routes asks here and nowhere else: the accept step (by port, or by a
+ClientHello peeked at), the transport pipeline (by the first bytes, when routes need them) and
+each HTTP request of a session. The facts are built here from what was seen, the route table
+is matched once, the route's security answers once, and the connection's record is told; the
+caller then carries the verdict out (relay, hand over, answer). Hooks that look at or change a
+connection or a request belong here too, between the match and the verdict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from smartroute.errors import HttpParseError
+from smartroute.protocols.detect import Detection
+from smartroute.protocols.http import RequestHead
+from smartroute.protocols.tls import ClientHello
+from smartroute.routing.matcher import ConnectionFacts, RouteMatch
+from smartroute.routing.model import speaks_http
+from smartroute.routing.patterns import IPAddress
+from smartroute.server.security import basic_auth_refusal, challenge_header, ip_refusal
+from smartroute.server.stats import ConnectionRecord
+
+if TYPE_CHECKING:
+    from smartroute.server.runtime import Runtime
+
+
+@dataclass(frozen=True, slots=True)
+class TlsInfo:
+    """What the ClientHello said, for connections that arrived over TLS."""
+
+    sni: str | None
+    version: str | None
+    alpn: tuple[str, ...]
+    terminated: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The route chosen (``found`` None: no route matches) and, when the route's security
+    refuses, the answer: ``status`` (non-zero), ``reason`` and extra response ``headers``."""
+
+    found: RouteMatch | None
+    status: int = 0
+    reason: str = ""
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+NO_ROUTE = Verdict(None)
+
+
+# -- facts -------------------------------------------------------------------------------------
+
+
+def hello_facts(port: int, client_ip: IPAddress, hello: ClientHello) -> ConnectionFacts:
+    """A TLS connection, known by its ClientHello."""
+    return ConnectionFacts(
+        port,
+        client_ip,
+        domain=hello.sni,
+        is_tls=True,
+        tls_version=hello.highest_version,
+        alpn=hello.alpn,
+    )
+
+
+def detected_facts(port: int, client_ip: IPAddress, detection: Detection | None) -> ConnectionFacts:
+    """A connection known by its first bytes (None or "other": by its port and client)."""
+    if detection is None or detection.kind == "other":
+        return ConnectionFacts(port, client_ip)
+    if detection.hello is not None:
+        return hello_facts(port, client_ip, detection.hello)
+    head = detection.head
+    assert head is not None
+    return ConnectionFacts(
+        port, client_ip, domain=head.host, path=head.path, headers=head.header_map()
+    )
+
+
+def request_facts(
+    port: int, client_ip: IPAddress, head: RequestHead, tls: TlsInfo | None
+) -> ConnectionFacts:
+    """One HTTP request, on a plain connection or inside TLS (``tls``)."""
+    if tls is None:
+        return ConnectionFacts(
+            port, client_ip, domain=head.host, path=head.path, headers=head.header_map()
+        )
+    return ConnectionFacts(
+        port=port,
+        client_ip=client_ip,
+        domain=head.host or tls.sni,
+        is_tls=True,
+        tls_version=tls.version,
+        alpn=tls.alpn,
+        path=head.path,
+        headers=head.header_map(),
+        terminated=tls.terminated,
+    )
+
+
+# -- decisions ---------------------------------------------------------------------------------
+
+
+def decide_connection(
+    runtime: Runtime,
+    record: ConnectionRecord,
+    facts: ConnectionFacts,
+    error: HttpParseError | None = None,
+) -> Verdict:
+    """Route a connection and admit it (connection and rate limits count it from here on).
+
+    ``error``: the first bytes were a malformed HTTP request. A route that would serve HTTP
+    then does not take the connection: the verdict is that error's answer, with no route
+    (nor is there one when no route matches; the record says which).
+    """
+    record.domain = facts.domain
+    found = runtime.table.match(facts)
+    if error is not None and (found is None or speaks_http(found.route.action)):
+        record.fail("bad-request", str(error))
+        return Verdict(None, error.status, str(error))
+    if found is None:
+        record.fail("no-route", "no route matches")
+        return NO_ROUTE
+    route = found.route
+    runtime.stats.routed(record, route.name, route.timeouts)
+    if route.security is not None:
+        refusal = runtime.gate.admit(route, facts.client_ip)
+        if refusal is not None:
+            record.fail("refused", refusal[1])
+            return Verdict(found, refusal[0], refusal[1])
+        record.admitted = route.name
+    return Verdict(found)
+
+
+def decide_request(
+    runtime: Runtime,
+    record: ConnectionRecord,
+    facts: ConnectionFacts,
+    head: RequestHead,
+    found: RouteMatch | None = None,
+) -> Verdict:
+    """Route one HTTP request (``found``: the connection's match of this very request, made
+    from the same facts) and check the route's IP lists and basic auth. Connection and rate
+    limits counted the connection once, under its first route; each request's route sets the
+    time limits that follow it."""
+    if found is None:
+        found = runtime.table.match(facts)
+        if found is None:
+            return NO_ROUTE
+    route = found.route
+    if record.route is None:
+        runtime.stats.routed(record, route.name, route.timeouts)
+    elif route.timeouts is not None:
+        record.timeouts = route.timeouts
+    policy = route.security
+    if policy is None:
+        return Verdict(found)
+    if (reason := ip_refusal(policy, facts.client_ip)) is not None:
+        record.fail("refused", reason)
+        return Verdict(found, 403, reason)
+    auth = policy.basic_auth
+    if auth is not None:
+        reason = basic_auth_refusal(auth, head.header("authorization"))
+        if reason is not None:
+            return Verdict(found, 401, reason, (challenge_header(auth),))
+    return Verdict(found)
