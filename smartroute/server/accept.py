@@ -24,9 +24,10 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 from smartroute.certs.tls_alpn import ACME_TLS_ALPN
-from smartroute.protocols.detect import detect
+from smartroute.protocols.detect import Detection, detect
 from smartroute.routing.matcher import ConnectionFacts
 from smartroute.routing.patterns import IPAddress, client_address
+from smartroute.server.decision import Peeked, decide_connection, detected_facts
 from smartroute.server.pipeline import MAX_PEEK, InboundConnection
 from smartroute.server.socket_relay import IN
 from smartroute.server.stats import ConnectionRecord
@@ -49,58 +50,65 @@ def accept_socket(runtime: Runtime, sock: socket.socket, address: Any, port: int
         # and refuses anyone else's, even on routes that pipe bytes without looking at them.
         adopt(runtime, sock, record)
     elif not runtime.table.needs_data(port):
-        if not relay(runtime, sock, record, ConnectionFacts(port, client_ip)):
-            adopt(runtime, sock, record)
+        route_socket(runtime, sock, record, ConnectionFacts(port, client_ip))
     else:
         SocketPeek(runtime, sock, record, client_ip)
 
 
-def relay(
-    runtime: Runtime, sock: socket.socket, record: ConnectionRecord, facts: ConnectionFacts
-) -> bool:
-    """Relay ``sock`` on the fast lane if the route matching ``facts`` allows; False if not."""
-    found = runtime.table.match(facts)
-    if found is None:
-        return False
-    route = found.route
-    addresses = runtime.lane.plan(route, facts.port)
+def route_socket(
+    runtime: Runtime,
+    sock: socket.socket,
+    record: ConnectionRecord,
+    facts: ConnectionFacts,
+    detection: Detection | None = None,
+    peeked: int = 0,
+    waited: float = 0.0,
+) -> None:
+    """Decide the connection known by ``facts``; relay it on the fast lane if its route
+    allows, else hand it, decided, to a transport (``detection`` and ``peeked``: what its
+    first bytes are and how many were peeked at)."""
+    verdict = decide_connection(runtime, record, facts)
+    found = verdict.found
+    addresses = None if found is None else runtime.lane.plan(found.route, facts.port)
     if addresses is None:
-        return False
-    stats = runtime.stats
-    record.domain = facts.domain
-    stats.routed(record, route.name, route.timeouts)
-    if route.security is not None:
-        refusal = runtime.gate.admit(route, facts.client_ip)
-        if refusal is not None:
-            record.fail("refused", refusal[1])
-            sock.close()
-            stats.finished(record)
-            return True
-        record.admitted = route.name
-    runtime.lane.start(sock, record, route, addresses)
-    return True
+        adopt(runtime, sock, record, waited, Peeked(detection, peeked, verdict, facts))
+    elif verdict.status:  # refused: a byte pipe has no answer to give
+        sock.close()
+        runtime.stats.finished(record)
+    else:
+        assert found is not None
+        runtime.lane.start(sock, record, found.route, addresses)
 
 
 def adopt(
-    runtime: Runtime, sock: socket.socket, record: ConnectionRecord, waited: float = 0.0
+    runtime: Runtime,
+    sock: socket.socket,
+    record: ConnectionRecord,
+    waited: float = 0.0,
+    peeked: Peeked | None = None,
 ) -> None:
     """Hand ``sock`` to an asyncio transport and :class:`InboundConnection`.
 
-    ``waited`` is how long the connection already waited for its first bytes.
+    ``waited`` is how long the connection already waited for its first bytes; ``peeked``
+    what the accept step learned of them, and its verdict if it made one.
     """
     record.closer = sock.close  # until the transport exists
-    runtime.spawn(_adopt(runtime, sock, record, waited))
+    runtime.spawn(_adopt(runtime, sock, record, waited, peeked))
 
 
 async def _adopt(
-    runtime: Runtime, sock: socket.socket, record: ConnectionRecord, waited: float
+    runtime: Runtime,
+    sock: socket.socket,
+    record: ConnectionRecord,
+    waited: float,
+    peeked: Peeked | None,
 ) -> None:
     if sock.fileno() < 0:  # closed meanwhile (the proxy is stopping)
         runtime.stats.finished(record)
         return
     try:
         await asyncio.get_running_loop().connect_accepted_socket(
-            lambda: InboundConnection(runtime, record, waited), sock
+            lambda: InboundConnection(runtime, record, waited, peeked), sock
         )
     except OSError as exc:  # the client left before the transport was made
         record.fail("error", f"client: {exc}")
@@ -145,31 +153,26 @@ class SocketPeek:
             self._hand_over()  # the pipeline sees the error again and records it
             return
         detection = detect(data) if data else None
-        # Anything but a whole, valid ClientHello or non-HTTP bytes goes to the pipeline: it
-        # answers HTTP, reports errors and keeps reading a hello that arrives in pieces (the
+        # First bytes that do not decide yet go to the pipeline, which keeps reading them (the
         # socket stays readable while peeked bytes wait, so waiting here would spin).
-        if detection is None or detection.error is not None or detection.kind == "http":
+        if detection is None:
             self._hand_over()
             return
         hello = detection.hello
-        port, client_ip = self.record.port, self.client_ip
-        if hello is None:
-            facts = ConnectionFacts(port, client_ip)
-        elif self.runtime.alpn_responder and ACME_TLS_ALPN in hello.alpn:
-            self._hand_over()  # perhaps a TLS-ALPN-01 validation: the pipeline answers those
+        if (
+            detection.error is not None
+            or detection.kind == "http"
+            or (hello is not None and self.runtime.alpn_responder and ACME_TLS_ALPN in hello.alpn)
+        ):
+            # The pipeline answers what was wrong, serves HTTP, or answers a TLS-ALPN-01
+            # validation; it reads these bytes without looking at them again.
+            self._hand_over(Peeked(detection, len(data)))
             return
-        else:
-            facts = ConnectionFacts(
-                port,
-                client_ip,
-                domain=hello.sni,
-                is_tls=True,
-                tls_version=hello.highest_version,
-                alpn=hello.alpn,
-            )
         self._stop()
-        if not relay(self.runtime, self.sock, self.record, facts):
-            adopt(self.runtime, self.sock, self.record, self._waited())
+        facts = detected_facts(self.record.port, self.client_ip, detection)
+        route_socket(
+            self.runtime, self.sock, self.record, facts, detection, len(data), self._waited()
+        )
 
     def _timeout(self) -> None:
         self.timer = None
@@ -186,9 +189,9 @@ class SocketPeek:
             self.watched = False
             self.runtime.lane.watch(self.fd, IN, 0, self)
 
-    def _hand_over(self) -> None:
+    def _hand_over(self, peeked: Peeked | None = None) -> None:
         self._stop()
-        adopt(self.runtime, self.sock, self.record, self._waited())
+        adopt(self.runtime, self.sock, self.record, self._waited(), peeked)
 
     def abort(self) -> None:
         """Close the connection while it is still being looked at (the proxy is stopping)."""

@@ -27,7 +27,7 @@ from smartroute.routing.model import (
     SocketHandlerAction,
     speaks_http,
 )
-from smartroute.server.decision import TlsInfo
+from smartroute.server.decision import FirstRequest, TlsInfo
 from smartroute.server.forward import TargetError, connect_relay, resolve_targets, splice
 from smartroute.server.handler import start_handler
 from smartroute.server.http.session import HttpSession
@@ -199,11 +199,19 @@ class Connection:
         stream: Stream,
         tls: TlsInfo | None,
         transport: asyncio.Transport | None = None,
+        first: FirstRequest | None = None,
     ) -> None:
-        """Serve HTTP requests on ``stream`` (already the transport's protocol) until it closes."""
+        """Serve HTTP requests on ``stream`` (already the transport's protocol) until it closes;
+        ``first``: its first request, already parsed and routed."""
         transport = transport or self.transport
         session = HttpSession(
-            self.runtime, stream, self.record, port=self.port, server_ip=self.server_ip, tls=tls
+            self.runtime,
+            stream,
+            self.record,
+            port=self.port,
+            server_ip=self.server_ip,
+            tls=tls,
+            first=first,
         )
         session.connection = self
         task = self.runtime.spawn(session.run())

@@ -51,6 +51,28 @@ class Verdict:
 NO_ROUTE = Verdict(None)
 
 
+@dataclass(frozen=True, slots=True)
+class Peeked:
+    """What the accept step learned of a connection before handing it to a transport: what
+    its first ``length`` bytes are (peeked at, still in the socket, to be read) and, when it
+    decided the connection but the fast lane cannot carry the route out, the verdict and the
+    facts it was made from."""
+
+    detection: Detection | None
+    length: int = 0
+    verdict: Verdict | None = None
+    facts: ConnectionFacts | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FirstRequest:
+    """A connection's first HTTP request as the pipeline parsed and routed it."""
+
+    head: RequestHead
+    facts: ConnectionFacts
+    found: RouteMatch
+
+
 # -- facts -------------------------------------------------------------------------------------
 
 

@@ -41,7 +41,12 @@ from smartroute.routing.model import (
 )
 from smartroute.routing.patterns import client_address
 from smartroute.server.actions import UNTRUSTED_HEADER, Connection
-from smartroute.server.decision import decide_connection, detected_facts
+from smartroute.server.decision import (
+    FirstRequest,
+    Peeked,
+    decide_connection,
+    detected_facts,
+)
 from smartroute.server.http.messages import closing_answer
 from smartroute.server.stats import ConnectionRecord
 
@@ -65,8 +70,17 @@ DRAIN_TIMEOUT = 2.0
 class InboundConnection(asyncio.Protocol):
     """Routes one accepted connection, then hands it over to the chosen action."""
 
-    def __init__(self, runtime: Runtime, record: ConnectionRecord, waited: float = 0.0) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        record: ConnectionRecord,
+        waited: float = 0.0,
+        peeked: Peeked | None = None,
+    ) -> None:
         self.runtime = runtime
+        # What the accept step learned: the peeked bytes are read, not detected again, and a
+        # connection it decided is not matched again.
+        self.peeked = peeked
         self.port = record.port
         self.waited = waited  # seconds already spent waiting for the first bytes
         self.transport: asyncio.Transport | None = None
@@ -177,6 +191,11 @@ class InboundConnection(asyncio.Protocol):
         self.transport.close()
 
     def _peek(self) -> None:
+        peeked = self.peeked
+        if peeked is not None:
+            if len(self.buffer) >= peeked.length:
+                self._dispatch(peeked.detection)
+            return
         self.reads += 1
         detection = detect(self.buffer)
         if detection is None and (len(self.buffer) > MAX_PEEK or self.reads >= MAX_PEEK_READS):
@@ -304,14 +323,20 @@ class InboundConnection(asyncio.Protocol):
                 return
             if header is None and not self.eof:
                 unchecked = bytes(self.buffer)
-        hello = detection.hello if detection is not None else None
-        if hello is not None and self._acme_challenge(hello):
-            return
-        facts = detected_facts(self.port, client_address(record.client_ip)[0], detection)
-        error = detection.error if detection is not None else None
-        verdict = decide_connection(
-            self.runtime, record, facts, error if isinstance(error, HttpParseError) else None
-        )
+        peeked = self.peeked
+        if peeked is not None:
+            detection = peeked.detection
+        if peeked is not None and peeked.verdict is not None and peeked.facts is not None:
+            facts, verdict = peeked.facts, peeked.verdict
+        else:
+            hello = detection.hello if detection is not None else None
+            if hello is not None and self._acme_challenge(hello):
+                return
+            facts = detected_facts(self.port, client_address(record.client_ip)[0], detection)
+            error = detection.error if detection is not None else None
+            verdict = decide_connection(
+                self.runtime, record, facts, error if isinstance(error, HttpParseError) else None
+            )
         found = verdict.found
         kind = detection.kind if detection is not None else "none"
         if found is None:
@@ -351,7 +376,9 @@ class InboundConnection(asyncio.Protocol):
             )
         elif (kind == "http" and speaks_http(action)) or (kind == "none" and needs_http(action)):
             # Dispatched at once, an HTTP-only action reads the request head itself.
-            connection.run_http(connection.http_stream(initial, eof), None)
+            head = detection.head if detection is not None else None
+            first = None if head is None else FirstRequest(head, facts, found)
+            connection.run_http(connection.http_stream(initial, eof), None, first=first)
         elif isinstance(action, ForwardAction) and action.protocol != "http":
             self.task = self.runtime.spawn(connection.forward_raw(action, route, ctx, initial, eof))
         elif isinstance(action, SocketHandlerAction):

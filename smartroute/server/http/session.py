@@ -27,7 +27,7 @@ from smartroute.routing.model import (
     StaticAction,
 )
 from smartroute.routing.patterns import parse_ip
-from smartroute.server.decision import TlsInfo, decide_request, request_facts
+from smartroute.server.decision import FirstRequest, TlsInfo, decide_request, request_facts
 from smartroute.server.http.body import copy_body
 from smartroute.server.http.headers import connection_tokens
 from smartroute.server.http.messages import RequestInfo, Response, response_head, text_response
@@ -62,8 +62,12 @@ class HttpSession:
         port: int,
         server_ip: str,
         tls: TlsInfo | None,
+        first: FirstRequest | None = None,
     ) -> None:
         self.runtime = runtime
+        # The first request as the pipeline already parsed and routed it (its head starts
+        # the client's buffer): it is answered without parsing or matching it again.
+        self.first = first
         self.client = client
         self.record = record
         self.port = port
@@ -83,13 +87,19 @@ class HttpSession:
     async def run(self) -> None:
         """Answer requests until the client leaves or a request ends the session."""
         try:
+            first, self.first = self.first, None
             while True:
-                read = await self._read_head()
-                if read is None:
+                if first is None:
+                    read = await self._read_head()
+                    if read is None:
+                        break
+                    head, raw = read
+                else:
+                    head, raw = first.head, self.client.consume(first.head.length)
+                    self.requests += 1
+                if not await self._answer(head, raw, first):
                     break
-                head, raw = read
-                if not await self._answer(head, raw):
-                    break
+                first = None
         except Handover:
             return
         except (ConnectionError, HttpParseError) as exc:
@@ -183,7 +193,9 @@ class HttpSession:
             is_tls=self.tls is not None,
         )
 
-    async def _answer(self, head: RequestHead, raw: bytes) -> bool:
+    async def _answer(
+        self, head: RequestHead, raw: bytes, first: FirstRequest | None = None
+    ) -> bool:
         """Handle one request; True when the connection may carry another one."""
         started = time.monotonic()
         try:
@@ -195,8 +207,12 @@ class HttpSession:
         tokens = connection_tokens(head.headers)
         # A stopping proxy tells each kept-alive client to go with its next response.
         keep_alive = _keeps_alive(head.version, tokens) and self.runtime.accepting
-        facts = request_facts(self.port, self.client_address, head, self.tls)
-        verdict = decide_request(self.runtime, self.record, facts, head)
+        if first is None:
+            facts = request_facts(self.port, self.client_address, head, self.tls)
+            verdict = decide_request(self.runtime, self.record, facts, head)
+        else:
+            facts = first.facts
+            verdict = decide_request(self.runtime, self.record, facts, head, first.found)
         found = verdict.found
         route_name = found.route.name if found else None
         status: int | str
