@@ -15,8 +15,9 @@ use: the :class:`RouteContext` is only built for target callables and PROXY head
 
 from __future__ import annotations
 
+import asyncio
 import ssl
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from smartroute.context import RouteContext
 from smartroute.errors import HttpParseError
@@ -29,16 +30,18 @@ from smartroute.protocols.http_response import (
 )
 from smartroute.routing.matcher import ConnectionFacts, RouteMatch
 from smartroute.routing.model import ForwardAction
+from smartroute.server.decision import TlsInfo
 from smartroute.server.forward import Candidate, resolve_targets, tunnel
 from smartroute.server.http.body import CHUNK, BodyCut, copy_body
 from smartroute.server.http.headers import connection_tokens, request_lines, response_lines
-from smartroute.server.http.messages import status_line, text_response
+from smartroute.server.http.messages import Response, status_line, text_response
 from smartroute.server.http.pool import PoolKey
 from smartroute.server.http.stream import Handover, Stream
 from smartroute.server.tls import backend_context, backend_server_name
 
 if TYPE_CHECKING:
-    from smartroute.server.http.session import HttpSession
+    from smartroute.server.runtime import Runtime
+    from smartroute.server.stats import ConnectionRecord
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 NO_BODY = BodyFraming("none")
@@ -47,6 +50,28 @@ CONNECT_REFUSED = text_response(
     "CONNECT is not supported: this is a reverse proxy",
     [("Allow", "GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH, TRACE")],
 )
+
+
+class Requester(Protocol):
+    """What an exchange needs of the HTTP session whose request it forwards."""
+
+    runtime: Runtime
+    client: Stream
+    record: ConnectionRecord
+    port: int
+    tls: TlsInfo | None
+    loop: asyncio.AbstractEventLoop
+
+    def context(self, head: RequestHead, facts: ConnectionFacts, found: RouteMatch) -> RouteContext:
+        """The request's RouteContext (for target callables and PROXY headers)."""
+
+    async def answer_locally(
+        self, response: Response, head: RequestHead, framing: BodyFraming, keep_alive: bool
+    ) -> tuple[int, bool]:
+        """Answer the request without a backend; (status, whether the client stays)."""
+
+    def finish(self) -> None:
+        """Account for the connection once it is gone (after an upgrade)."""
 
 
 class _Failed(Exception):
@@ -71,7 +96,7 @@ class _Stale(Exception):
 
 
 async def forward_request(
-    session: HttpSession,
+    session: Requester,
     head: RequestHead,
     framing: BodyFraming,
     keep_alive: bool,
@@ -141,7 +166,7 @@ class _Exchange:
 
     def __init__(
         self,
-        session: HttpSession,
+        session: Requester,
         head: RequestHead,
         framing: BodyFraming,
         keep_alive: bool,

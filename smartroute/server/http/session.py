@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from smartroute.context import RouteContext
 from smartroute.errors import HttpParseError
@@ -21,6 +21,7 @@ from smartroute.protocols.http import RequestHead, parse_request_head
 from smartroute.protocols.http_response import BodyFraming, request_framing
 from smartroute.routing.matcher import ConnectionFacts, RouteMatch
 from smartroute.routing.model import (
+    CompiledRoute,
     ForwardAction,
     RedirectAction,
     SocketHandlerAction,
@@ -38,7 +39,6 @@ from smartroute.server.http.stream import Handover, Stream
 from smartroute.server.stats import ConnectionRecord
 
 if TYPE_CHECKING:
-    from smartroute.server.actions import Connection
     from smartroute.server.runtime import Runtime
 
 log = logging.getLogger("smartroute")
@@ -48,6 +48,32 @@ access_log = logging.getLogger("smartroute.access")
 # it is at most this large, so the connection stays usable; a larger one closes it.
 DISCARD_LIMIT = 1024 * 1024
 FILE_CHUNK = 256 * 1024
+
+
+class Takeover(Protocol):
+    """Who takes the connection over when a request's route is a raw pipe or a socket
+    handler (the connection's action runner)."""
+
+    def run_handler(
+        self,
+        action: SocketHandlerAction,
+        ctx: RouteContext,
+        initial: bytes,
+        eof: bool,
+        transport: asyncio.Transport | None = None,
+    ) -> None:
+        """Run the route's socket handler on the connection, ``initial`` bytes first."""
+
+    async def forward_raw(
+        self,
+        action: ForwardAction,
+        route: CompiledRoute,
+        ctx: RouteContext,
+        initial: bytes,
+        eof: bool,
+        transport: asyncio.Transport | None = None,
+    ) -> None:
+        """Pipe the connection to the route's targets, ``initial`` bytes first."""
 
 
 class HttpSession:
@@ -76,7 +102,7 @@ class HttpSession:
         self.client_address = parse_ip(record.client_ip)
         self.loop = asyncio.get_running_loop()
         self.requests = 0
-        self.connection: Connection | None = None  # set by whoever starts the session
+        self.connection: Takeover | None = None  # set by whoever starts the session
 
     def finish(self) -> None:
         """Account for the connection once it is gone (used after an upgrade)."""
