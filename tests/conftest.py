@@ -1,3 +1,16 @@
+"""Shared fixtures, and the one place the test helpers are imported from.
+
+The test folders mirror the package: tests/protocols, tests/routing, tests/server,
+tests/server/http and tests/certs test the modules of the same folders (a subpackage with one
+test file, such as routing/validation or server/workers, is tested from its parent's folder);
+tests/system holds the whole-proxy suites (abuse, faults, churn, soak, lifecycle, ...), and
+tests/ itself the tests of cli.py, settings.py and helpers/. The shared helpers (support,
+http_backend, pebble, leaks, replay, desync_peers) and fixtures/ stay in tests/, which this file
+puts on sys.path, so every test file, at any depth, does ``from support import ...``. Paths to
+fixtures/ and examples/ come from support (FIXTURES, EXAMPLES), never from a test file's own
+location. Test file basenames must stay unique across folders (pytest's default import mode).
+"""
+
 from __future__ import annotations
 
 import sys
@@ -10,8 +23,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from support import Finished, TestCA  # noqa: E402
 
 from smartroute.server.stats import ConnectionRecord, StatsBook  # noqa: E402
-
-FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture(scope="session")

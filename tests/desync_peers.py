@@ -1,4 +1,4 @@
-"""The two peers of the desync battery (tests/test_desync.py), independent of the product's code.
+"""The two peers of the desync battery (tests/server/http/test_desync.py), free of product code.
 
 :class:`RecordingBackend` is an HTTP/1.1 backend on loopback that keeps every byte each
 connection brought, frames the requests in them strictly (CRLF only, Content-Length or a

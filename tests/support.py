@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from smartroute.server.http.stream import Stream
 from smartroute.server.stats import ConnectionRecord
 
 MIB = 1 << 20
@@ -28,6 +29,11 @@ Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 Behaviour = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 LOOPBACK = "127.0.0.1"
+
+# Paths that do not depend on where a test file sits in tests/.
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = REPO / "tests" / "fixtures"
+EXAMPLES = REPO / "examples"
 
 
 def free_port(host: str = LOOPBACK) -> int:
@@ -472,3 +478,27 @@ class Finished:
                 await self._changed.wait()
         self._taken += 1
         return self.records[self._taken - 1]
+
+
+class FakeTransport(asyncio.Transport):
+    """A transport that only remembers whether it was closed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+def stream() -> tuple[Stream, FakeTransport]:
+    """A :class:`Stream` connected to a :class:`FakeTransport` (for the backend pool tests)."""
+    s, transport = Stream(), FakeTransport()
+    s.connection_made(transport)
+    return s, transport

@@ -11,11 +11,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from support import LOOPBACK, async_test, free_port, free_port_range, read_line
+from support import EXAMPLES, LOOPBACK, async_test, free_port, free_port_range, read_line
 
 from smartroute.cli import main
-
-EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
 def write_toml(folder: Path, port: int, target: int, spare: int) -> Path:

@@ -3,36 +3,13 @@ the last route that names their target."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
-from support import LOOPBACK
+from support import LOOPBACK, stream
 
 from smartroute.routing.validation import validate_routes
 from smartroute.server.http.pool import BackendPool, targets_named_by
-from smartroute.server.http.stream import Stream
-
-
-class FakeTransport(asyncio.Transport):
-    def __init__(self) -> None:
-        super().__init__()
-        self.closed = False
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return default
-
-    def close(self) -> None:
-        self.closed = True
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-
-def stream() -> tuple[Stream, FakeTransport]:
-    s, transport = Stream(), FakeTransport()
-    s.connection_made(transport)
-    return s, transport
 
 
 def forward(*targets: dict[str, Any]) -> dict[str, Any]:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from support import LOOPBACK
-from test_backend_pool import stream
+from support import LOOPBACK, stream
 
 from smartroute.server.http.pool import BackendPool
 

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import FIXTURES
 
 from smartroute.protocols.detect import Detection, detect
 
-HELLOS = Path(__file__).parent / "fixtures" / "clienthello"
+HELLOS = FIXTURES / "clienthello"
 EXPECTED = json.loads((HELLOS / "expected.json").read_text())
 
 

@@ -15,17 +15,16 @@ import resource
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from leaks import rss_bytes, settled
-from support import LOOPBACK, async_test, free_port
+from support import FIXTURES, LOOPBACK, async_test, free_port
 
 from smartroute import RouteContext, SmartRoute
 from smartroute.routing.model import SocketHandler
 
-HELLOS = Path(__file__).parent / "fixtures" / "clienthello"
+HELLOS = FIXTURES / "clienthello"
 HELLO = (HELLOS / "python.bin").read_bytes()  # one record, SNI python.example.test
 CURL_HELLO = (HELLOS / "curl.bin").read_bytes()  # one record, SNI curl.example.test
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import TypedDict
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import FIXTURES
 
 from smartroute.errors import TlsParseError
 from smartroute.protocols.tls import (
@@ -30,10 +30,10 @@ class Expected(TypedDict):
     bytes: int
 
 
-FIXTURES = Path(__file__).parent / "fixtures" / "clienthello"
-EXPECTED: dict[str, Expected] = json.loads((FIXTURES / "expected.json").read_text())
+HELLOS = FIXTURES / "clienthello"
+EXPECTED: dict[str, Expected] = json.loads((HELLOS / "expected.json").read_text())
 FIXTURE_NAMES = sorted(EXPECTED)
-FIXTURE_BYTES = {name: (FIXTURES / name).read_bytes() for name in FIXTURE_NAMES}
+FIXTURE_BYTES = {name: (HELLOS / name).read_bytes() for name in FIXTURE_NAMES}
 
 # Whatever follows the hello must not change it: early data, the start of another record, junk.
 TRAILING = [b"\x17\x03\x03\x00\x05hello", b"\x16", b"\x16\x03\x03\x00\x01\x01", b"\x00\xff"]

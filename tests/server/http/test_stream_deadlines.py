@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from support import async_test
-from test_backend_pool import stream
+from support import async_test, stream
 
 
 @async_test()

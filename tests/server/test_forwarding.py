@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from support import (
+    FIXTURES,
     LOOPBACK,
     TestCA,
     async_test,
@@ -262,7 +263,7 @@ async def test_tls_without_sni_does_not_match_domain_routes(ca: TestCA, tmp_path
 async def test_client_hello_split_over_many_writes_is_reassembled(
     ca: TestCA, tmp_path: Path
 ) -> None:
-    hello = (Path(__file__).parent / "fixtures/clienthello/curl.bin").read_bytes()
+    hello = (FIXTURES / "clienthello" / "curl.bin").read_bytes()
     seen = asyncio.get_running_loop().create_future()
 
     async def capture(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -15,14 +15,14 @@ from typing import Any
 
 import pytest
 from http_backend import http_backend
-from support import LOOPBACK, Finished, async_test, echo_handler, free_port, serve
+from support import FIXTURES, LOOPBACK, Finished, async_test, echo_handler, free_port, serve
 
 from smartroute import SmartRoute
 from smartroute.protocols import http as http_parser
 from smartroute.routing.matcher import ConnectionFacts, RouteMatch, RouteTable
 from smartroute.server import pipeline
 
-HELLO = (Path(__file__).parent / "fixtures" / "clienthello" / "python.bin").read_bytes()
+HELLO = (FIXTURES / "clienthello" / "python.bin").read_bytes()
 
 
 class Calls:
