@@ -1,7 +1,24 @@
 """The one exception tree of smartroute.
 
 Everything smartroute raises on purpose derives from :class:`SmartRouteError`, so callers can
-catch the whole family at once, or one branch of it.
+catch the whole family at once, or one branch of it. Some errors also derive from the built-in
+exception that code outside smartroute would catch for them (``ValueError``, ``OSError``,
+``ConnectionError``)::
+
+    SmartRouteError
+    ├── ConfigError                 also ValueError: a bad route or setting, with its path
+    ├── PortInUseError              also OSError: a port cannot be bound, and who holds it
+    ├── ProtocolError               a peer's bytes break the protocol; ``status`` hints 400/431
+    │   ├── TlsParseError           a malformed TLS record or ClientHello
+    │   ├── HttpParseError          a malformed or too large HTTP/1.x request head
+    │   ├── ProxyProtocolError      a malformed PROXY protocol header
+    │   └── TlsHandshakeError       a client's TLS handshake failed, timed out or was cut
+    ├── BodyCut                     also ConnectionError: a peer closed before a body's end
+    ├── TargetError                 a target callable failed or returned something unusable
+    ├── CertificateLoadError        also ValueError: a certificate or key cannot be used
+    ├── CertificateStoreError       also ValueError: a certificate cannot be stored or read
+    ├── AcmeError                   an ACME operation failed
+    └── WorkerGone                  a worker process ended while the parent waited for it
 """
 
 from __future__ import annotations
@@ -33,6 +50,9 @@ class PortInUseError(SmartRouteError, OSError):
         super().__init__(message)
 
 
+# -- misbehaving peers ---------------------------------------------------------------------------
+
+
 class ProtocolError(SmartRouteError):
     """Bytes from a peer do not follow the protocol; ``status`` hints an HTTP answer (400, 431)."""
 
@@ -52,12 +72,41 @@ class HttpParseError(ProtocolError):
     """An HTTP/1.x request head is malformed (400) or too large (431)."""
 
 
-class AcmeError(SmartRouteError):
-    """An ACME operation failed; wraps the acme library's error at the boundary."""
+class ProxyProtocolError(ProtocolError):
+    """A PROXY protocol header is malformed; the connection should be closed."""
+
+
+class TlsHandshakeError(ProtocolError):
+    """A client's TLS handshake failed, timed out or was cut short; the connection is closed."""
+
+
+class BodyCut(SmartRouteError, ConnectionError):
+    """The sender closed its connection before the body's end."""
+
+
+# -- forwarding ----------------------------------------------------------------------------------
+
+
+class TargetError(SmartRouteError):
+    """A target callable failed or returned something unusable."""
+
+
+# -- certificates --------------------------------------------------------------------------------
+
+
+class CertificateLoadError(SmartRouteError, ValueError):
+    """A certificate or key cannot be used. The message names the certificate, never the key."""
 
 
 class CertificateStoreError(SmartRouteError, ValueError):
     """A certificate, key or account cannot be stored or read; never quotes key material."""
+
+
+class AcmeError(SmartRouteError):
+    """An ACME operation failed; wraps the acme library's error at the boundary."""
+
+
+# -- worker processes ----------------------------------------------------------------------------
 
 
 class WorkerGone(SmartRouteError):

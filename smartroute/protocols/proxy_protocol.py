@@ -19,7 +19,8 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from smartroute.errors import ProtocolError
+# ProxyProtocolError lives in smartroute.errors now; re-exported here.
+from smartroute.errors import ProxyProtocolError
 
 __all__ = [
     "MAX_V1_LINE",
@@ -96,10 +97,6 @@ _V1_PORT = re.compile(rb"0|[1-9][0-9]{0,4}")  # decimal, no sign, no heading zer
 _OCTET = rb"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _V1_IPV4 = re.compile(rb"(?:" + _OCTET + rb"\.){3}" + _OCTET)
 _V1_IPV6_CHARS = re.compile(rb"[0-9A-Fa-f:.]{2,45}")  # no '%scope': not an address
-
-
-class ProxyProtocolError(ProtocolError):
-    """A PROXY protocol header is malformed; the connection should be closed."""
 
 
 @dataclass(frozen=True, slots=True)

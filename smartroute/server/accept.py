@@ -28,8 +28,8 @@ from smartroute.protocols.detect import Detection, detect
 from smartroute.routing.matcher import ConnectionFacts
 from smartroute.routing.patterns import IPAddress, client_address
 from smartroute.server.decision import Peeked, decide_connection, detected_facts
+from smartroute.server.epoll_set import IN
 from smartroute.server.pipeline import MAX_PEEK, InboundConnection
-from smartroute.server.socket_relay import IN
 from smartroute.server.stats import ConnectionRecord
 
 if TYPE_CHECKING:

@@ -18,6 +18,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, cast
 
 from smartroute.context import RouteContext
+from smartroute.errors import TargetError, TlsHandshakeError
 from smartroute.protocols.detect import detect
 from smartroute.protocols.proxy_protocol import looks_like_proxy_protocol
 from smartroute.protocols.tls import ClientHello
@@ -28,12 +29,12 @@ from smartroute.routing.model import (
     speaks_http,
 )
 from smartroute.server.decision import FirstRequest, TlsInfo
-from smartroute.server.forward import TargetError, connect_relay, resolve_targets, splice
+from smartroute.server.forward import connect_relay, resolve_targets, splice
 from smartroute.server.handler import start_handler
 from smartroute.server.http.session import HttpSession
 from smartroute.server.http.stream import Stream
 from smartroute.server.stats import ConnectionRecord
-from smartroute.server.tls import TlsHandshakeError, accept_tls
+from smartroute.server.tls import accept_tls
 
 if TYPE_CHECKING:
     from smartroute.server.runtime import Runtime

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from smartroute.context import RouteContext
+from smartroute.errors import TargetError as TargetError  # lives in smartroute.errors now
 from smartroute.protocols.proxy_protocol import encode_v1, encode_v2, encode_v2_local
 from smartroute.routing.model import ForwardAction, TlsSettings
 from smartroute.server.http.stream import Stream
@@ -22,10 +23,6 @@ from smartroute.server.stats import ConnectionRecord
 from smartroute.server.tls import backend_context, backend_server_name
 
 log = logging.getLogger("smartroute")
-
-
-class TargetError(Exception):
-    """A target callable failed or returned something unusable."""
 
 
 @dataclass(frozen=True, slots=True)

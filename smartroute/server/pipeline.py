@@ -23,14 +23,10 @@ from typing import TYPE_CHECKING, cast
 
 from smartroute.certs.tls_alpn import ACME_TLS_ALPN
 from smartroute.context import RouteContext
-from smartroute.errors import HttpParseError
+from smartroute.errors import HttpParseError, ProxyProtocolError
 from smartroute.protocols.detect import OTHER, Detection, detect
 from smartroute.protocols.http import looks_like_http
-from smartroute.protocols.proxy_protocol import (
-    ProxyProtocolError,
-    looks_like_proxy_protocol,
-    parse_proxy_header,
-)
+from smartroute.protocols.proxy_protocol import looks_like_proxy_protocol, parse_proxy_header
 from smartroute.protocols.tls import ClientHello
 from smartroute.routing.matcher import ConnectionFacts, RouteMatch, RouteTable
 from smartroute.routing.model import (

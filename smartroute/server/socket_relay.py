@@ -1,17 +1,14 @@
 """Raw forwards on bare sockets: the fast lane for connections that only need a byte pipe.
 
-When a connection's route pipes bytes to fixed IP-literal targets, the connection never gets an
-asyncio transport: :class:`SocketRelay` connects a non-blocking socket to the target and moves
-bytes with ``recv_into``/``send`` through one buffer shared by the proxy's connections, so
-relaying a chunk allocates nothing. The client's first bytes are never read before the backend
-answers: they wait in the kernel.
-
-The lane watches its sockets with an epoll set of its own (:class:`RelayLane`), which the event
-loop watches as one descriptor. Starting or stopping to watch a socket is then one
-``epoll_ctl`` call, where the loop's ``add_reader``/``remove_reader`` cost three or four system
-calls and a handle each on uvloop, and errors are reported as long as they last (level
-triggered) on every loop. A backend on the same host usually accepts during ``connect`` itself;
-the relay checks with ``getpeername`` and skips waiting for the connect to be reported.
+When a connection's route pipes bytes to fixed IP-literal targets (its plan:
+:mod:`smartroute.server.relay_plan`), the connection never gets an asyncio transport:
+:class:`SocketRelay` connects a non-blocking socket to the target and moves bytes with
+``recv_into``/``send`` through one buffer shared by the proxy's connections, so relaying a
+chunk allocates nothing. The client's first bytes are never read before the backend answers:
+they wait in the kernel. A backend on the same host usually accepts during ``connect`` itself;
+the relay checks with ``getpeername`` and skips waiting for the connect to be reported. The
+lane (:class:`RelayLane`) watches the sockets with an epoll set of its own
+(:mod:`smartroute.server.epoll_set`).
 
 Semantics are the transport relay's (:mod:`smartroute.server.relay`): a direction whose
 destination cannot take more stops reading its source until the rest is sent (memory per
@@ -25,18 +22,23 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
-import ipaddress
 import logging
 import os
-import select
 import socket
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
+from smartroute.routing.matcher import RouteTable
 from smartroute.routing.model import CompiledRoute, ForwardAction
-from smartroute.server.stats import ConnectionRecord
+from smartroute.server.epoll_set import AVAILABLE, TROUBLE, EpollSet
 
-if TYPE_CHECKING:
-    from smartroute.server.runtime import Runtime
+# Re-exported ("X as X"): these lived here before epoll_set.py and relay_plan.py did. The lane
+# reads AVAILABLE and relay_plan by this module's names: tests replace them here.
+from smartroute.server.epoll_set import IN as IN
+from smartroute.server.epoll_set import OUT as OUT
+from smartroute.server.relay_plan import Address as Address
+from smartroute.server.relay_plan import literal_address as literal_address
+from smartroute.server.relay_plan import relay_plan as relay_plan
+from smartroute.server.stats import ConnectionRecord, StatsBook
 
 log = logging.getLogger("smartroute")
 
@@ -48,74 +50,26 @@ READS_PER_EVENT = 16
 # Long streams go socket -> pipe -> socket with splice (Linux), not through the buffer.
 SPLICE = hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
-EVENTS_PER_WAKEUP = 256  # epoll events the lane handles each time the loop wakes it
-AVAILABLE = hasattr(select, "epoll")  # Linux; elsewhere every connection takes a transport
-
-IN = select.EPOLLIN if AVAILABLE else 1
-OUT = select.EPOLLOUT if AVAILABLE else 4
-_TROUBLE = (select.EPOLLERR | select.EPOLLHUP) if AVAILABLE else 24
-
-# One target address: (family, socket address, "host:port" for records and errors).
-Address = tuple[int, tuple[str, int], str]
 
 
-class Watcher(Protocol):
-    """What the lane's epoll set reports to: one object per watched descriptor."""
+class LaneRuntime(Protocol):
+    """What the lane reads of the proxy's runtime, which makes the lane and passes itself."""
 
-    record: ConnectionRecord
-
-    def event(self, fd: int, events: int) -> None: ...
-
-    def abort(self) -> None: ...
+    table: RouteTable  # the current route table, swapped whole when the routes change
+    stats: StatsBook  # where a relayed connection is counted as ended
 
 
-def literal_address(host: str, port: int) -> Address | None:
-    """The address of an IP-literal host, or None for a name (names need a resolver)."""
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return None
-    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-    return family, (str(ip), port), f"{host}:{port}"
+class RelayLane(EpollSet):
+    """Per proxy: the epoll set, the shared buffer, and each route's plan for the route table."""
 
-
-def relay_plan(route: CompiledRoute, port: int) -> tuple[Address, ...] | None:
-    """The fixed addresses a route pipes to on ``port``, or None when it needs more than that.
-
-    None for anything but a plain byte forward (HTTP, TLS termination or re-encryption), for
-    target callables, host names and PROXY protocol headers: those take the transport path.
-    """
-    action = route.action
-    if not isinstance(action, ForwardAction) or action.protocol == "http":
-        return None
-    if route.tls is not None and route.tls.mode != "passthrough":
-        return None
-    addresses: list[Address] = []
-    for target in action.targets:
-        if callable(target.host) or callable(target.port) or target.send_proxy_protocol:
-            return None
-        target_port = port if target.port == "preserve" else target.port
-        for host in target.host:
-            address = literal_address(host, target_port)
-            if address is None:
-                return None
-            addresses.append(address)
-    return tuple(addresses) if addresses else None
-
-
-class RelayLane:
-    """Per proxy: the shared buffer, the epoll set, and each route's plan for the route table."""
-
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: LaneRuntime) -> None:
+        super().__init__()
         self.runtime = runtime
         self.buffer = bytearray(CHUNK)
         self.view = memoryview(self.buffer)
         self._table: object = None
         self._plans: dict[tuple[int, int], tuple[Address, ...] | None] = {}
         self._ports: dict[int, bool] = {}
-        self._epoll: select.epoll | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._watchers: dict[int, Watcher] = {}
 
     def plan(self, route: CompiledRoute, port: int) -> tuple[Address, ...] | None:
         """:func:`relay_plan`, computed once per route and port of the current table."""
@@ -143,62 +97,10 @@ class RelayLane:
         if table is not self._table:  # routes changed: the table holds the routes we key by
             self._table, self._plans, self._ports = table, {}, {}
 
-    # -- watching sockets ----------------------------------------------------------------------
-
-    def watch(self, fd: int, old: int, new: int, watcher: Watcher) -> None:
-        """Have ``watcher`` told of ``new`` events on ``fd`` (0: none) instead of ``old``."""
-        if new == old:
-            return
-        epoll = self._epoll or self._create()
-        if not old:
-            epoll.register(fd, new)
-            self._watchers[fd] = watcher
-        elif new:
-            epoll.modify(fd, new)
-        else:
-            del self._watchers[fd]
-            try:
-                epoll.unregister(fd)
-            except OSError:  # already gone from the set (closed elsewhere): nothing is watched
-                pass
-
     def open(self) -> None:
         """Create the epoll set and have the running loop watch it (the proxy starts)."""
-        if AVAILABLE and self._epoll is None:
-            self._create()
-
-    def _create(self) -> select.epoll:
-        epoll = self._epoll = select.epoll()
-        loop = self._loop = asyncio.get_running_loop()
-        loop.add_reader(epoll.fileno(), self._dispatch)
-        return epoll
-
-    def _dispatch(self) -> None:
-        epoll, watchers = self._epoll, self._watchers
-        assert epoll is not None
-        for fd, events in epoll.poll(0, EVENTS_PER_WAKEUP):
-            # An event of a descriptor given up earlier in this batch finds no watcher, or its
-            # number's new watcher, which takes it as a spurious wake-up.
-            watcher = watchers.get(fd)
-            if watcher is None:
-                continue
-            try:
-                watcher.event(fd, events)
-            except Exception as exc:  # a bug must not stop the other connections, nor spin
-                log.exception("fast lane: closing %s after an unexpected error", watcher.record.id)
-                watcher.record.fail("error", f"internal error: {exc}")
-                watcher.abort()
-
-    def close(self) -> None:
-        """Stop watching (the proxy stopped; its connections are closed)."""
-        epoll, self._epoll = self._epoll, None
-        if epoll is not None:
-            assert self._loop is not None
-            self._loop.remove_reader(epoll.fileno())
-            epoll.close()
-        self._watchers.clear()
-
-    # -- relaying ------------------------------------------------------------------------------
+        if AVAILABLE:
+            super().open()
 
     def start(
         self,
@@ -448,7 +350,7 @@ class SocketRelay:
             reader, writer, mask = self.up, down, self.client_mask
         else:
             reader, writer, mask = down, self.up, self.backend_mask
-        if events & _TROUBLE:
+        if events & TROUBLE:
             events |= mask  # an error or hang-up: the call that is waiting finds out which
         if events & OUT and mask & OUT:
             writer.writable()

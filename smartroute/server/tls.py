@@ -22,7 +22,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from smartroute.errors import ProtocolError, SmartRouteError
+# TlsHandshakeError and CertificateLoadError live in smartroute.errors now; re-exported here.
+from smartroute.errors import CertificateLoadError, TlsHandshakeError
 from smartroute.routing.model import CertificatePair, TlsSettings
 from smartroute.routing.patterns import normalize_host
 
@@ -37,18 +38,10 @@ __all__ = [
 ]
 
 SHUTDOWN_TIMEOUT = 10.0
+"""Seconds a closing TLS connection waits for the peer's close_notify before it is dropped."""
 # TLS 1.2 suites offered to clients: forward secrecy and AEAD only (no CBC, no RSA key
 # exchange, no SHA-1), as in common "intermediate" server profiles.
 MODERN_TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL"
-"""Seconds a closing TLS connection waits for the peer's close_notify before it is dropped."""
-
-
-class TlsHandshakeError(ProtocolError):
-    """A client's TLS handshake failed, timed out or was cut short; the connection is closed."""
-
-
-class CertificateLoadError(SmartRouteError, ValueError):
-    """A certificate or key cannot be used. The message names the certificate, never the key."""
 
 
 @dataclass(frozen=True, slots=True)

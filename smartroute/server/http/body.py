@@ -8,15 +8,12 @@ so the peer never waits for a head because the body is slow.
 
 from __future__ import annotations
 
+from smartroute.errors import BodyCut as BodyCut  # lives in smartroute.errors now
 from smartroute.protocols.chunked import LAST_CHUNK, ChunkedDecoder, encode_chunk
 from smartroute.protocols.http_response import BodyFraming
 from smartroute.server.http.stream import Stream
 
 CHUNK = 256 * 1024
-
-
-class BodyCut(ConnectionError):
-    """The sender closed its connection before the body's end."""
 
 
 async def _more(source: Stream, sink: Stream | None, prefix: bytes) -> None:

@@ -20,7 +20,7 @@ import ssl
 from typing import TYPE_CHECKING, Protocol
 
 from smartroute.context import RouteContext
-from smartroute.errors import HttpParseError
+from smartroute.errors import BodyCut, HttpParseError
 from smartroute.protocols.http import RequestHead
 from smartroute.protocols.http_response import (
     BodyFraming,
@@ -32,7 +32,7 @@ from smartroute.routing.matcher import ConnectionFacts, RouteMatch
 from smartroute.routing.model import ForwardAction
 from smartroute.server.decision import TlsInfo
 from smartroute.server.forward import Candidate, resolve_targets, tunnel
-from smartroute.server.http.body import CHUNK, BodyCut, copy_body
+from smartroute.server.http.body import CHUNK, copy_body
 from smartroute.server.http.headers import connection_tokens, request_lines, response_lines
 from smartroute.server.http.messages import Response, status_line, text_response
 from smartroute.server.http.pool import PoolKey
