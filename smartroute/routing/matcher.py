@@ -119,10 +119,10 @@ def _first(
     bucket: list[_Entry] | _IndexedBucket, facts: ConnectionFacts, bound: _Key | None
 ) -> _Found | None:
     """The first full match in a sorted bucket, if it orders before ``bound``."""
-    if bucket.__class__ is _IndexedBucket:
+    if isinstance(bucket, _IndexedBucket):
         bucket = bucket.candidates(facts)
     terminated = facts.terminated
-    for key, found, criteria, layer in cast(list[_Entry], bucket):
+    for key, found, criteria, layer in bucket:
         if bound is not None and key >= bound:
             return None
         # Inside a terminated session only terminating routes apply; outside, a route with a

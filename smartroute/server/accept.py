@@ -27,7 +27,7 @@ from smartroute.certs.tls_alpn import ACME_TLS_ALPN
 from smartroute.protocols.detect import Detection, detect
 from smartroute.routing.matcher import ConnectionFacts
 from smartroute.routing.patterns import IPAddress, client_address
-from smartroute.server.decision import Peeked, decide_connection, detected_facts
+from smartroute.server.decision import Peeked, Refusal, decide_connection, detected_facts
 from smartroute.server.epoll_set import IN
 from smartroute.server.pipeline import MAX_PEEK, InboundConnection
 from smartroute.server.stats import ConnectionRecord
@@ -68,11 +68,11 @@ def route_socket(
     allows, else hand it, decided, to a transport (``detection`` and ``peeked``: what its
     first bytes are and how many were peeked at)."""
     verdict = decide_connection(runtime, record, facts)
-    found = verdict.found
+    found = verdict.found if isinstance(verdict, Refusal) else verdict
     addresses = None if found is None else runtime.lane.plan(found.route, facts.port)
     if addresses is None:
-        adopt(runtime, sock, record, waited, Peeked(detection, peeked, verdict, facts))
-    elif verdict.status:  # refused: a byte pipe has no answer to give
+        adopt(runtime, sock, record, waited, Peeked(detection, peeked, True, verdict, facts))
+    elif isinstance(verdict, Refusal):  # a byte pipe has no answer to give
         sock.close()
         runtime.stats.finished(record)
     else:

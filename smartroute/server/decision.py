@@ -11,7 +11,7 @@ connection or a request belong here too, between the match and the verdict.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 from smartroute.errors import HttpParseError
 from smartroute.protocols.detect import Detection
@@ -38,29 +38,33 @@ class TlsInfo:
 
 
 @dataclass(frozen=True, slots=True)
-class Verdict:
-    """The route chosen (``found`` None: no route matches) and, when the route's security
-    refuses, the answer: ``status`` (non-zero), ``reason`` and extra response ``headers``."""
+class Refusal:
+    """A connection or request that goes no further: answer ``status`` with ``reason`` (and
+    extra response ``headers``). ``found`` is the route whose security refused it, None for
+    a malformed request."""
 
     found: RouteMatch | None
-    status: int = 0
-    reason: str = ""
+    status: int
+    reason: str
     headers: tuple[tuple[str, str], ...] = ()
 
 
-NO_ROUTE = Verdict(None)
+# What a decision says: the route to act on (the matcher's own object: a connection that goes
+# on costs no allocation here), a refusal to answer, or None when no route matches.
+Verdict: TypeAlias = RouteMatch | Refusal | None
 
 
 @dataclass(frozen=True, slots=True)
 class Peeked:
     """What the accept step learned of a connection before handing it to a transport: what
     its first ``length`` bytes are (peeked at, still in the socket, to be read) and, when it
-    decided the connection but the fast lane cannot carry the route out, the verdict and the
-    facts it was made from."""
+    ``decided`` the connection but the fast lane cannot carry the route out, the verdict and
+    the facts it was made from."""
 
     detection: Detection | None
     length: int = 0
-    verdict: Verdict | None = None
+    decided: bool = False
+    verdict: Verdict = None
     facts: ConnectionFacts | None = None
 
 
@@ -141,19 +145,19 @@ def decide_connection(
     found = runtime.table.match(facts)
     if error is not None and (found is None or speaks_http(found.route.action)):
         record.fail("bad-request", str(error))
-        return Verdict(None, error.status, str(error))
+        return Refusal(None, error.status, str(error))
     if found is None:
         record.fail("no-route", "no route matches")
-        return NO_ROUTE
+        return None
     route = found.route
     runtime.stats.routed(record, route.name, route.timeouts)
     if route.security is not None:
         refusal = runtime.gate.admit(route, facts.client_ip)
         if refusal is not None:
             record.fail("refused", refusal[1])
-            return Verdict(found, refusal[0], refusal[1])
+            return Refusal(found, refusal[0], refusal[1])
         record.admitted = route.name
-    return Verdict(found)
+    return found
 
 
 def decide_request(
@@ -170,7 +174,7 @@ def decide_request(
     if found is None:
         found = runtime.table.match(facts)
         if found is None:
-            return NO_ROUTE
+            return None
     route = found.route
     if record.route is None:
         runtime.stats.routed(record, route.name, route.timeouts)
@@ -178,13 +182,13 @@ def decide_request(
         record.timeouts = route.timeouts
     policy = route.security
     if policy is None:
-        return Verdict(found)
+        return found
     if (reason := ip_refusal(policy, facts.client_ip)) is not None:
         record.fail("refused", reason)
-        return Verdict(found, 403, reason)
+        return Refusal(found, 403, reason)
     auth = policy.basic_auth
     if auth is not None:
         reason = basic_auth_refusal(auth, head.header("authorization"))
         if reason is not None:
-            return Verdict(found, 401, reason, (challenge_header(auth),))
-    return Verdict(found)
+            return Refusal(found, 401, reason, (challenge_header(auth),))
+    return found

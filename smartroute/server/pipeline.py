@@ -40,6 +40,7 @@ from smartroute.server.actions import UNTRUSTED_HEADER, Connection
 from smartroute.server.decision import (
     FirstRequest,
     Peeked,
+    Refusal,
     decide_connection,
     detected_facts,
 )
@@ -322,7 +323,7 @@ class InboundConnection(asyncio.Protocol):
         peeked = self.peeked
         if peeked is not None:
             detection = peeked.detection
-        if peeked is not None and peeked.verdict is not None and peeked.facts is not None:
+        if peeked is not None and peeked.decided and peeked.facts is not None:
             facts, verdict = peeked.facts, peeked.verdict
         else:
             hello = detection.hello if detection is not None else None
@@ -333,28 +334,27 @@ class InboundConnection(asyncio.Protocol):
             verdict = decide_connection(
                 self.runtime, record, facts, error if isinstance(error, HttpParseError) else None
             )
-        found = verdict.found
         kind = detection.kind if detection is not None else "none"
-        if found is None:
-            # Bytes that looked like HTTP get an HTTP answer: what was wrong, or no route.
-            if verdict.status:
-                self._answer(closing_answer(verdict.status, verdict.reason))
-            elif kind == "http":
+        if isinstance(verdict, Refusal):
+            answer = closing_answer(verdict.status, verdict.reason)
+            refusing = verdict.found
+            if refusing is not None and kind == "none" and needs_http(refusing.route.action):
+                # The request is still unread: closing now would reset the connection and
+                # could destroy the answer before the client reads it.
+                self._answer_then_drain(answer)
+                return
+            if refusing is None or kind == "http":  # a malformed request, or an HTTP refusal
+                self._answer(answer)
+            transport.close()
+            return
+        if verdict is None:
+            if kind == "http":  # bytes that looked like HTTP get an HTTP answer
                 self._answer(NOT_FOUND)
             transport.close()
             return
+        found = verdict
         route = found.route
         action = route.action
-        if verdict.status:
-            if kind == "none" and needs_http(action):
-                # The request is still unread: closing now would reset the connection and
-                # could destroy the answer before the client reads it.
-                self._answer_then_drain(closing_answer(verdict.status, verdict.reason))
-                return
-            if kind == "http":
-                self._answer(closing_answer(verdict.status, verdict.reason))
-            transport.close()
-            return
         ctx = self._context(facts, found, detection)
         connection = Connection(
             self.runtime,

@@ -28,7 +28,13 @@ from smartroute.routing.model import (
     StaticAction,
 )
 from smartroute.routing.patterns import parse_ip
-from smartroute.server.decision import FirstRequest, TlsInfo, decide_request, request_facts
+from smartroute.server.decision import (
+    FirstRequest,
+    Refusal,
+    TlsInfo,
+    decide_request,
+    request_facts,
+)
 from smartroute.server.http.body import copy_body
 from smartroute.server.http.headers import connection_tokens
 from smartroute.server.http.messages import RequestInfo, Response, response_head, text_response
@@ -239,7 +245,7 @@ class HttpSession:
         else:
             facts = first.facts
             verdict = decide_request(self.runtime, self.record, facts, head, first.found)
-        found = verdict.found
+        found = verdict.found if isinstance(verdict, Refusal) else verdict
         route_name = found.route.name if found else None
         status: int | str
         if found is None:
@@ -248,7 +254,7 @@ class HttpSession:
             )
         else:
             action = found.route.action
-            if verdict.status:
+            if isinstance(verdict, Refusal):
                 refusal = text_response(verdict.status, verdict.reason, list(verdict.headers))
                 status, keep = await self.answer_locally(refusal, head, framing, keep_alive)
             elif action.type == "block":
