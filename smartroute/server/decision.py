@@ -98,11 +98,8 @@ def detected_facts(port: int, client_ip: IPAddress, detection: Detection | None)
         return ConnectionFacts(port, client_ip)
     if detection.hello is not None:
         return hello_facts(port, client_ip, detection.hello)
-    head = detection.head
-    assert head is not None
-    return ConnectionFacts(
-        port, client_ip, domain=head.host, path=head.path, headers=head.header_map()
-    )
+    assert detection.head is not None
+    return request_facts(port, client_ip, detection.head, None)
 
 
 def request_facts(
