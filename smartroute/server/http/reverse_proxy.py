@@ -33,9 +33,16 @@ from smartroute.routing.model import ForwardAction
 from smartroute.server.decision import TlsInfo
 from smartroute.server.forward import Candidate, resolve_targets, tunnel
 from smartroute.server.http.body import CHUNK, copy_body
-from smartroute.server.http.headers import connection_tokens, request_lines, response_lines
-from smartroute.server.http.messages import Response, status_line, text_response
+from smartroute.server.http.headers import connection_tokens
+from smartroute.server.http.messages import Response, text_response
 from smartroute.server.http.pool import PoolKey
+from smartroute.server.http.rewrite import (
+    CONTINUE,
+    backend_request_head,
+    interim_head,
+    plan_response,
+    upgraded_head,
+)
 from smartroute.server.http.stream import Handover, Stream
 from smartroute.server.tls import backend_context, backend_server_name
 
@@ -43,7 +50,6 @@ if TYPE_CHECKING:
     from smartroute.server.runtime import Runtime
     from smartroute.server.stats import ConnectionRecord
 
-CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 NO_BODY = BodyFraming("none")
 CONNECT_REFUSED = text_response(
     405,
@@ -127,20 +133,7 @@ async def forward_request(
         return await session.answer_locally(response, head, left, keep)
 
 
-def _chunked_after(codings: str) -> str:
-    """The Transfer-Encoding value for a body chunked after ``codings``."""
-    return f"{codings}, chunked" if codings else "chunked"
 
-
-def _authority(head: RequestHead) -> str:
-    """``host[:port]`` of an absolute-form target, as a Host value."""
-    return _authority_of(head.host or "", head.port)
-
-
-def _authority_of(host: str, port: int | None) -> str:
-    if ":" in host:
-        host = f"[{host}]"
-    return host if port is None else f"{host}:{port}"
 
 
 def _fixed_candidates(action: ForwardAction, port: int) -> list[Candidate] | None:
@@ -241,28 +234,16 @@ class _Exchange:
         raise _Failed(502, "backend unreachable: " + "; ".join(failures))
 
     def request_head(self, target_host: str, target_port: int) -> bytes:
-        head, framing, session = self.head, self.framing, self.session
-        host = None if head.target[0] in "/*" else _authority(head)
-        if head.host is None and host is None and head.header("host") is None:
-            # An HTTP/1.0 request without Host goes on as HTTP/1.1, which needs one: the name
-            # the client connected to (SNI), else the backend's address.
-            host = self.facts.domain or _authority_of(target_host, target_port)
-        lines = request_lines(
-            head.headers,
+        return backend_request_head(
+            self.head,
+            self.framing,
             self.tokens,
-            client_ip=session.record.client_ip,
-            proto="http" if session.tls is None else "https",
-            host=host,
+            client_ip=self.session.record.client_ip,
+            tls=self.session.tls is not None,
+            domain=self.facts.domain,
+            target=(target_host, target_port),
+            upgrade=self.upgrade,
         )
-        if framing.kind == "length":
-            lines += f"Content-Length: {framing.length}\r\n"
-        elif framing.kind == "chunked":
-            lines += f"Transfer-Encoding: {_chunked_after(framing.codings)}\r\n"
-        if self.upgrade is not None:
-            lines += f"Connection: upgrade\r\nUpgrade: {self.upgrade}\r\n"
-        # The path the routes matched, normalised, in origin form: what the backend resolves
-        # is what the proxy checked.
-        return f"{head.method} {head.origin} HTTP/1.1\r\n{lines}\r\n".encode("latin-1")
 
     async def run(self, *, reuse: bool) -> tuple[int | str, bool]:
         session, head, framing = self.session, self.head, self.framing
@@ -297,10 +278,7 @@ class _Exchange:
             if response.status == 101:
                 if self.upgrade is None:
                     raise _Failed(502, "the backend switched protocols unasked (101)", sent=True)
-                upgraded = response.header("upgrade") or self.upgrade
-                lines = response_lines(response.headers, response_tokens, keep_length=True)
-                lines += f"Connection: upgrade\r\nUpgrade: {upgraded}\r\n"
-                client.write(f"{status_line(101)}{lines}\r\n".encode("latin-1"))
+                client.write(upgraded_head(response, response_tokens, self.upgrade))
                 session.record.outcome = "upgraded"
                 tunnel(client, backend, session.record, session.finish)
                 raise Handover
@@ -361,11 +339,9 @@ class _Exchange:
             backend.skip(response.length)
             if response.status >= 200 or response.status == 101:
                 return response
-            if self.head.version == "HTTP/1.1" and response.status != 100:
-                lines = response_lines(
-                    response.headers, connection_tokens(response.headers), keep_length=True
-                )
-                session.client.write(f"{status_line(response.status)}{lines}\r\n".encode("latin-1"))
+            interim = interim_head(self.head, response)
+            if interim is not None:
+                session.client.write(interim)
 
     async def relay_response(
         self, backend: Stream, response: ResponseHead, tokens: set[str], out: BodyFraming
@@ -376,35 +352,22 @@ class _Exchange:
         HTTP/1.1 client gets a body of unknown length chunked; an HTTP/1.0 client, which
         cannot read chunked, gets it plain and delimited by the end of the connection.
         """
-        head, client = self.head, self.session.client
+        client = self.session.client
         kind = out.kind
-        backend_keep = kind != "close" and response.version == "HTTP/1.1" and "close" not in tokens
-        rechunk = kind in ("chunked", "close") and head.version == "HTTP/1.1"
-        client_keep = (
-            self.keep_alive
-            and (kind in ("none", "length") or rechunk)
-            and self.session.runtime.accepting  # a stopping proxy tells the client to go
-        )
-        # A body-less answer (HEAD, 304) keeps the Content-Length the backend stated.
-        lines = response_lines(response.headers, tokens, keep_length=kind == "none")
-        if kind == "length":
-            lines += f"Content-Length: {out.length}\r\n"
-        elif rechunk and head.method != "HEAD":
-            lines += f"Transfer-Encoding: {_chunked_after(out.codings)}\r\n"
-        connection = "keep-alive" if client_keep else "close"
-        prefix = f"{status_line(response.status)}{lines}Connection: {connection}\r\n\r\n"
+        # A stopping proxy tells the client to go.
+        keep_alive = self.keep_alive and self.session.runtime.accepting
+        plan = plan_response(self.head, response, tokens, out, keep_alive)
+        prefix = plan.head
         # The head goes out with the body bytes already here: one send for a small answer.
         if kind == "none":
-            client.write(prefix.encode("latin-1"))
+            client.write(prefix)
         elif kind == "length" and out.length <= len(backend.buffer) and out.length <= CHUNK:
-            client.write(prefix.encode("latin-1") + backend.consume(out.length))
+            client.write(prefix + backend.consume(out.length))
         else:
             record = self.session.record
             sent = record.bytes_out
             try:
-                await copy_body(
-                    backend, client, out, chunked_out=rechunk, prefix=prefix.encode("latin-1")
-                )
+                await copy_body(backend, client, out, chunked_out=plan.rechunk, prefix=prefix)
             except HttpParseError as exc:
                 if record.bytes_out != sent:
                     raise  # the head is out: all that is left is to end the connection
@@ -413,4 +376,4 @@ class _Exchange:
                 raise _Failed(502, f"the backend sent an invalid body: {exc}", sent=True) from None
         if client.blocked:
             await client.drain()
-        return client_keep, backend_keep
+        return plan.client_keep, plan.backend_keep
