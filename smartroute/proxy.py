@@ -224,6 +224,7 @@ class SmartRoute:
             await asyncio.gather(*runtime.tasks, return_exceptions=True)
             await runtime.stop_sweeper()
             runtime.pool.close()
+            runtime.lane_pool.close()
             runtime.lane.close()
             await asyncio.sleep(0)  # let transports deliver connection_lost
             if workers is not None:
@@ -337,7 +338,9 @@ class SmartRoute:
         else:
             self._runtime.table = table
         self._routes = routes
-        runtime.pool.retain(targets_named_by(effective))  # no idle links to dropped backends
+        wanted = targets_named_by(effective)
+        runtime.pool.retain(wanted)  # no idle links to dropped backends
+        runtime.lane_pool.retain(wanted)
 
     def _check_auto(self, routes: Iterable[CompiledRoute]) -> None:
         """``"certificate": "auto"`` needs the acme setting or a certificate provider."""

@@ -26,9 +26,17 @@ from typing import TYPE_CHECKING, Any
 from smartroute.certs.tls_alpn import ACME_TLS_ALPN
 from smartroute.protocols.detect import Detection, detect
 from smartroute.routing.matcher import ConnectionFacts
+from smartroute.routing.model import needs_http
 from smartroute.routing.patterns import IPAddress, client_address
-from smartroute.server.decision import Peeked, Refusal, decide_connection, detected_facts
+from smartroute.server.decision import (
+    FirstRequest,
+    Peeked,
+    Refusal,
+    decide_connection,
+    detected_facts,
+)
 from smartroute.server.epoll_set import IN
+from smartroute.server.http.lane_session import LaneSession
 from smartroute.server.pipeline import MAX_PEEK, InboundConnection
 from smartroute.server.stats import ConnectionRecord
 
@@ -69,7 +77,19 @@ def route_socket(
     first bytes are and how many were peeked at)."""
     verdict = decide_connection(runtime, record, facts)
     found = verdict.found if isinstance(verdict, Refusal) else verdict
-    addresses = None if found is None else runtime.lane.plan(found.route, facts.port)
+    lane = runtime.lane
+    head = None if detection is None else detection.head
+    if (
+        found is not None
+        and found is verdict
+        and (head is not None or (detection is None and needs_http(found.route.action)))
+        and lane.http_plan(found.route, facts.port) is not None
+    ):
+        # Plain HTTP to fixed addresses: served on the lane, request by request.
+        first = None if head is None else FirstRequest(head, facts, found)
+        LaneSession(runtime, sock, record, facts, first).start()
+        return
+    addresses = None if head is not None or found is None else lane.plan(found.route, facts.port)
     if addresses is None:
         adopt(runtime, sock, record, waited, Peeked(detection, peeked, True, verdict, facts))
     elif isinstance(verdict, Refusal):  # a byte pipe has no answer to give
@@ -159,13 +179,11 @@ class SocketPeek:
             self._hand_over()
             return
         hello = detection.hello
-        if (
-            detection.error is not None
-            or detection.kind == "http"
-            or (hello is not None and self.runtime.alpn_responder and ACME_TLS_ALPN in hello.alpn)
+        if detection.error is not None or (
+            hello is not None and self.runtime.alpn_responder and ACME_TLS_ALPN in hello.alpn
         ):
-            # The pipeline answers what was wrong, serves HTTP, or answers a TLS-ALPN-01
-            # validation; it reads these bytes without looking at them again.
+            # The pipeline answers what was wrong, or answers a TLS-ALPN-01 validation; it
+            # reads these bytes without looking at them again.
             self._hand_over(Peeked(detection, len(data)))
             return
         self._stop()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 from dataclasses import replace
 from typing import TYPE_CHECKING, cast
@@ -28,6 +29,7 @@ from smartroute.routing.model import (
     SocketHandlerAction,
     speaks_http,
 )
+from smartroute.routing.patterns import client_address
 from smartroute.server.decision import FirstRequest, TlsInfo
 from smartroute.server.forward import connect_relay, resolve_targets, splice
 from smartroute.server.handler import start_handler
@@ -317,3 +319,46 @@ class Connection:
                         return False
         except TimeoutError:
             return False
+
+
+def serve_http(
+    runtime: Runtime,
+    sock: socket.socket,
+    record: ConnectionRecord,
+    initial: bytes,
+    eof: bool,
+    first: FirstRequest | None,
+) -> None:
+    """Serve a plain HTTP connection the fast lane gives up (at a request boundary) on a
+    transport: ``initial`` are the bytes it read and did not answer (``first``'s head begins
+    them), ``eof`` whether the client had ended its side."""
+    record.closer = sock.close  # until the transport exists
+    runtime.spawn(_serve_http(runtime, sock, record, initial, eof, first))
+
+
+async def _serve_http(
+    runtime: Runtime,
+    sock: socket.socket,
+    record: ConnectionRecord,
+    initial: bytes,
+    eof: bool,
+    first: FirstRequest | None,
+) -> None:
+    stream = Stream(record, on_lost=lambda: runtime.stats.finished(record))
+    stream.buffer += initial
+    stream.eof = eof
+    if sock.fileno() < 0:  # closed meanwhile (the proxy is stopping)
+        runtime.stats.finished(record)
+        return
+    try:
+        server_ip = client_address(sock.getsockname()[0])[1]
+        transport, _ = await asyncio.get_running_loop().connect_accepted_socket(
+            lambda: stream, sock
+        )
+    except OSError as exc:  # the client left meanwhile
+        record.fail("error", f"client: {exc}")
+        sock.close()
+        runtime.stats.finished(record)
+        return
+    connection = Connection(runtime, transport, record, port=record.port, server_ip=server_ip)
+    connection.run_http(stream, None, first=first)

@@ -70,11 +70,16 @@ class Peeked:
 
 @dataclass(frozen=True, slots=True)
 class FirstRequest:
-    """A connection's first HTTP request as the pipeline parsed and routed it."""
+    """An HTTP request parsed and matched before the transport session got its connection:
+    the connection's first (by the pipeline or the accept step) or one the fast lane hands
+    over. ``found`` is its match; when ``decided``, :func:`decide_request` already ran too and
+    ``verdict`` is what it said."""
 
     head: RequestHead
     facts: ConnectionFacts
-    found: RouteMatch
+    found: RouteMatch | None
+    decided: bool = False
+    verdict: Verdict = None
 
 
 # -- facts -------------------------------------------------------------------------------------

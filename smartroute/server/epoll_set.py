@@ -28,9 +28,11 @@ TROUBLE = (select.EPOLLERR | select.EPOLLHUP) if AVAILABLE else 24  # reported u
 
 
 class Watcher(Protocol):
-    """What the lane's epoll set reports to: one object per watched descriptor."""
+    """What the lane's epoll set reports to: one object per watched descriptor (``record``:
+    the client connection it serves, None for backend connections idle in a pool)."""
 
-    record: ConnectionRecord
+    @property
+    def record(self) -> ConnectionRecord | None: ...
 
     def event(self, fd: int, events: int) -> None: ...
 
@@ -46,8 +48,11 @@ class EpollSet:
         self._watchers: dict[int, Watcher] = {}
 
     def watch(self, fd: int, old: int, new: int, watcher: Watcher) -> None:
-        """Have ``watcher`` told of ``new`` events on ``fd`` (0: none) instead of ``old``."""
+        """Have ``watcher`` told of ``new`` events on ``fd`` (0: none) instead of ``old`` (a
+        descriptor may change hands: a pooled backend connection, say)."""
         if new == old:
+            if new:
+                self._watchers[fd] = watcher
             return
         epoll = self._epoll or self._create()
         if not old:
@@ -55,12 +60,18 @@ class EpollSet:
             self._watchers[fd] = watcher
         elif new:
             epoll.modify(fd, new)
+            self._watchers[fd] = watcher
         else:
-            del self._watchers[fd]
-            try:
-                epoll.unregister(fd)
-            except OSError:  # already gone from the set (closed elsewhere): nothing is watched
-                pass
+            self.forget(fd)
+
+    def forget(self, fd: int) -> None:
+        """Stop watching ``fd`` (watched until now)."""
+        del self._watchers[fd]
+        assert self._epoll is not None
+        try:
+            self._epoll.unregister(fd)
+        except OSError:  # already gone from the set (closed elsewhere): nothing is watched
+            pass
 
     def open(self) -> None:
         """Create the epoll set and have the running loop watch it (the proxy starts)."""
@@ -85,8 +96,13 @@ class EpollSet:
             try:
                 watcher.event(fd, events)
             except Exception as exc:  # a bug must not stop the other connections, nor spin
-                log.exception("fast lane: closing %s after an unexpected error", watcher.record.id)
-                watcher.record.fail("error", f"internal error: {exc}")
+                record = watcher.record
+                log.exception(
+                    "fast lane: closing %s after an unexpected error",
+                    "idle backend connections" if record is None else record.id,
+                )
+                if record is not None:
+                    record.fail("error", f"internal error: {exc}")
                 watcher.abort()
 
     def close(self) -> None:

@@ -1,8 +1,9 @@
-"""Which routes the fast lane can carry: the fixed addresses a route pipes bytes to, if any.
+"""Which routes the fast lane can carry: the fixed addresses a route pipes bytes or sends HTTP
+requests to, if any.
 
 Pure: a compiled route and a port in, addresses (or None) out. The lane
-(:class:`~smartroute.server.socket_relay.RelayLane`) keeps one plan per route and port of the
-current route table.
+(:class:`~smartroute.server.lane.RelayLane`) keeps one plan of each kind per route and port of
+the current route table.
 """
 
 from __future__ import annotations
@@ -37,6 +38,22 @@ def relay_plan(route: CompiledRoute, port: int) -> tuple[Address, ...] | None:
         return None
     if route.tls is not None and route.tls.mode != "passthrough":
         return None
+    return fixed_addresses(action, port)
+
+
+def http_plan(route: CompiledRoute, port: int) -> tuple[Address, ...] | None:
+    """The fixed addresses an HTTP reverse-proxy route sends plain requests to on ``port``, or
+    None when its requests need the transport path (TLS to the backend, target callables, host
+    names, PROXY protocol headers) or it is no HTTP forward."""
+    action = route.action
+    if not isinstance(action, ForwardAction) or action.protocol == "tcp" or route.tls is not None:
+        return None
+    return fixed_addresses(action, port)
+
+
+def fixed_addresses(action: ForwardAction, port: int) -> tuple[Address, ...] | None:
+    """The addresses of ``action``'s targets when they are all IP literals without PROXY
+    headers, in order; else None."""
     addresses: list[Address] = []
     for target in action.targets:
         if callable(target.host) or callable(target.port) or target.send_proxy_protocol:

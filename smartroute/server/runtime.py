@@ -7,13 +7,13 @@ import ipaddress
 import logging
 import time
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from smartroute.routing.matcher import RouteTable, shortest_limit
+from smartroute.server.http.lane_pool import LanePool
 from smartroute.server.http.pool import BackendPool
-from smartroute.server.http.stream import Stream
+from smartroute.server.lane import RelayLane
 from smartroute.server.security import SecurityGate
-from smartroute.server.socket_relay import RelayLane
 from smartroute.server.stats import ConnectionRecord, StatsBook
 from smartroute.server.tls import CertificateIndex
 
@@ -22,6 +22,10 @@ if TYPE_CHECKING:
 from smartroute.settings import Settings
 
 log = logging.getLogger("smartroute")
+
+
+class Closable(Protocol):
+    def close(self) -> None: ...
 
 
 class Runtime:
@@ -40,9 +44,11 @@ class Runtime:
         self.alpn_responder: TlsAlpnResponder | None = None  # pending TLS-ALPN-01 challenges
         self._proxies = [ipaddress.ip_network(n, strict=False) for n in settings.proxy_ips]
         self.accepting = True
+        self.lane_pool = LanePool(self.lane)
         # HTTP clients between two requests on a kept-alive connection (their Stream objects,
-        # see HttpSession): a graceful stop closes them at once instead of waiting for them.
-        self.between_requests: set[Stream] = set()
+        # see HttpSession, or the lane's sessions): a graceful stop closes them at once
+        # instead of waiting for them.
+        self.between_requests: set[Closable] = set()
         self._sweeper: asyncio.Task[None] | None = None
 
     def stop_accepting(self) -> None:
@@ -101,6 +107,7 @@ class Runtime:
             if now >= next_sample:
                 self.stats.sample(now)
                 self.pool.prune(now)
+                self.lane_pool.prune(now)
                 next_sample = now + 1.0
             for record in list(self.stats.active):
                 self._check(record, now)

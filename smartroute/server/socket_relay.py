@@ -7,8 +7,9 @@ When a connection's route pipes bytes to fixed IP-literal targets (its plan:
 chunk allocates nothing. The client's first bytes are never read before the backend answers:
 they wait in the kernel. A backend on the same host usually accepts during ``connect`` itself;
 the relay checks with ``getpeername`` and skips waiting for the connect to be reported. The
-lane (:class:`RelayLane`) watches the sockets with an epoll set of its own
-(:mod:`smartroute.server.epoll_set`).
+lane (:class:`~smartroute.server.lane.RelayLane`) watches the sockets with an epoll set of its
+own (:mod:`smartroute.server.epoll_set`). An HTTP exchange on the lane that switches protocols
+(a WebSocket upgrade) goes on as a relay between its two sockets (:meth:`SocketRelay.join`).
 
 Semantics are the transport relay's (:mod:`smartroute.server.relay`): a direction whose
 destination cannot take more stops reading its source until the rest is sent (memory per
@@ -25,20 +26,14 @@ import fcntl
 import logging
 import os
 import socket
-from typing import Protocol
+from typing import TYPE_CHECKING
 
-from smartroute.routing.matcher import RouteTable
-from smartroute.routing.model import CompiledRoute, ForwardAction
-from smartroute.server.epoll_set import AVAILABLE, TROUBLE, EpollSet
+from smartroute.server.epoll_set import IN, OUT, TROUBLE
+from smartroute.server.relay_plan import Address
+from smartroute.server.stats import ConnectionRecord
 
-# Re-exported ("X as X"): these lived here before epoll_set.py and relay_plan.py did. The lane
-# reads AVAILABLE and relay_plan by this module's names: tests replace them here.
-from smartroute.server.epoll_set import IN as IN
-from smartroute.server.epoll_set import OUT as OUT
-from smartroute.server.relay_plan import Address as Address
-from smartroute.server.relay_plan import literal_address as literal_address
-from smartroute.server.relay_plan import relay_plan as relay_plan
-from smartroute.server.stats import ConnectionRecord, StatsBook
+if TYPE_CHECKING:
+    from smartroute.server.lane import RelayLane
 
 log = logging.getLogger("smartroute")
 
@@ -50,78 +45,6 @@ READS_PER_EVENT = 16
 # Long streams go socket -> pipe -> socket with splice (Linux), not through the buffer.
 SPLICE = hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
-
-
-class LaneRuntime(Protocol):
-    """What the lane reads of the proxy's runtime, which makes the lane and passes itself."""
-
-    table: RouteTable  # the current route table, swapped whole when the routes change
-    stats: StatsBook  # where a relayed connection is counted as ended
-
-
-class RelayLane(EpollSet):
-    """Per proxy: the epoll set, the shared buffer, and each route's plan for the route table."""
-
-    def __init__(self, runtime: LaneRuntime) -> None:
-        super().__init__()
-        self.runtime = runtime
-        self.buffer = bytearray(CHUNK)
-        self.view = memoryview(self.buffer)
-        self._table: object = None
-        self._plans: dict[tuple[int, int], tuple[Address, ...] | None] = {}
-        self._ports: dict[int, bool] = {}
-
-    def plan(self, route: CompiledRoute, port: int) -> tuple[Address, ...] | None:
-        """:func:`relay_plan`, computed once per route and port of the current table."""
-        self._follow_table()
-        key = (id(route), port)
-        try:
-            return self._plans[key]
-        except KeyError:
-            plan = self._plans[key] = relay_plan(route, port)
-            return plan
-
-    def serves(self, port: int) -> bool:
-        """True when some route on ``port`` can be relayed here (else the lane is no use)."""
-        self._follow_table()
-        try:
-            return self._ports[port]
-        except KeyError:
-            routes = self.runtime.table.ordered(port)
-            serves = AVAILABLE and any(self.plan(r, port) is not None for r in routes)
-            self._ports[port] = serves
-            return serves
-
-    def _follow_table(self) -> None:
-        table = self.runtime.table
-        if table is not self._table:  # routes changed: the table holds the routes we key by
-            self._table, self._plans, self._ports = table, {}, {}
-
-    def open(self) -> None:
-        """Create the epoll set and have the running loop watch it (the proxy starts)."""
-        if AVAILABLE:
-            super().open()
-
-    def start(
-        self,
-        client: socket.socket,
-        record: ConnectionRecord,
-        route: CompiledRoute,
-        addresses: tuple[Address, ...],
-    ) -> None:
-        """Relay ``client`` to the first of ``addresses`` that accepts (round-robin start)."""
-        if len(addresses) > 1:
-            action = route.action
-            assert isinstance(action, ForwardAction)
-            first = action.rotation.next() % len(addresses)
-            addresses = addresses[first:] + addresses[:first]
-        relay = SocketRelay(self, client, record, route.name, addresses)
-        try:
-            relay.connect()
-        except Exception as exc:  # out of resources (epoll, memory) or a bug: this one ends
-            record.fail("error", f"proxy: {exc}")
-            log.error("route %r: cannot relay %s: %s", route.name, record.id, exc)
-            relay.finish()
 
 
 class _Direction:
@@ -388,7 +311,7 @@ class SocketRelay:
             code = backend.connect_ex(sockaddr)
             if code in (0, errno.EINPROGRESS, errno.EAGAIN):
                 self.backend, self.backend_fd = backend, backend.fileno()
-                if code == 0 or _established(backend):  # a local backend accepts at once
+                if code == 0 or established(backend):  # a local backend accepts at once
                     self._connected()
                     return
                 self.lane.watch(self.backend_fd, 0, OUT, self)
@@ -410,11 +333,18 @@ class SocketRelay:
         code = backend.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if code:
             self._retry(os.strerror(code))
-        elif _established(backend):
+        elif established(backend):
             self._connected()
         # else: a stale event, the connect is still under way
 
-    def _connected(self) -> None:
+    def join(self, backend: socket.socket, to_backend: bytes, to_client: bytes) -> None:
+        """Relay between the client and ``backend``, connected already to the only address;
+        ``to_backend`` and ``to_client`` were read from one side before, and go first."""
+        self.next = len(self.addresses)
+        self.backend, self.backend_fd = backend, backend.fileno()
+        self._connected(to_backend, to_client)
+
+    def _connected(self, to_backend: bytes = b"", to_client: bytes = b"") -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -425,6 +355,7 @@ class SocketRelay:
         down = self.down = _Direction(self, backend, inbound=False)
         up.dst, up.dst_fd = backend, self.backend_fd
         down.dst, down.dst_fd = self.client, self.client_fd
+        up.pending, down.pending = to_backend or None, to_client or None
         self.rearm()
 
     def _connect_timeout(self) -> None:
@@ -491,7 +422,7 @@ class SocketRelay:
         self.lane.runtime.stats.finished(self.record)
 
 
-def _established(sock: socket.socket) -> bool:
+def established(sock: socket.socket) -> bool:
     """True when ``sock``'s connect has completed (it has a peer)."""
     try:
         sock.getpeername()

@@ -49,9 +49,10 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[Calls]:
         return head
 
     monkeypatch.setattr(RouteTable, "match", counted_match)
-    # The parser is looked up where it is called: by detection and by the session.
+    # The parser is looked up where it is called: by detection and by the sessions.
     monkeypatch.setattr("smartroute.protocols.detect.parse_request_head", counted_parse)
     monkeypatch.setattr("smartroute.server.http.session.parse_request_head", counted_parse)
+    monkeypatch.setattr("smartroute.server.http.lane_session.parse_request_head", counted_parse)
     yield seen
 
 
@@ -94,13 +95,14 @@ async def test_a_connection_routed_by_a_peeked_hello_off_the_lane_is_matched_onc
     assert len(calls.matches) == 1 and calls.matches[0].domain == "python.example.test"
 
 
+@pytest.mark.parametrize("host", [LOOPBACK, "localhost"], ids=["on-the-lane", "on-a-transport"])
 @async_test()
-async def test_each_http_request_is_parsed_and_matched_once(calls: Calls) -> None:
+async def test_each_http_request_is_parsed_and_matched_once(calls: Calls, host: str) -> None:
     with http_backend("b") as backend:
         port = free_port()
         route = {
-            "match": {"ports": port, "domains": "site.test"},  # the pipeline peeks
-            "action": {"type": "forward", "targets": [{"host": LOOPBACK, "port": backend.port}]},
+            "match": {"ports": port, "domains": "site.test"},  # the accept step peeks
+            "action": {"type": "forward", "targets": [{"host": host, "port": backend.port}]},
         }
         async with SmartRoute([route], bind_address=LOOPBACK):
             reader, writer = await asyncio.open_connection(LOOPBACK, port)

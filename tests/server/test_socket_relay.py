@@ -52,17 +52,13 @@ from smartroute import RouteContext, SmartRoute
 from smartroute.routing.matcher import RouteTable
 from smartroute.routing.model import CompiledRoute
 from smartroute.routing.validation import validate_route
+from smartroute.server import lane as lane_module
 from smartroute.server import port_manager, socket_relay
+from smartroute.server.epoll_set import IN, OUT
+from smartroute.server.lane import RelayLane
 from smartroute.server.port_manager import Listener
-from smartroute.server.socket_relay import (
-    CHUNK,
-    IN,
-    OUT,
-    RelayLane,
-    SocketRelay,
-    literal_address,
-    relay_plan,
-)
+from smartroute.server.relay_plan import Address, literal_address, relay_plan
+from smartroute.server.socket_relay import CHUNK, SocketRelay
 from smartroute.server.stats import ConnectionRecord
 
 FAST = {"connect_timeout": 0.5, "graceful_shutdown_timeout": 1}
@@ -87,7 +83,7 @@ def forward(
     }
 
 
-def plan(route: dict[str, Any], port: int = 8000) -> tuple[socket_relay.Address, ...] | None:
+def plan(route: dict[str, Any], port: int = 8000) -> tuple[Address, ...] | None:
     """The lane's plan for a route validated the public way, on ``port``."""
     return relay_plan(validate_route(route, 0), port)
 
@@ -287,7 +283,7 @@ async def until_held(relays: list[SocketRelay], writer: asyncio.StreamWriter) ->
     ],
 )
 def test_literal_address_of_ip_literals_and_not_of_names(
-    host: str, expected: socket_relay.Address | None
+    host: str, expected: Address | None
 ) -> None:
     assert literal_address(host, 80) == expected
 
@@ -318,7 +314,7 @@ V6 = socket.AF_INET6
     ],
 )
 def test_relay_plan_of_plain_forwards_to_ip_literals(
-    targets: list[dict[str, Any]], expected: tuple[socket_relay.Address, ...]
+    targets: list[dict[str, Any]], expected: tuple[Address, ...]
 ) -> None:
     assert plan(forward(8000, *targets), 8000) == expected
 
@@ -386,11 +382,11 @@ def test_the_lane_plans_once_per_route_and_port_until_the_routes_change(
 ) -> None:
     computed: list[int] = []
 
-    def counting(route: CompiledRoute, port: int) -> tuple[socket_relay.Address, ...] | None:
+    def counting(route: CompiledRoute, port: int) -> tuple[Address, ...] | None:
         computed.append(port)
         return relay_plan(route, port)
 
-    monkeypatch.setattr(socket_relay, "relay_plan", counting)
+    monkeypatch.setattr(lane_module, "relay_plan", counting)
     runtime = SimpleNamespace(table=object())
     lane = RelayLane(cast(Any, runtime))
     route = validate_route(forward(8000, target("preserve")), 0)
@@ -771,7 +767,7 @@ async def test_a_connection_whose_handling_fails_unexpectedly_is_closed_and_logg
 async def test_without_epoll_every_connection_takes_the_transport_path(
     relays: list[SocketRelay], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(socket_relay, "AVAILABLE", False)
+    monkeypatch.setattr(lane_module, "AVAILABLE", False)
     async with backend() as (echo, _):
         port = free_port()
         async with running(forward(port, target(echo))) as proxy:

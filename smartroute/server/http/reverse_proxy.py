@@ -133,9 +133,6 @@ async def forward_request(
         return await session.answer_locally(response, head, left, keep)
 
 
-
-
-
 def _fixed_candidates(action: ForwardAction, port: int) -> list[Candidate] | None:
     """What :func:`resolve_targets` gives when no target is a callable (else None), without
     awaiting it."""

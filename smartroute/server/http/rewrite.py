@@ -85,9 +85,10 @@ def upgraded_head(response: ResponseHead, tokens: set[str], upgrade: str) -> byt
 
 @dataclass(frozen=True, slots=True)
 class ResponsePlan:
-    """How a backend's final response goes to the client: its ``head``, whether the body is
-    re-chunked (``rechunk``), and which connection may carry another exchange."""
+    """How a backend's final response goes to the client: its ``status`` and ``head``, whether
+    the body is re-chunked (``rechunk``), and which connection may carry another exchange."""
 
+    status: int
     head: bytes
     rechunk: bool
     client_keep: bool
@@ -120,4 +121,4 @@ def plan_response(
         lines += f"Transfer-Encoding: {chunked_after(out.codings)}\r\n"
     connection = "keep-alive" if client_keep else "close"
     head = f"{status_line(response.status)}{lines}Connection: {connection}\r\n\r\n"
-    return ResponsePlan(head.encode("latin-1"), rechunk, client_keep, backend_keep)
+    return ResponsePlan(response.status, head.encode("latin-1"), rechunk, client_keep, backend_keep)

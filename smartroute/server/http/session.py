@@ -238,13 +238,19 @@ class HttpSession:
             return False
         tokens = connection_tokens(head.headers)
         # A stopping proxy tells each kept-alive client to go with its next response.
-        keep_alive = _keeps_alive(head.version, tokens) and self.runtime.accepting
+        keep_alive = keeps_alive(head.version, tokens) and self.runtime.accepting
         if first is None:
             facts = request_facts(self.port, self.client_address, head, self.tls)
             verdict = decide_request(self.runtime, self.record, facts, head)
+        elif first.decided:
+            facts, verdict = first.facts, first.verdict
         else:
             facts = first.facts
-            verdict = decide_request(self.runtime, self.record, facts, head, first.found)
+            verdict = (
+                None
+                if first.found is None
+                else decide_request(self.runtime, self.record, facts, head, first.found)
+            )
         found = verdict.found if isinstance(verdict, Refusal) else verdict
         route_name = found.route.name if found else None
         status: int | str
@@ -293,19 +299,7 @@ class HttpSession:
             await connection.forward_raw(action, found.route, ctx, initial, client.eof, transport)
 
     def _log(self, head: RequestHead, route: str | None, status: int | str, started: float) -> None:
-        if access_log.isEnabledFor(logging.INFO):
-            access_log.info(
-                "%s %s:%d %s %s%s route=%s status=%s time=%.3fs",
-                self.record.id,
-                self.record.client_ip,
-                self.record.client_port,
-                head.method,
-                head.host or "-",
-                head.target if head.target.startswith("/") else f" {head.target}",
-                route or "-",
-                status,
-                time.monotonic() - started,
-            )
+        log_request(self.record, head, route, status, started)
 
     # -- answers the proxy makes itself ----------------------------------------------------
 
@@ -357,12 +351,36 @@ class HttpSession:
                 await client.drain()
 
 
+def log_request(
+    record: ConnectionRecord,
+    head: RequestHead,
+    route: str | None,
+    status: int | str,
+    started: float,
+) -> None:
+    """One line of the access log (``smartroute.access``, INFO) for a request answered."""
+    if access_log.isEnabledFor(logging.INFO):
+        access_log.info(
+            "%s %s:%d %s %s%s route=%s status=%s time=%.3fs",
+            record.id,
+            record.client_ip,
+            record.client_port,
+            head.method,
+            head.host or "-",
+            head.target if head.target.startswith("/") else f" {head.target}",
+            route or "-",
+            status,
+            time.monotonic() - started,
+        )
+
+
 def wants_keep_alive(head: RequestHead) -> bool:
     """HTTP/1.1 keeps the connection unless told to close; HTTP/1.0 only when asked."""
-    return _keeps_alive(head.version, connection_tokens(head.headers))
+    return keeps_alive(head.version, connection_tokens(head.headers))
 
 
-def _keeps_alive(version: str, tokens: set[str]) -> bool:
+def keeps_alive(version: str, tokens: set[str]) -> bool:
+    """Whether a client speaking ``version`` with ``Connection`` options ``tokens`` stays."""
     if version == "HTTP/1.0":
         return "keep-alive" in tokens
     return "close" not in tokens

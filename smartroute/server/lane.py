@@ -1,0 +1,112 @@
+"""The fast lane: connections on bare sockets, watched by one epoll set, without transports.
+
+:class:`RelayLane` belongs to one proxy. It knows, per route and port of the current route
+table, whether the lane can carry a connection: as a byte pipe to fixed addresses
+(:func:`~smartroute.server.relay_plan.relay_plan`, carried out by
+:class:`~smartroute.server.socket_relay.SocketRelay`) or as plain HTTP/1.1 requests to fixed
+addresses (:func:`~smartroute.server.relay_plan.http_plan`, served by
+:class:`~smartroute.server.http.lane_session.LaneSession`). It holds the buffer those share, so
+moving a chunk allocates nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import Protocol
+
+from smartroute.routing.matcher import RouteTable
+from smartroute.routing.model import CompiledRoute, ForwardAction
+from smartroute.server.epoll_set import AVAILABLE, EpollSet
+from smartroute.server.relay_plan import Address, http_plan, relay_plan
+from smartroute.server.socket_relay import CHUNK, SocketRelay
+from smartroute.server.stats import ConnectionRecord, StatsBook
+
+log = logging.getLogger("smartroute")
+
+
+class LaneRuntime(Protocol):
+    """What the lane reads of the proxy's runtime, which makes the lane and passes itself."""
+
+    table: RouteTable  # the current route table, swapped whole when the routes change
+    stats: StatsBook  # where a relayed connection is counted as ended
+
+
+class RelayLane(EpollSet):
+    """Per proxy: the epoll set, the shared buffer, and each route's plan for the route table."""
+
+    def __init__(self, runtime: LaneRuntime) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.buffer = bytearray(CHUNK)
+        self.view = memoryview(self.buffer)
+        self._table: object = None
+        self._plans: dict[tuple[int, int], tuple[Address, ...] | None] = {}
+        self._http_plans: dict[tuple[int, int], tuple[Address, ...] | None] = {}
+        self._ports: dict[int, bool] = {}
+
+    def plan(self, route: CompiledRoute, port: int) -> tuple[Address, ...] | None:
+        """:func:`relay_plan`, computed once per route and port of the current table."""
+        self._follow_table()
+        key = (id(route), port)
+        try:
+            return self._plans[key]
+        except KeyError:
+            plan = self._plans[key] = relay_plan(route, port)
+            return plan
+
+    def http_plan(self, route: CompiledRoute, port: int) -> tuple[Address, ...] | None:
+        """:func:`http_plan`, computed once per route and port of the current table."""
+        self._follow_table()
+        key = (id(route), port)
+        try:
+            return self._http_plans[key]
+        except KeyError:
+            plan = self._http_plans[key] = http_plan(route, port)
+            return plan
+
+    def serves(self, port: int) -> bool:
+        """True when some route on ``port`` can be relayed or served as HTTP here (else the
+        lane is no use)."""
+        self._follow_table()
+        try:
+            return self._ports[port]
+        except KeyError:
+            routes = self.runtime.table.ordered(port)
+            serves = AVAILABLE and any(
+                self.plan(r, port) is not None or self.http_plan(r, port) is not None
+                for r in routes
+            )
+            self._ports[port] = serves
+            return serves
+
+    def _follow_table(self) -> None:
+        table = self.runtime.table
+        if table is not self._table:  # routes changed: the table holds the routes we key by
+            self._table, self._plans, self._http_plans, self._ports = table, {}, {}, {}
+
+    def open(self) -> None:
+        """Create the epoll set and have the running loop watch it (the proxy starts)."""
+        if AVAILABLE:
+            super().open()
+
+    def start(
+        self,
+        client: socket.socket,
+        record: ConnectionRecord,
+        route: CompiledRoute,
+        addresses: tuple[Address, ...],
+    ) -> None:
+        """Relay ``client`` to the first of ``addresses`` that accepts (round-robin start)."""
+        if len(addresses) > 1:
+            action = route.action
+            assert isinstance(action, ForwardAction)
+            first = action.rotation.next() % len(addresses)
+            addresses = addresses[first:] + addresses[:first]
+        relay = SocketRelay(self, client, record, route.name, addresses)
+        try:
+            relay.connect()
+        except Exception as exc:  # out of resources (epoll, memory) or a bug: this one ends
+            record.fail("error", f"proxy: {exc}")
+            log.error("route %r: cannot relay %s: %s", route.name, record.id, exc)
+            relay.finish()
