@@ -119,6 +119,7 @@ class LaneSession:
         "waiting",
         "deadline",
         "timer",
+        "loop",
     )
 
     def __init__(
@@ -169,6 +170,7 @@ class LaneSession:
         self.waiting = ""  # what the deadline is for ("": nothing)
         self.deadline = 0.0
         self.timer: asyncio.TimerHandle | None = None
+        self.loop = asyncio.get_running_loop()
         record.closer = self.abort
 
     def start(self) -> None:
@@ -347,13 +349,12 @@ class LaneSession:
             self.first = None
             facts, found = first.facts, first.found
         else:
-            idle_wait, header_wait = self._waits()
             if not inbox:
                 if self.eof or (self.head is not None and not runtime.accepting):
                     self.finish()  # the client left, or the proxy stops: no next request
                     return False
                 if self.waiting != "idle":
-                    self._wait("idle", idle_wait)
+                    self._wait("idle", self._waits()[0])
                     runtime.between_requests.add(self)
                 return False
             runtime.between_requests.discard(self)
@@ -366,7 +367,7 @@ class LaneSession:
                 if self.eof:
                     self.finish()
                 elif self.waiting != "header":
-                    self._wait("header", header_wait)
+                    self._wait("header", self._waits()[1])
                 return False
             head = parsed
             facts = request_facts(self.record.port, self.facts.client_ip, head, None)
@@ -784,7 +785,7 @@ class LaneSession:
         wait ends early or a later deadline replaces an earlier one: it fires, finds the
         deadline moved or the wait over, and sets itself again or ends. A kept-alive
         connection therefore costs no timer operation per request."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         self.waiting = what
         self.deadline = deadline = loop.time() + seconds
         timer = self.timer
@@ -798,7 +799,7 @@ class LaneSession:
         what = self.waiting
         if self.done or not what:
             return
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         if loop.time() < self.deadline:
             self.timer = loop.call_at(self.deadline, self._on_timer)
             return
