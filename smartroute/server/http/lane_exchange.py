@@ -1,0 +1,518 @@
+"""The backend half of HTTP on the fast lane: one request's exchange with a backend.
+
+:class:`LaneExchange` holds the state of a lane session
+(:class:`~smartroute.server.http.lane_session.LaneSession`, which adds the client's half) and
+carries a routed request out: it reuses the session's kept connection, takes one from the
+:class:`~smartroute.server.http.lane_pool.LanePool` or connects a new one (trying the route's
+addresses in turn), sends the head rewritten by :mod:`smartroute.server.http.rewrite` and the
+body (by Content-Length, or decoded and re-chunked), reads the response head (passing interim
+answers on), and sends the response on, re-framed as the transport path would. A kept
+connection the backend had closed meanwhile is replaced once, for requests without a body; an
+upgrade (``101``) turns the connection into a byte relay
+(:class:`~smartroute.server.socket_relay.SocketRelay`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from typing import TYPE_CHECKING
+
+from smartroute.errors import HttpParseError
+from smartroute.protocols.chunked import LAST_CHUNK, ChunkedDecoder, encode_chunk
+from smartroute.protocols.http import RequestHead
+from smartroute.protocols.http_response import (
+    BodyFraming,
+    parse_response_head,
+    response_framing,
+)
+from smartroute.routing.matcher import RouteMatch
+from smartroute.server.decision import FirstRequest
+from smartroute.server.http.headers import connection_tokens
+from smartroute.server.http.lane_pool import LaneBackend, connect
+from smartroute.server.http.messages import Response
+from smartroute.server.http.rewrite import (
+    ResponsePlan,
+    backend_request_head,
+    interim_head,
+    plan_response,
+    upgraded_head,
+)
+from smartroute.server.http.session import log_request
+from smartroute.server.relay_plan import Address
+from smartroute.server.socket_relay import SocketRelay, established
+from smartroute.server.stats import ConnectionRecord
+
+if TYPE_CHECKING:
+    from smartroute.routing.matcher import ConnectionFacts
+    from smartroute.server.runtime import Runtime
+
+log = logging.getLogger("smartroute")
+
+HELD = 256 * 1024  # the most read ahead of need: pipelined requests, a backend's early bytes
+_RETRY = (BlockingIOError, InterruptedError)
+_LOST = "the connection closed before the end of the body"
+
+# Phases of a session: what it waits for.
+HEAD = 0  # a request head (or the client's first bytes, or the end of the last response)
+CONNECT = 1  # a backend connection under way
+SEND = 2  # the request's body, going to the backend
+WAIT = 3  # the backend's response head
+RELAY = 4  # the response's body, going to the client
+DISCARD = 5  # a request body to drop before an answer of the proxy's own
+
+
+class LaneExchange:
+    """A lane session's state, and its exchanges with backends (see the module's docstring).
+
+    The client's half - reading requests, answers of the proxy's own, time limits, ending -
+    is :class:`~smartroute.server.http.lane_session.LaneSession`'s; the methods it provides
+    are declared at the end of this class."""
+
+    __slots__ = (
+        "runtime",
+        "lane",
+        "sock",
+        "fd",
+        "mask",
+        "record",
+        "inbox",
+        "eof",
+        "out",
+        "first",
+        "phase",
+        "closing",
+        "done",
+        "head",
+        "facts",
+        "found",
+        "framing",
+        "tokens",
+        "keep_alive",
+        "upgrade",
+        "started",
+        "backend",
+        "to_backend",
+        "reused",
+        "addresses",
+        "next_address",
+        "failures",
+        "prefix",
+        "left",
+        "decoder",
+        "plan",
+        "out_framing",
+        "answer",
+        "waiting",
+        "deadline",
+        "timer",
+        "loop",
+    )
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        sock: socket.socket,
+        record: ConnectionRecord,
+        facts: ConnectionFacts,
+        first: FirstRequest | None,
+    ) -> None:
+        self.runtime = runtime
+        self.lane = runtime.lane
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.mask = 0  # what the lane's epoll set watches on the client's socket
+        self.record = record
+        self.inbox = bytearray()  # read from the client, not yet used
+        self.eof = False  # the client ended its side
+        self.out: bytes | None = None  # for the client, not taken by its socket yet
+        # The connection's first request, parsed and matched by the accept step: its bytes
+        # are still in the socket (peeked at), and the session reads them as any others.
+        self.first = first
+        self.phase = HEAD
+        self.closing = False  # close once ``out`` is delivered
+        self.done = False  # closed, or given to a transport or a relay
+        # The exchange in progress.
+        self.head: RequestHead | None = None
+        self.facts = facts
+        self.found: RouteMatch | None = None
+        self.framing = BodyFraming("none")
+        self.tokens: set[str] = set()
+        self.keep_alive = False
+        self.upgrade: str | None = None
+        self.started = 0.0
+        self.backend: LaneBackend | None = None  # kept between requests while it is clean
+        self.to_backend: bytes | None = None  # for the backend, not taken by its socket yet
+        self.reused = False
+        self.addresses: tuple[Address, ...] = ()
+        self.next_address = 0
+        self.failures: list[str] = []
+        self.prefix = b""  # a head to send before the body bytes that follow it
+        self.left = 0  # body bytes still to come (Content-Length framing)
+        self.decoder: ChunkedDecoder | None = None
+        self.plan: ResponsePlan | None = None
+        self.out_framing = self.framing
+        self.answer: tuple[Response, bool] | None = None  # sent once DISCARD has dropped the body
+        # One timer per session, moved lazily: see _wait.
+        self.waiting = ""  # what the deadline is for ("": nothing)
+        self.deadline = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.loop = asyncio.get_running_loop()
+        record.closer = self.abort
+
+    def _read_backend(self, backend: LaneBackend) -> None:
+        lane = self.lane
+        try:
+            count = backend.sock.recv_into(lane.buffer)
+        except _RETRY:
+            return
+        except OSError as exc:
+            backend.eof, backend.error = True, exc
+            return
+        if not count:
+            backend.eof = True
+            return
+        backend.inbox += lane.view[:count]
+
+    def _send_backend(self, backend: LaneBackend, data: bytes) -> None:
+        if self.to_backend is not None:
+            self.to_backend += data
+            return
+        try:
+            sent = backend.sock.send(data)
+        except _RETRY:
+            sent = 0
+        except OSError as exc:
+            backend.eof, backend.error = True, exc
+            return
+        if sent < len(data):
+            self.to_backend = data[sent:]
+
+    def _flush_backend(self, backend: LaneBackend) -> None:
+        pending = self.to_backend
+        assert pending is not None
+        try:
+            sent = backend.sock.send(pending)
+        except _RETRY:
+            return
+        except OSError as exc:
+            backend.eof, backend.error = True, exc
+            self.to_backend = None
+            return
+        self.to_backend = pending[sent:] if sent < len(pending) else None
+
+    # -- the backend connection --------------------------------------------------------------
+
+    def _open_backend(self, *, reuse: bool) -> bool:
+        """Use the kept, a pooled or a new connection to the next address that takes one."""
+        pooled = reuse and self.upgrade is None
+        record = self.record
+        while self.next_address < len(self.addresses):
+            address = self.addresses[self.next_address]
+            self.next_address += 1
+            record.target = address[2]
+            backend = self.backend
+            if backend is not None:
+                if pooled and backend.target == address[1] and backend.clean:
+                    self.reused = True
+                    return self._begin()
+                self._let_go_backend()
+            if pooled:
+                backend = self.runtime.lane_pool.take(address[1])
+                if backend is not None:
+                    self.lane.watch(backend.fd, backend.mask, backend.mask, self)  # ours now
+                    self.backend, self.reused = backend, True
+                    return self._begin()
+            try:
+                backend, ready = connect(address)
+            except OSError as exc:
+                self.failures.append(f"{address[2]} {exc.strerror or exc}")
+                continue
+            self.backend, self.reused = backend, False
+            if ready:
+                return self._begin()
+            self.phase = CONNECT
+            self._wait("connect", record.timeouts.connect)
+            return False
+        self.phase = HEAD  # no exchange: the answer is the proxy's own
+        return self._fail(502, "backend unreachable: " + "; ".join(self.failures), unread=True)
+
+    def _connect_reported(self, backend: LaneBackend) -> None:
+        code = backend.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            self._connect_failed(backend, os.strerror(code))
+        elif established(backend.sock):
+            self.waiting = ""
+            self._begin()
+        # else: a stale event, the connect is still under way
+
+    def _connect_failed(self, backend: LaneBackend, why: str) -> None:
+        self.failures.append(f"{backend.address[2]} {why}")
+        self._close_backend()
+        self._open_backend(reuse=False)
+
+    def _begin(self) -> bool:
+        """The backend connection is ready: send the request's head (and body) to it."""
+        head, backend = self.head, self.backend
+        assert head is not None and backend is not None
+        self.prefix = backend_request_head(
+            head,
+            self.framing,
+            self.tokens,
+            client_ip=self.record.client_ip,
+            tls=False,
+            domain=self.facts.domain,
+            target=backend.target,
+            upgrade=self.upgrade,
+        )
+        framing = self.framing
+        self.left = framing.length
+        self.decoder = ChunkedDecoder() if framing.kind == "chunked" else None
+        self.phase = SEND
+        return True
+
+    def _let_go_backend(self) -> None:
+        """The kept connection is not for this request: to the pool (if clean) it goes."""
+        backend = self.backend
+        assert backend is not None
+        self.backend = None
+        self.to_backend = None
+        self.runtime.lane_pool.release(backend)
+
+    def _close_backend(self) -> None:
+        backend = self.backend
+        if backend is not None:
+            self.backend = None
+            self.to_backend = None
+            backend.close(self.lane)
+
+    # -- the request -------------------------------------------------------------------------
+
+    def _send_body(self) -> bool:
+        if self.to_backend is not None:
+            return False
+        backend = self.backend
+        assert backend is not None
+        if backend.eof:
+            return self._backend_gone(backend)
+        inbox, prefix, kind = self.inbox, self.prefix, self.framing.kind
+        self.prefix = b""
+        if kind == "none":
+            data, done = prefix, True
+        elif kind == "length":
+            count = min(self.left, len(inbox))
+            data = prefix + inbox[:count]
+            del inbox[:count]
+            self.left -= count
+            done = self.left == 0
+        else:
+            decoder = self.decoder
+            assert decoder is not None
+            try:
+                pieces, used = decoder.feed(inbox)
+            except HttpParseError as exc:
+                # A malformed body: the backend never sees the request complete, and the
+                # client is told why before its connection ends.
+                self._close_backend()
+                return self._fail(exc.status, str(exc), broken=True)
+            parts = [prefix] if prefix else []
+            parts += [encode_chunk(piece) for piece in pieces if piece]
+            done = decoder.done
+            if done:
+                parts.append(LAST_CHUNK)
+            del inbox[:used]
+            data = b"".join(parts)
+        if data:
+            self._send_backend(backend, data)
+        if done:
+            self.phase = WAIT
+            self._wait("backend", self.record.timeouts.backend)
+            return True
+        if self.eof and not inbox:
+            self.record.fail("error", f"http: {_LOST}")
+            self.finish()
+        return False
+
+    # -- the response ------------------------------------------------------------------------
+
+    def _await_response(self) -> bool:
+        backend, head = self.backend, self.head
+        assert backend is not None and head is not None
+        inbox = backend.inbox
+        try:
+            response = parse_response_head(inbox) if inbox else None
+        except HttpParseError as exc:
+            return self._fail(502, f"the backend sent an invalid response: {exc}")
+        if response is None:
+            if backend.eof:
+                return self._backend_gone(backend)
+            return False
+        del inbox[: response.length]
+        status = response.status
+        if status < 200 and status != 101:
+            interim = interim_head(head, response)
+            if interim is not None:
+                self._send_client(interim)
+            self._wait("backend", self.record.timeouts.backend)
+            return True
+        self.waiting = ""
+        tokens = connection_tokens(response.headers)
+        if status == 101:
+            if self.upgrade is None:
+                return self._fail(502, "the backend switched protocols unasked (101)")
+            self._switch(backend, upgraded_head(response, tokens, self.upgrade))
+            return False
+        try:
+            out = response_framing(head.method, response)
+        except HttpParseError as exc:
+            return self._fail(502, f"the backend sent an invalid response: {exc}")
+        if out.codings and head.version == "HTTP/1.0":
+            return self._fail(
+                502,
+                f"the response's transfer coding {out.codings!r} cannot reach an HTTP/1.0 client",
+            )
+        keep_alive = self.keep_alive and self.runtime.accepting  # a stopping proxy: "go"
+        plan = self.plan = plan_response(head, response, tokens, out, keep_alive)
+        self.out_framing, self.left, self.prefix = out, out.length, plan.head
+        self.decoder = ChunkedDecoder(error_status=502) if out.kind == "chunked" else None
+        self.phase = RELAY
+        return True
+
+    def _backend_gone(self, backend: LaneBackend) -> bool:
+        """The backend closed or lost the connection before its response head."""
+        if self.reused and self.framing.kind == "none" and not backend.inbox:
+            # A kept connection the backend had closed meanwhile: once more, on a new one.
+            self._close_backend()
+            self.next_address -= 1
+            return self._open_backend(reuse=False)
+        why = "closed the connection without answering"
+        if backend.error is not None:
+            why = f"connection failed: {backend.error.strerror or backend.error}"
+        return self._fail(502, f"the backend {why}", broken=self.phase == SEND)
+
+    def _relay_body(self) -> bool:
+        if self.out is not None:
+            return False
+        backend, plan = self.backend, self.plan
+        assert backend is not None and plan is not None
+        inbox, prefix, kind = backend.inbox, self.prefix, self.out_framing.kind
+        self.prefix = b""
+        if kind == "none":
+            data, done = prefix, True
+        elif kind == "length":
+            count = min(self.left, len(inbox))
+            data = prefix + inbox[:count]
+            del inbox[:count]
+            self.left -= count
+            done = self.left == 0
+        elif kind == "chunked":
+            decoder = self.decoder
+            assert decoder is not None
+            try:
+                pieces, used = decoder.feed(inbox)
+            except HttpParseError as exc:
+                if prefix:  # nothing of the response is out yet: the client can be told
+                    return self._fail(502, f"the backend sent an invalid body: {exc}")
+                self.record.fail("error", f"http: {exc}")
+                self.finish()
+                return False
+            rechunk = plan.rechunk
+            parts = [prefix] if prefix else []
+            parts += [encode_chunk(piece) if rechunk else bytes(piece) for piece in pieces if piece]
+            done = decoder.done
+            if done and rechunk:
+                parts.append(LAST_CHUNK)
+            del inbox[:used]
+            data = b"".join(parts)
+        else:  # until the backend closes
+            data = bytes(inbox)
+            inbox.clear()
+            if data and plan.rechunk:
+                data = encode_chunk(data)
+            data = prefix + data
+            done = backend.eof
+            if done and backend.error is None and plan.rechunk:
+                data += LAST_CHUNK
+        if data:
+            self._send_client(data)
+        if self.done:
+            return False
+        if done and not (kind == "close" and backend.error is not None):
+            return self._exchange_done()
+        if backend.eof:
+            # Only an orderly close ends a body read until close: a lost connection may have
+            # cut it, as may any end before the promised length or the last chunk.
+            error = backend.error
+            cut = (
+                _LOST
+                if error is None
+                else f"the connection was lost before the end of the body: {error}"
+            )
+            self.record.fail("error", f"http: {cut}")
+            self.closing = True
+            if self.out is None:
+                self.finish()
+        return False
+
+    def _exchange_done(self) -> bool:
+        plan, head = self.plan, self.head
+        assert plan is not None and head is not None
+        found = self.found
+        log_request(
+            self.record, head, found.route.name if found else None, plan.status, self.started
+        )
+        backend = self.backend
+        if backend is not None and not (plan.backend_keep and backend.clean):
+            self._close_backend()
+        self.plan = None
+        self.phase = HEAD
+        if not plan.client_keep:
+            self.closing = True
+            if self.out is None:
+                self.finish()
+            return False
+        return True
+
+    def _switch(self, backend: LaneBackend, head: bytes) -> None:
+        """The backend switched protocols: from here on, a byte relay between the two."""
+        record = self.record
+        record.outcome = "upgraded"
+        found = self.found
+        assert found is not None and self.head is not None
+        log_request(record, self.head, found.route.name, 101, self.started)
+        to_client = (self.out or b"") + head + bytes(backend.inbox)
+        to_backend = (self.to_backend or b"") + bytes(self.inbox)
+        self._give_up()
+        if backend.mask:
+            self.lane.forget(backend.fd)
+            backend.mask = 0
+        self.backend = None
+        relay = SocketRelay(self.lane, self.sock, record, found.route.name, (backend.address,))
+        relay.join(backend.sock, to_backend, to_client)
+
+    # -- provided by the client's half (LaneSession) -----------------------------------------
+
+    def _send_client(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _fail(
+        self, status: int, message: str, *, unread: bool = False, broken: bool = False
+    ) -> bool:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        raise NotImplementedError
+
+    def _give_up(self) -> None:
+        raise NotImplementedError
+
+    def _wait(self, what: str, seconds: float) -> None:
+        raise NotImplementedError
+
+    def event(self, fd: int, events: int) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
