@@ -32,6 +32,7 @@ WORKLOADS = (
     Workload("sni", "SNI-routed TLS passthrough, new connections", "conn/s", "connection"),
     Workload("tls", "TLS termination handshakes (ECDSA P-256)", "handshakes/s", "connection"),
     Workload("http", "HTTP reverse proxy, kept-alive (wrk -c50)", "requests/s", "request"),
+    Workload("https", "HTTPS terminated, kept-alive (wrk -c50)", "requests/s", "request"),
 )
 MEMORY = Workload(
     "memory",
@@ -174,7 +175,9 @@ def goal_lines(results: Results, counts: Sequence[int]) -> list[str]:
         ("bulk", "direct", 0.6, "bulk throughput >= 0.6x direct"),
         ("relay", "haproxy", 0.9, "kept-alive relay requests/s >= 0.9x HAProxy"),
         ("newconn", "haproxy", 0.6, "new connections/s >= 0.6x HAProxy"),
-        ("tls", "haproxy", 0.8, "TLS handshakes/s >= 0.8x HAProxy"),
+        ("tls", "haproxy", 0.85, "TLS handshakes/s >= 0.85x HAProxy"),
+        ("http", "haproxy", 0.5, "HTTP reverse proxy, kept-alive, requests/s >= 0.5x HAProxy"),
+        ("https", "haproxy", 0.5, "terminated HTTPS, kept-alive, requests/s >= 0.5x HAProxy"),
     ):
         value = ratio(results, key, base)
         shown = f"{value:.2f}x" if value is not None else "—"

@@ -196,7 +196,7 @@ class Bench:
         return None if system == "direct" else self.procs.running[system].pid
 
     def port(self, key: str, system: str) -> int:
-        service = "relay" if key == "newconn" else key
+        service = {"newconn": "relay", "https": "tls"}.get(key, key)
         if system == "direct":
             return self.layout.direct()[service]
         return (self.layout.haproxy if system == "haproxy" else self.layout.smartroute)[service]
@@ -214,9 +214,12 @@ class Bench:
         port, pid = self.port(key, system), self.pid(system)
         if key == "bulk":
             return iperf3(self.procs, self.layout.iperf, port, duration, pid)
-        if key in ("sni", "tls"):
+        if key in ("sni", "tls", "https"):
             url = f"https://{SNI_NAME}:{port}/ok"
-            return wrk(self.procs, url, duration, close=True, pid=pid, connections=self.connections)
+            close = key != "https"  # https: kept-alive requests; the others: handshakes
+            return wrk(
+                self.procs, url, duration, close=close, pid=pid, connections=self.connections
+            )
         path = f"/{STATIC_FILE}" if key == "http" else "/ok"
         url = f"http://127.0.0.1:{port}{path}"
         close = key == "newconn"

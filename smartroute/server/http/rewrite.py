@@ -83,7 +83,7 @@ def upgraded_head(response: ResponseHead, tokens: set[str], upgrade: str) -> byt
     return f"{status_line(101)}{lines}\r\n".encode("latin-1")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per response, and a frozen __init__ costs more
 class ResponsePlan:
     """How a backend's final response goes to the client: its ``status`` and ``head``, whether
     the body is re-chunked (``rechunk``), and which connection may carry another exchange."""
