@@ -37,6 +37,7 @@ from smartroute.server.decision import (
 )
 from smartroute.server.epoll_set import IN
 from smartroute.server.http.lane_session import LaneSession
+from smartroute.server.http.lane_tls import LaneTls, lane_context
 from smartroute.server.pipeline import MAX_PEEK, InboundConnection
 from smartroute.server.stats import ConnectionRecord
 
@@ -89,6 +90,19 @@ def route_socket(
         first = None if head is None else FirstRequest(head, facts, found)
         LaneSession(runtime, sock, record, facts, first).start()
         return
+    hello = None if detection is None else detection.hello
+    if (
+        hello is not None
+        and found is verdict
+        and found is not None
+        and found.route.terminates_tls
+        and lane.terminates(facts.port)
+        and lane.http_plan(found.route, facts.port) is not None
+    ):
+        context = lane_context(runtime, found.route, hello)
+        if context is not None:  # else the transport path says what is wrong
+            LaneSession(runtime, sock, record, facts, None, LaneTls(context, hello)).start()
+            return
     addresses = None if head is not None or found is None else lane.plan(found.route, facts.port)
     if addresses is None:
         adopt(runtime, sock, record, waited, Peeked(detection, peeked, True, verdict, facts))

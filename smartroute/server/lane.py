@@ -44,6 +44,7 @@ class RelayLane(EpollSet):
         self._plans: dict[tuple[int, int], tuple[Address, ...] | None] = {}
         self._http_plans: dict[tuple[int, int], tuple[Address, ...] | None] = {}
         self._ports: dict[int, bool] = {}
+        self._tls_ports: dict[int, bool] = {}
 
     def plan(self, route: CompiledRoute, port: int) -> tuple[Address, ...] | None:
         """:func:`relay_plan`, computed once per route and port of the current table."""
@@ -65,6 +66,20 @@ class RelayLane(EpollSet):
             plan = self._http_plans[key] = http_plan(route, port)
             return plan
 
+    def terminates(self, port: int) -> bool:
+        """True when the lane can terminate TLS on ``port``: every route on it forwards HTTP
+        to fixed addresses, so whatever a request on a terminated connection matches, the
+        lane serves it or answers it itself (404, a refusal) - it cannot hand a TLS session
+        to a transport."""
+        self._follow_table()
+        try:
+            return self._tls_ports[port]
+        except KeyError:
+            routes = self.runtime.table.ordered(port)
+            serves = AVAILABLE and all(self.http_plan(r, port) is not None for r in routes)
+            self._tls_ports[port] = serves
+            return serves
+
     def serves(self, port: int) -> bool:
         """True when some route on ``port`` can be relayed or served as HTTP here (else the
         lane is no use)."""
@@ -83,7 +98,8 @@ class RelayLane(EpollSet):
     def _follow_table(self) -> None:
         table = self.runtime.table
         if table is not self._table:  # routes changed: the table holds the routes we key by
-            self._table, self._plans, self._http_plans, self._ports = table, {}, {}, {}
+            self._table, self._plans, self._http_plans = table, {}, {}
+            self._ports, self._tls_ports = {}, {}
 
     def open(self) -> None:
         """Create the epoll set and have the running loop watch it (the proxy starts)."""

@@ -255,7 +255,7 @@ def build_server_context(
         _load_chain(context, pair.cert_pem.rstrip("\n") + "\n" + pair.key_pem)
     except (ssl.SSLError, OSError, ValueError) as exc:
         what = label or _label(pair, None)
-        raise CertificateLoadError(f"{what}: cannot load into TLS ({_reason(exc)})") from None
+        raise CertificateLoadError(f"{what}: cannot load into TLS ({tls_reason(exc)})") from None
     return context
 
 
@@ -301,7 +301,7 @@ def _load_from_memory(context: ssl.SSLContext, text: str) -> bool:
     return True
 
 
-def _reason(exc: BaseException) -> str:
+def tls_reason(exc: BaseException) -> str:
     """A short reason that cannot carry key material (OpenSSL's reason code, or the type)."""
     if isinstance(exc, ssl.SSLError) and exc.reason:
         return str(exc.reason).lower().replace("_", " ")
@@ -332,7 +332,7 @@ def _backend_context(verify: bool, ca_pem: str | None, alpn: tuple[str, ...]) ->
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=ca_pem)
     except (ssl.SSLError, ValueError) as exc:
         raise CertificateLoadError(
-            f"backend_ca: not a PEM CA certificate ({_reason(exc)})"
+            f"backend_ca: not a PEM CA certificate ({tls_reason(exc)})"
         ) from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if not verify:
@@ -389,7 +389,7 @@ async def accept_tls(
         raise
     except Exception as exc:
         transport.abort()  # usually closed by the TLS layer already; abort is idempotent
-        raise TlsHandshakeError(_handshake_reason(exc, handshake_timeout)) from None
+        raise TlsHandshakeError(handshake_reason(exc, handshake_timeout)) from None
     if secure is None or secure.get_extra_info("ssl_object") is None:
         # connection_lost(None) during the handshake wakes start_tls without an error (and
         # asyncio's then returns None).
@@ -480,9 +480,12 @@ def _deliver(protocol: asyncio.BaseProtocol, data: bytes) -> None:
         view = view[size:]
 
 
-def _handshake_reason(exc: BaseException, timeout: float) -> str:
+def handshake_reason(exc: BaseException, timeout: float) -> str:
+    """Why a TLS handshake failed, for the connection's record (no key material)."""
+    if isinstance(exc, ssl.SSLEOFError):
+        return "connection closed during the TLS handshake"
     if isinstance(exc, ssl.SSLError):
-        return f"TLS handshake failed: {_reason(exc)}"
+        return f"TLS handshake failed: {tls_reason(exc)}"
     if isinstance(exc, ConnectionAbortedError):  # SSLProtocol's handshake timer
         return f"TLS handshake timed out after {timeout:g}s"
     if isinstance(exc, OSError):

@@ -299,11 +299,11 @@ async def test_tls_1_1_is_refused_while_tls_1_2_and_1_3_work(ca: TestCA, tmp_pat
                 "v.example.test",
             ]
             # SECLEVEL=0: some OpenSSL builds refuse to offer TLS 1.1 at all, and the refusal
-            # must be the proxy's (the client did send its ClientHello).
+            # must be the proxy's (the client did send its ClientHello): a protocol_version
+            # alert, as the TLS layer on the fast lane sends before it closes.
             code, text = await s_client(port, "-tls1_1", "-cipher", "DEFAULT:@SECLEVEL=0", *common)
-            assert re.search(r"SSL handshake has read 0 bytes and written [1-9]\d* bytes", text), (
-                text
-            )
+            assert re.search(r"SSL handshake has read \d+ bytes and written [1-9]\d* bytes", text)
+            assert "alert protocol version" in text, text
             # s_client prints "Verify return code: 0" even without a certificate: look at the cipher.
             assert (
                 code != 0 and "Cipher is (NONE)" in text and "no peer certificate available" in text

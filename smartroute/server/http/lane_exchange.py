@@ -29,9 +29,10 @@ from smartroute.protocols.http_response import (
     response_framing,
 )
 from smartroute.routing.matcher import RouteMatch
-from smartroute.server.decision import FirstRequest
+from smartroute.server.decision import FirstRequest, TlsInfo
 from smartroute.server.http.headers import connection_tokens
 from smartroute.server.http.lane_pool import LaneBackend, connect
+from smartroute.server.http.lane_tls import LaneTls
 from smartroute.server.http.messages import Response
 from smartroute.server.http.rewrite import (
     ResponsePlan,
@@ -62,6 +63,7 @@ SEND = 2  # the request's body, going to the backend
 WAIT = 3  # the backend's response head
 RELAY = 4  # the response's body, going to the client
 DISCARD = 5  # a request body to drop before an answer of the proxy's own
+TUNNEL = 6  # switched protocols on a terminated connection: plaintext both ways
 
 
 class LaneExchange:
@@ -109,6 +111,9 @@ class LaneExchange:
         "deadline",
         "timer",
         "loop",
+        "tls",
+        "tls_info",
+        "shut",
     )
 
     def __init__(
@@ -118,6 +123,7 @@ class LaneExchange:
         record: ConnectionRecord,
         facts: ConnectionFacts,
         first: FirstRequest | None,
+        tls: LaneTls | None = None,
     ) -> None:
         self.runtime = runtime
         self.lane = runtime.lane
@@ -160,6 +166,9 @@ class LaneExchange:
         self.deadline = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.loop = asyncio.get_running_loop()
+        self.tls = tls  # the client's TLS, when the lane terminates it
+        self.tls_info: TlsInfo | None = None  # what the handshake settled
+        self.shut = False  # TUNNEL: the client's end was passed on to the backend
         record.closer = self.abort
 
     def _read_backend(self, backend: LaneBackend) -> None:
@@ -262,7 +271,7 @@ class LaneExchange:
             self.framing,
             self.tokens,
             client_ip=self.record.client_ip,
-            tls=False,
+            tls=self.tls is not None,
             domain=self.facts.domain,
             target=backend.target,
             upgrade=self.upgrade,
@@ -362,8 +371,7 @@ class LaneExchange:
         if status == 101:
             if self.upgrade is None:
                 return self._fail(502, "the backend switched protocols unasked (101)")
-            self._switch(backend, upgraded_head(response, tokens, self.upgrade))
-            return False
+            return self._switch(backend, upgraded_head(response, tokens, self.upgrade))
         try:
             out = response_framing(head.method, response)
         except HttpParseError as exc:
@@ -475,13 +483,17 @@ class LaneExchange:
             return False
         return True
 
-    def _switch(self, backend: LaneBackend, head: bytes) -> None:
+    def _switch(self, backend: LaneBackend, head: bytes) -> bool:
         """The backend switched protocols: from here on, a byte relay between the two."""
         record = self.record
         record.outcome = "upgraded"
         found = self.found
         assert found is not None and self.head is not None
         log_request(record, self.head, found.route.name, 101, self.started)
+        if self.tls is not None:  # the relay moves bytes, not TLS records: tunnel here
+            self._send_client(head)
+            self.phase = TUNNEL
+            return True
         to_client = (self.out or b"") + head + bytes(backend.inbox)
         to_backend = (self.to_backend or b"") + bytes(self.inbox)
         self._give_up()
@@ -491,6 +503,37 @@ class LaneExchange:
         self.backend = None
         relay = SocketRelay(self.lane, self.sock, record, found.route.name, (backend.address,))
         relay.join(backend.sock, to_backend, to_client)
+        return False
+
+    def _tunnel(self) -> bool:
+        """Switched protocols on a terminated connection: the client's plaintext to the
+        backend and the backend's bytes sealed for the client, until either side ends."""
+        backend = self.backend
+        assert backend is not None
+        inbox = self.inbox
+        if inbox and self.to_backend is None:
+            data = bytes(inbox)
+            inbox.clear()
+            self._send_backend(backend, data)
+        if backend.inbox and self.out is None:
+            data = bytes(backend.inbox)
+            backend.inbox.clear()
+            self._send_client(data)
+        if self.done:
+            return False
+        if self.eof and not inbox and self.to_backend is None and not self.shut:
+            self.shut = True
+            try:
+                backend.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # the backend is gone too: its end shows next
+        if backend.eof and not backend.inbox:
+            if backend.error is not None:
+                self.record.fail("error", f"backend: {backend.error.strerror or backend.error}")
+            self.closing = True
+            if self.out is None:
+                self.finish()
+        return False
 
     # -- provided by the client's half (LaneSession) -----------------------------------------
 

@@ -22,25 +22,32 @@ answers them exactly as it answers every request it serves.
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from typing import TYPE_CHECKING
 
 from smartroute.errors import HttpParseError
 from smartroute.protocols.http import RequestHead, parse_request_head
-from smartroute.protocols.http_response import (
-    request_framing,
-)
+from smartroute.protocols.http_response import BodyFraming, request_framing
 from smartroute.routing.matcher import RouteMatch
 from smartroute.routing.model import ForwardAction
 from smartroute.server.actions import serve_http
-from smartroute.server.decision import FirstRequest, decide_request, request_facts
+from smartroute.server.decision import (
+    FirstRequest,
+    Refusal,
+    Verdict,
+    decide_request,
+    request_facts,
+)
 from smartroute.server.epoll_set import IN, OUT, TROUBLE
 from smartroute.server.http.headers import connection_tokens
 from smartroute.server.http.messages import Response, response_head, text_response
+from smartroute.server.http.reverse_proxy import CONNECT_REFUSED
 from smartroute.server.http.rewrite import (
     CONTINUE,
 )
 from smartroute.server.http.session import DISCARD_LIMIT, keeps_alive, log_request
+from smartroute.server.tls import handshake_reason, tls_reason
 
 if TYPE_CHECKING:
     from smartroute.routing.matcher import ConnectionFacts
@@ -53,6 +60,7 @@ from smartroute.server.http.lane_exchange import (
     HELD,
     RELAY,
     SEND,
+    TUNNEL,
     WAIT,
     LaneExchange,
 )
@@ -66,6 +74,8 @@ class LaneSession(LaneExchange):
     __slots__ = ()
 
     def start(self) -> None:
+        if self.tls is not None:  # the handshake must end within the first bytes' wait
+            self._wait("handshake", self._waits()[0])
         self._advance()
 
     # -- events ------------------------------------------------------------------------------
@@ -101,14 +111,57 @@ class LaneSession(LaneExchange):
             self._client_lost(exc)
             return
         if not count:
-            self.eof = True
             if events & TROUBLE and not events & IN:
                 self._client_lost(ConnectionResetError("the client closed the connection"))
-            return
+                return
+            if self.tls is None:
+                self.eof = True
+                return
         self.record.bytes_in += count
-        self.inbox += lane.view[:count]
+        tls = self.tls
+        if tls is None:
+            self.inbox += lane.view[:count]
+            return
+        ready = tls.ready
+        try:
+            plain, ended = tls.feed(lane.view[:count])
+        except ssl.SSLError as exc:
+            # A failed handshake or a broken record: its alert goes out, then the connection.
+            if ready:
+                self.record.fail("error", f"client: TLS {tls_reason(exc)}")
+            else:
+                self.record.fail("tls-handshake", handshake_reason(exc, self._waits()[0]))
+            self._send_raw(tls.pending())
+            self.closing = True
+            if self.out is None:
+                self.finish()
+            return
+        if not ready and tls.ready:
+            self.tls_info = tls.info()
+            if self.waiting == "handshake":
+                self.waiting = ""
+        sealed = tls.pending()
+        if sealed:
+            self._send_raw(sealed)
+        if plain:
+            self.inbox += plain
+        if ended:
+            self.eof = True
 
     def _send_client(self, data: bytes) -> None:
+        tls = self.tls
+        if tls is not None:
+            try:
+                data = tls.seal(data)
+            except ssl.SSLError as exc:
+                self._client_lost(ConnectionError(f"TLS {tls_reason(exc)}"))
+                return
+        self._send_raw(data)
+
+    def _send_raw(self, data: bytes) -> None:
+        """Send bytes as they go on the wire (sealed already, on a TLS connection)."""
+        if not data:
+            return
         if self.out is not None:
             self.out += data
             return
@@ -179,6 +232,8 @@ class LaneSession(LaneExchange):
                 going = self._relay_body()
             elif phase == DISCARD:
                 going = self._discard()
+            elif phase == TUNNEL:
+                going = self._tunnel()
             else:
                 going = False  # CONNECT: the connect's event moves it on
             if not going:
@@ -189,6 +244,8 @@ class LaneSession(LaneExchange):
     def _next_request(self) -> bool:
         if self.out is not None or self.closing:
             return False  # the last response is still going out
+        if self.tls is not None and not self.tls.ready:
+            return False  # the handshake comes first, within its own wait
         runtime, inbox = self.runtime, self.inbox
         first = self.first
         if first is not None:
@@ -211,8 +268,12 @@ class LaneSession(LaneExchange):
             runtime.between_requests.discard(self)
             try:
                 parsed = parse_request_head(inbox)
-            except HttpParseError:
-                self._hand_over(None)  # the transport session answers what is wrong
+            except HttpParseError as exc:
+                if self.tls is None:
+                    self._hand_over(None)  # the transport session answers what is wrong
+                else:
+                    self.record.fail("bad-request", str(exc))
+                    self._answer_closing(text_response(exc.status, str(exc)))
                 return False
             if parsed is None:
                 if self.eof:
@@ -221,7 +282,7 @@ class LaneSession(LaneExchange):
                     self._wait("header", self._waits()[1])
                 return False
             head = parsed
-            facts = request_facts(self.record.port, self.facts.client_ip, head, None)
+            facts = request_facts(self.record.port, self.facts.client_ip, head, self.tls_info)
             found = runtime.table.match(facts)
         self.waiting = ""
         return self._route(head, facts, found)
@@ -243,18 +304,25 @@ class LaneSession(LaneExchange):
         addresses = None if found is None else self.lane.http_plan(found.route, port)
         try:
             framing = request_framing(head)
-        except HttpParseError:
-            addresses = None  # the transport session answers 400 and closes
+        except HttpParseError as exc:
+            addresses, framing = None, None  # answered 400, and the connection closes
+            error: HttpParseError | None = exc
+        else:
+            error = None
         if addresses is None or head.method == "CONNECT":
+            if self.tls is not None:  # a terminated connection stays here: answer it
+                return self._refuse(head, facts, found, None, framing, error)
             if found is None:
                 record.fail("no-route", "no route matches")
                 self._hand_over(FirstRequest(head, facts, None, decided=True))
             else:
                 self._hand_over(FirstRequest(head, facts, found))
             return False
-        assert found is not None
+        assert found is not None and framing is not None
         verdict = decide_request(runtime, record, facts, head, found)
         if verdict is not found:
+            if self.tls is not None:
+                return self._refuse(head, facts, found, verdict, framing, None)
             self._hand_over(FirstRequest(head, facts, found, decided=True, verdict=verdict))
             return False
         del self.inbox[: head.length]
@@ -281,6 +349,40 @@ class LaneSession(LaneExchange):
 
     # -- answers of the proxy's own ----------------------------------------------------------
 
+    def _refuse(
+        self,
+        head: RequestHead,
+        facts: ConnectionFacts,
+        found: RouteMatch | None,
+        verdict: Verdict,
+        framing: BodyFraming | None,
+        error: HttpParseError | None,
+    ) -> bool:
+        """Answer a request the lane does not forward on a connection it cannot hand over (a
+        terminated one): no route, a refusal, CONNECT, broken framing (``error``)."""
+        del self.inbox[: head.length]
+        tokens = connection_tokens(head.headers)
+        self.head, self.facts, self.found, self.tokens = head, facts, found, tokens
+        self.keep_alive = keeps_alive(head.version, tokens) and self.runtime.accepting
+        self.started = time.monotonic()
+        record = self.record
+        if error is not None or framing is None:
+            record.fail("bad-request", str(error))
+            status = 400 if error is None else error.status
+            return self._answer(text_response(status, str(error)), False)
+        self.framing = framing
+        if head.method == "CONNECT":
+            record.fail("refused", "CONNECT is not served by a reverse proxy route")
+            return self._answer(CONNECT_REFUSED, False)
+        if isinstance(verdict, Refusal):
+            response = text_response(verdict.status, verdict.reason, list(verdict.headers))
+        elif found is None:
+            response = text_response(404, "no route for this request")
+        else:  # a route the lane does not carry on a port it serves: not expected
+            record.fail("refused", f"route {found.route.name!r} is not served over this TLS")
+            return self._answer(text_response(502, "not served on this connection"), False)
+        return self._reply(response, unread=True)
+
     def _fail(
         self, status: int, message: str, *, unread: bool = False, broken: bool = False
     ) -> bool:
@@ -289,7 +391,10 @@ class LaneSession(LaneExchange):
         dropped if small); ``broken``: the client's connection cannot carry another request."""
         self.record.fail("backend-error", message)
         self._close_backend()
-        response = text_response(status, message)
+        return self._reply(text_response(status, message), unread=unread, broken=broken)
+
+    def _reply(self, response: Response, *, unread: bool = False, broken: bool = False) -> bool:
+        """Answer the request with ``response`` (see :meth:`_fail` for the flags)."""
         keep = self.keep_alive and not broken and self.runtime.accepting
         framing, head = self.framing, self.head
         assert head is not None
@@ -370,6 +475,12 @@ class LaneSession(LaneExchange):
         if what == "idle":
             self.finish()
             return
+        if what == "handshake":
+            self.record.fail(
+                "tls-handshake", f"TLS handshake timed out after {self._waits()[0]:g}s"
+            )
+            self.finish()
+            return
         if what == "header":
             self.record.fail("timeout", f"request head not complete in {self._waits()[1]:g}s")
             self._answer_closing(text_response(408, "request head not received in time"))
@@ -412,6 +523,12 @@ class LaneSession(LaneExchange):
             return
         backend = self.backend
         clean = self.phase == HEAD and self.plan is None and self.to_backend is None
+        tls = self.tls
+        if tls is not None and tls.ready and self.out is None and self.record.error is None:
+            try:  # end the TLS session in order: close_notify, if the socket takes it
+                self.sock.send(tls.close_notify())
+            except OSError:
+                pass
         self._give_up()
         if backend is not None:
             self.backend = None
