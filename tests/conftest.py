@@ -13,8 +13,11 @@ location. Test file basenames must stay unique across folders (pytest's default 
 
 from __future__ import annotations
 
+import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from support import Finished, TestCA  # noqa: E402
 
+from smartroute.server import accept  # noqa: E402
 from smartroute.server.stats import ConnectionRecord, StatsBook  # noqa: E402
 
 
@@ -44,3 +48,18 @@ def finished(monkeypatch: pytest.MonkeyPatch) -> Finished:
 
     monkeypatch.setattr(StatsBook, "finished", spy)
     return book
+
+
+@pytest.fixture
+def lane_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """The ports of the connections the accept step handed to an asyncio transport while the
+    test ran: empty when every connection stayed on the fast lane."""
+    handed: list[int] = []
+    original = accept.adopt
+
+    def recording(runtime: Any, sock: socket.socket, record: ConnectionRecord, *rest: Any) -> None:
+        handed.append(record.port)
+        original(runtime, sock, record, *rest)
+
+    monkeypatch.setattr(accept, "adopt", recording)
+    yield handed

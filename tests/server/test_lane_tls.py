@@ -20,7 +20,6 @@ import re
 import socket
 import ssl
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,24 +30,8 @@ from desync_peers import WAIT, RawClient, RecordingBackend, Reply, Response
 from support import LOOPBACK, MIB, CertPair, Finished, TestCA, async_test, free_port, require_tool
 
 from smartroute import SmartRoute
-from smartroute.server import accept
-from smartroute.server.stats import ConnectionRecord
 
 BIG = 8 * MIB
-
-
-@pytest.fixture
-def lane_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
-    """The ports of the connections handed to an asyncio transport during the test."""
-    handed: list[int] = []
-    original = accept.adopt
-
-    def recording(runtime: Any, sock: socket.socket, record: ConnectionRecord, *rest: Any) -> None:
-        handed.append(record.port)
-        original(runtime, sock, record, *rest)
-
-    monkeypatch.setattr(accept, "adopt", recording)
-    yield handed
 
 
 LANE = "handed to an asyncio transport, not kept on the fast lane"

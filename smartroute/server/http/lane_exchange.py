@@ -1,15 +1,17 @@
 """The backend half of HTTP on the fast lane: one request's exchange with a backend.
 
 :class:`LaneExchange` holds the state of a lane session
-(:class:`~smartroute.server.http.lane_session.LaneSession`, which adds the client's half) and
+(:class:`~smartroute.server.http.lane_session.LaneSession`; the client's socket is
+:class:`~smartroute.server.http.lane_client.LaneClient`'s) and
 carries a routed request out: it reuses the session's kept connection, takes one from the
 :class:`~smartroute.server.http.lane_pool.LanePool` or connects a new one (trying the route's
 addresses in turn), sends the head rewritten by :mod:`smartroute.server.http.rewrite` and the
 body (by Content-Length, or decoded and re-chunked), reads the response head (passing interim
 answers on), and sends the response on, re-framed as the transport path would. A kept
 connection the backend had closed meanwhile is replaced once, for requests without a body; an
-upgrade (``101``) turns the connection into a byte relay
-(:class:`~smartroute.server.socket_relay.SocketRelay`).
+upgrade (``101``) turns a plain connection into a byte relay
+(:class:`~smartroute.server.socket_relay.SocketRelay`) and a terminated one into a tunnel
+through the session.
 """
 
 from __future__ import annotations
@@ -73,48 +75,15 @@ class LaneExchange:
     is :class:`~smartroute.server.http.lane_session.LaneSession`'s; the methods it provides
     are declared at the end of this class."""
 
+    # fmt: off
     __slots__ = (
-        "runtime",
-        "lane",
-        "sock",
-        "fd",
-        "mask",
-        "record",
-        "inbox",
-        "eof",
-        "out",
-        "first",
-        "phase",
-        "closing",
-        "done",
-        "head",
-        "facts",
-        "found",
-        "framing",
-        "tokens",
-        "keep_alive",
-        "upgrade",
-        "started",
-        "backend",
-        "to_backend",
-        "reused",
-        "addresses",
-        "next_address",
-        "failures",
-        "prefix",
-        "left",
-        "decoder",
-        "plan",
-        "out_framing",
-        "answer",
-        "waiting",
-        "deadline",
-        "timer",
-        "loop",
-        "tls",
-        "tls_info",
-        "shut",
+        "runtime", "lane", "sock", "fd", "mask", "record", "inbox", "eof", "out", "first", "phase",
+        "closing", "done", "head", "facts", "found", "framing", "tokens", "keep_alive", "upgrade",
+        "started", "backend", "to_backend", "reused", "addresses", "next_address", "failures",
+        "prefix", "left", "decoder", "plan", "out_framing", "answer", "waiting", "deadline",
+        "timer", "loop", "tls", "tls_info", "shut",
     )
+    # fmt: on
 
     def __init__(
         self,
@@ -172,45 +141,18 @@ class LaneExchange:
         record.closer = self.abort
 
     def _read_backend(self, backend: LaneBackend) -> None:
-        lane = self.lane
-        try:
-            count = backend.sock.recv_into(lane.buffer)
-        except _RETRY:
-            return
-        except OSError as exc:
-            backend.eof, backend.error = True, exc
-            return
-        if not count:
-            backend.eof = True
-            return
-        backend.inbox += lane.view[:count]
+        backend.read(self.lane)
 
     def _send_backend(self, backend: LaneBackend, data: bytes) -> None:
         if self.to_backend is not None:
             self.to_backend += data
-            return
-        try:
-            sent = backend.sock.send(data)
-        except _RETRY:
-            sent = 0
-        except OSError as exc:
-            backend.eof, backend.error = True, exc
-            return
-        if sent < len(data):
-            self.to_backend = data[sent:]
+        else:
+            self.to_backend = backend.send(data)
 
     def _flush_backend(self, backend: LaneBackend) -> None:
         pending = self.to_backend
         assert pending is not None
-        try:
-            sent = backend.sock.send(pending)
-        except _RETRY:
-            return
-        except OSError as exc:
-            backend.eof, backend.error = True, exc
-            self.to_backend = None
-            return
-        self.to_backend = pending[sent:] if sent < len(pending) else None
+        self.to_backend = backend.send(pending)
 
     # -- the backend connection --------------------------------------------------------------
 
@@ -306,40 +248,22 @@ class LaneExchange:
         assert backend is not None
         if backend.eof:
             return self._backend_gone(backend)
-        inbox, prefix, kind = self.inbox, self.prefix, self.framing.kind
+        prefix = self.prefix
         self.prefix = b""
-        if kind == "none":
-            data, done = prefix, True
-        elif kind == "length":
-            count = min(self.left, len(inbox))
-            data = prefix + inbox[:count]
-            del inbox[:count]
-            self.left -= count
-            done = self.left == 0
-        else:
-            decoder = self.decoder
-            assert decoder is not None
-            try:
-                pieces, used = decoder.feed(inbox)
-            except HttpParseError as exc:
-                # A malformed body: the backend never sees the request complete, and the
-                # client is told why before its connection ends.
-                self._close_backend()
-                return self._fail(exc.status, str(exc), broken=True)
-            parts = [prefix] if prefix else []
-            parts += [encode_chunk(piece) for piece in pieces if piece]
-            done = decoder.done
-            if done:
-                parts.append(LAST_CHUNK)
-            del inbox[:used]
-            data = b"".join(parts)
+        try:
+            data, done = self._body_piece(self.inbox, prefix, self.framing.kind, rechunk=True)
+        except HttpParseError as exc:
+            # A malformed body: the backend never sees the request complete, and the client is
+            # told why before its connection ends.
+            self._close_backend()
+            return self._fail(exc.status, str(exc), broken=True)
         if data:
             self._send_backend(backend, data)
         if done:
             self.phase = WAIT
             self._wait("backend", self.record.timeouts.backend)
             return True
-        if self.eof and not inbox:
+        if self.eof and not self.inbox:
             self.record.fail("error", f"http: {_LOST}")
             self.finish()
         return False
@@ -400,6 +324,32 @@ class LaneExchange:
             why = f"connection failed: {backend.error.strerror or backend.error}"
         return self._fail(502, f"the backend {why}", broken=self.phase == SEND)
 
+    def _body_piece(
+        self, inbox: bytearray, prefix: bytes, kind: str, *, rechunk: bool
+    ) -> tuple[bytes, bool]:
+        """What ``inbox`` holds of a body framed by ``kind`` (none, length, chunked), taken
+        from it and sent after ``prefix`` (a head not sent yet), and whether the body ended.
+        A chunked body is decoded and sent re-chunked, or plain unless ``rechunk``; broken
+        chunk framing raises :class:`HttpParseError`."""
+        if kind == "none":
+            return prefix, True
+        if kind == "length":
+            count = min(self.left, len(inbox))
+            data = prefix + inbox[:count]
+            del inbox[:count]
+            self.left -= count
+            return data, self.left == 0
+        decoder = self.decoder
+        assert decoder is not None
+        pieces, used = decoder.feed(inbox)
+        parts = [prefix] if prefix else []
+        parts += [encode_chunk(piece) if rechunk else bytes(piece) for piece in pieces if piece]
+        done = decoder.done
+        if done and rechunk:
+            parts.append(LAST_CHUNK)
+        del inbox[:used]
+        return b"".join(parts), done
+
     def _relay_body(self) -> bool:
         if self.out is not None:
             return False
@@ -407,33 +357,15 @@ class LaneExchange:
         assert backend is not None and plan is not None
         inbox, prefix, kind = backend.inbox, self.prefix, self.out_framing.kind
         self.prefix = b""
-        if kind == "none":
-            data, done = prefix, True
-        elif kind == "length":
-            count = min(self.left, len(inbox))
-            data = prefix + inbox[:count]
-            del inbox[:count]
-            self.left -= count
-            done = self.left == 0
-        elif kind == "chunked":
-            decoder = self.decoder
-            assert decoder is not None
+        if kind != "close":
             try:
-                pieces, used = decoder.feed(inbox)
+                data, done = self._body_piece(inbox, prefix, kind, rechunk=plan.rechunk)
             except HttpParseError as exc:
                 if prefix:  # nothing of the response is out yet: the client can be told
                     return self._fail(502, f"the backend sent an invalid body: {exc}")
                 self.record.fail("error", f"http: {exc}")
                 self.finish()
                 return False
-            rechunk = plan.rechunk
-            parts = [prefix] if prefix else []
-            parts += [encode_chunk(piece) if rechunk else bytes(piece) for piece in pieces if piece]
-            done = decoder.done
-            if done and rechunk:
-                parts.append(LAST_CHUNK)
-            del inbox[:used]
-            data = b"".join(parts)
         else:  # until the backend closes
             data = bytes(inbox)
             inbox.clear()
@@ -535,7 +467,7 @@ class LaneExchange:
                 self.finish()
         return False
 
-    # -- provided by the client's half (LaneSession) -----------------------------------------
+    # -- provided by the client's half (LaneClient, LaneSession) ---------------------------
 
     def _send_client(self, data: bytes) -> None:
         raise NotImplementedError
@@ -558,4 +490,13 @@ class LaneExchange:
         raise NotImplementedError
 
     def abort(self) -> None:
+        raise NotImplementedError
+
+    def _advance(self) -> None:
+        raise NotImplementedError
+
+    def _waits(self) -> tuple[float, float]:
+        raise NotImplementedError
+
+    def _on_timer(self) -> None:
         raise NotImplementedError

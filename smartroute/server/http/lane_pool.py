@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from smartroute.server.lane import RelayLane
 
 Target = tuple[str, int]  # (IP, port) as the socket address names it
+_RETRY = (BlockingIOError, InterruptedError)
 
 
 class LaneBackend:
@@ -53,6 +54,33 @@ class LaneBackend:
     def clean(self) -> bool:
         """True when the connection may carry another exchange: open, nothing unread."""
         return not self.eof and not self.inbox
+
+    def read(self, lane: RelayLane) -> None:
+        """Read what the backend sent into ``inbox`` (through the lane's shared buffer); an
+        end or an error sets ``eof`` (and ``error``)."""
+        try:
+            count = self.sock.recv_into(lane.buffer)
+        except _RETRY:
+            return
+        except OSError as exc:
+            self.eof, self.error = True, exc
+            return
+        if not count:
+            self.eof = True
+            return
+        self.inbox += lane.view[:count]
+
+    def send(self, data: bytes) -> bytes | None:
+        """Send what the socket takes of ``data`` now; the rest, or None when all went (or the
+        connection failed: ``eof`` and ``error`` say so)."""
+        try:
+            sent = self.sock.send(data)
+        except _RETRY:
+            sent = 0
+        except OSError as exc:
+            self.eof, self.error = True, exc
+            return None
+        return data[sent:] if sent < len(data) else None
 
     def close(self, lane: RelayLane) -> None:
         if self.mask:

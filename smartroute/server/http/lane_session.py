@@ -1,12 +1,13 @@
-"""Plain HTTP/1.1 reverse proxying on the fast lane: no transport, task or stream per connection.
+"""HTTP/1.1 reverse proxying on the fast lane: no transport, task or stream per connection.
 
 A :class:`LaneSession` serves one client connection whose requests go to routes with fixed
-IP-literal targets (:func:`~smartroute.server.relay_plan.http_plan`). The lane's epoll set
-reports the client's and the backend's socket events to it, and each event moves the exchange
-on as far as it can: read the request head, route it (:mod:`smartroute.server.decision`),
-carry the exchange with a backend out (the half in :mod:`smartroute.server.http.lane_exchange`),
-then the next request (pipelined ones in order). This module holds the client's half: reading
-requests, the answers of the proxy's own, time limits, ending.
+IP-literal targets (:func:`~smartroute.server.relay_plan.http_plan`), in plain HTTP or inside
+TLS the lane terminates. The lane's epoll set reports the client's and the backend's socket
+events to it, and each event moves the exchange on as far as it can: read the request head,
+route it (:mod:`smartroute.server.decision`), carry the exchange with a backend out
+(:mod:`smartroute.server.http.lane_exchange`), then the next request (pipelined ones in
+order). This module holds the requests and the answers of the proxy's own; the client's
+socket, its TLS, the timer and the end are :mod:`smartroute.server.http.lane_client`'s.
 
 Backpressure as on the lane's relays: a side whose destination has bytes pending is not read
 until they are gone, so a connection holds at most one chunk per direction, plus at most
@@ -16,13 +17,15 @@ Requests the lane does not carry - no route (404), a refusal, a redirect, static
 socket handler or raw forward, targets that need a resolver, TLS or a PROXY header, CONNECT,
 a malformed head - go, with the connection, to the transport session
 (:func:`~smartroute.server.actions.serve_http`) before anything of them is answered: it
-answers them exactly as it answers every request it serves.
+answers them exactly as it answers every request it serves. A terminated connection cannot
+change hands (its TLS state is here), so the lane terminates TLS only on ports where every
+route forwards HTTP to fixed addresses, and answers a request without a route (404), a
+refused one, CONNECT or a malformed one itself.
 """
 
 from __future__ import annotations
 
 import logging
-import ssl
 import time
 from typing import TYPE_CHECKING
 
@@ -39,7 +42,6 @@ from smartroute.server.decision import (
     decide_request,
     request_facts,
 )
-from smartroute.server.epoll_set import IN, OUT, TROUBLE
 from smartroute.server.http.headers import connection_tokens
 from smartroute.server.http.messages import Response, response_head, text_response
 from smartroute.server.http.reverse_proxy import CONNECT_REFUSED
@@ -47,174 +49,27 @@ from smartroute.server.http.rewrite import (
     CONTINUE,
 )
 from smartroute.server.http.session import DISCARD_LIMIT, keeps_alive, log_request
-from smartroute.server.tls import handshake_reason, tls_reason
 
 if TYPE_CHECKING:
     from smartroute.routing.matcher import ConnectionFacts
 
+from smartroute.server.http.lane_client import LaneClient
 from smartroute.server.http.lane_exchange import (
-    _RETRY,
-    CONNECT,
     DISCARD,
     HEAD,
-    HELD,
     RELAY,
     SEND,
     TUNNEL,
     WAIT,
-    LaneExchange,
 )
 
 log = logging.getLogger("smartroute")
 
 
-class LaneSession(LaneExchange):
+class LaneSession(LaneClient):
     """Serves the HTTP requests of one client connection on the lane."""
 
     __slots__ = ()
-
-    def start(self) -> None:
-        if self.tls is not None:  # the handshake must end within the first bytes' wait
-            self._wait("handshake", self._waits()[0])
-        self._advance()
-
-    # -- events ------------------------------------------------------------------------------
-
-    def event(self, fd: int, events: int) -> None:
-        """The lane's epoll set reports ``events`` on ``fd``."""
-        if fd == self.fd:
-            if events & (OUT | TROUBLE) and self.out is not None:
-                self._flush_client()
-            if events & (IN | TROUBLE) and not self.done:
-                self._read_client(events)
-        else:
-            backend = self.backend
-            if backend is None or fd != backend.fd or self.done:
-                return  # a stale event
-            if self.phase == CONNECT:
-                self._connect_reported(backend)
-            else:
-                if events & (OUT | TROUBLE) and self.to_backend is not None:
-                    self._flush_backend(backend)
-                if events & (IN | TROUBLE) and not self.done:
-                    self._read_backend(backend)
-        if not self.done:
-            self._advance()
-
-    def _read_client(self, events: int) -> None:
-        lane = self.lane
-        try:
-            count = self.sock.recv_into(lane.buffer)
-        except _RETRY:
-            return
-        except OSError as exc:
-            self._client_lost(exc)
-            return
-        if not count:
-            if events & TROUBLE and not events & IN:
-                self._client_lost(ConnectionResetError("the client closed the connection"))
-                return
-            if self.tls is None:
-                self.eof = True
-                return
-        self.record.bytes_in += count
-        tls = self.tls
-        if tls is None:
-            self.inbox += lane.view[:count]
-            return
-        ready = tls.ready
-        try:
-            plain, ended = tls.feed(lane.view[:count])
-        except ssl.SSLError as exc:
-            # A failed handshake or a broken record: its alert goes out, then the connection.
-            if ready:
-                self.record.fail("error", f"client: TLS {tls_reason(exc)}")
-            else:
-                self.record.fail("tls-handshake", handshake_reason(exc, self._waits()[0]))
-            self._send_raw(tls.pending())
-            self.closing = True
-            if self.out is None:
-                self.finish()
-            return
-        if not ready and tls.ready:
-            self.tls_info = tls.info()
-            if self.waiting == "handshake":
-                self.waiting = ""
-        sealed = tls.pending()
-        if sealed:
-            self._send_raw(sealed)
-        if plain:
-            self.inbox += plain
-        if ended:
-            self.eof = True
-
-    def _send_client(self, data: bytes) -> None:
-        tls = self.tls
-        if tls is not None:
-            try:
-                data = tls.seal(data)
-            except ssl.SSLError as exc:
-                self._client_lost(ConnectionError(f"TLS {tls_reason(exc)}"))
-                return
-        self._send_raw(data)
-
-    def _send_raw(self, data: bytes) -> None:
-        """Send bytes as they go on the wire (sealed already, on a TLS connection)."""
-        if not data:
-            return
-        if self.out is not None:
-            self.out += data
-            return
-        try:
-            sent = self.sock.send(data)
-        except _RETRY:
-            sent = 0
-        except OSError as exc:
-            self._client_lost(exc)
-            return
-        self.record.bytes_out += sent
-        if sent < len(data):
-            self.out = data[sent:]
-
-    def _flush_client(self) -> None:
-        out = self.out
-        assert out is not None
-        try:
-            sent = self.sock.send(out)
-        except _RETRY:
-            return
-        except OSError as exc:
-            self._client_lost(exc)
-            return
-        self.record.bytes_out += sent
-        self.out = out[sent:] if sent < len(out) else None
-        if self.out is None and self.closing:
-            self.finish()
-
-    def _rearm(self) -> None:
-        """Watch for what the session waits on now: bytes to read, room to write."""
-        phase, backend = self.phase, self.backend
-        reading = not self.eof and not self.closing
-        if reading:
-            if phase == SEND:
-                reading = self.to_backend is None
-            elif phase != DISCARD:
-                reading = len(self.inbox) < HELD
-        client = (IN if reading else 0) | (OUT if self.out is not None else 0)
-        lane = self.lane
-        if client != self.mask:
-            lane.watch(self.fd, self.mask, client, self)
-            self.mask = client
-        if backend is not None:
-            if phase == CONNECT:
-                wanted = OUT
-            else:
-                wanted = OUT if self.to_backend is not None else 0
-                if not backend.eof and self.out is None and len(backend.inbox) < HELD:
-                    wanted |= IN
-            if wanted != backend.mask:
-                lane.watch(backend.fd, backend.mask, wanted, self)
-                backend.mask = wanted
 
     # -- the state machine -------------------------------------------------------------------
 
@@ -447,20 +302,6 @@ class LaneSession(LaneExchange):
 
     # -- time limits -------------------------------------------------------------------------
 
-    def _wait(self, what: str, seconds: float) -> None:
-        """Wait for ``what`` at most ``seconds``. The session's one timer is not moved when a
-        wait ends early or a later deadline replaces an earlier one: it fires, finds the
-        deadline moved or the wait over, and sets itself again or ends. A kept-alive
-        connection therefore costs no timer operation per request."""
-        loop = self.loop
-        self.waiting = what
-        self.deadline = deadline = loop.time() + seconds
-        timer = self.timer
-        if timer is None or timer.when() > deadline:
-            if timer is not None:
-                timer.cancel()
-            self.timer = loop.call_at(deadline, self._on_timer)
-
     def _on_timer(self) -> None:
         self.timer = None
         what = self.waiting
@@ -501,54 +342,6 @@ class LaneSession(LaneExchange):
             self.finish()
         elif not self.done:
             self._rearm()
-
-    # -- ending ------------------------------------------------------------------------------
-
-    def _client_lost(self, exc: OSError) -> None:
-        self.record.fail("error", f"client: {exc.strerror or exc}")
-        self.finish()
-
-    def close(self) -> None:
-        """End a kept-alive connection between two requests (the proxy is stopping)."""
-        self.finish()
-
-    def abort(self) -> None:
-        """Close both connections now, dropping whatever is pending (limits and shutdown)."""
-        self.finish()
-
-    def finish(self) -> None:
-        """Close the client's connection (and the backend's, unless it may serve another
-        client) and count the connection as ended."""
-        if self.done:
-            return
-        backend = self.backend
-        clean = self.phase == HEAD and self.plan is None and self.to_backend is None
-        tls = self.tls
-        if tls is not None and tls.ready and self.out is None and self.record.error is None:
-            try:  # end the TLS session in order: close_notify, if the socket takes it
-                self.sock.send(tls.close_notify())
-            except OSError:
-                pass
-        self._give_up()
-        if backend is not None:
-            self.backend = None
-            if clean:
-                self.runtime.lane_pool.release(backend)
-            else:
-                backend.close(self.lane)
-        self.sock.close()
-        self.runtime.stats.finished(self.record)
-
-    def _give_up(self) -> None:
-        """Stop serving the client's connection: no more events, no timer, no stop notice."""
-        self.done = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        self.runtime.between_requests.discard(self)
-        if self.mask:
-            self.lane.forget(self.fd)
-            self.mask = 0
 
     def _hand_over(self, first: FirstRequest | None) -> None:
         """Give the connection to the transport session, at a request boundary."""

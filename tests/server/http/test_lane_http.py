@@ -13,8 +13,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
-import socket
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -22,27 +21,10 @@ from desync_peers import WAIT, RawClient, RecordingBackend, Reply, Response
 from support import LOOPBACK, MIB, async_test, free_port, reset
 
 from smartroute import SmartRoute
-from smartroute.server import accept
-from smartroute.server.stats import ConnectionRecord
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 BIG = 32 * MIB
-
-
-# Checks the connection stayed on the fast lane: no accepted socket went to accept.adopt.
-@pytest.fixture
-def lane_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
-    """The ports of the connections handed to an asyncio transport during the test."""
-    handed: list[int] = []
-    original = accept.adopt
-
-    def recording(runtime: Any, sock: socket.socket, record: ConnectionRecord, *rest: Any) -> None:
-        handed.append(record.port)
-        original(runtime, sock, record, *rest)
-
-    monkeypatch.setattr(accept, "adopt", recording)
-    yield handed
 
 
 # -- the proxy and its routes -----------------------------------------------------------------

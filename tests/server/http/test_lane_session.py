@@ -3,7 +3,7 @@ the lane pool, route changes and the records it leaves.
 
 Every test runs a real SmartRoute on loopback in front of backends of its own, and checks what
 the peers see (bytes, closes), the records the ``finished`` fixture collects and the lane pool.
-The ``adopted`` fixture lists connections handed to accept.adopt (so not kept on the lane) and
+The ``lane_only`` fixture lists connections handed to accept.adopt (so not kept on the lane) and
 ``handovers`` the lane's hand-overs to the transport session (actions.serve_http).
 """
 
@@ -20,27 +20,13 @@ from desync_peers import WAIT, RawClient, Response
 from support import LOOPBACK, MIB, Finished, async_test, free_port, reset
 
 from smartroute import SmartRoute
-from smartroute.server import accept, actions
+from smartroute.server import actions
 from smartroute.server.decision import FirstRequest
 from smartroute.server.http.lane_pool import LanePool
 from smartroute.server.runtime import Runtime
 from smartroute.server.stats import ConnectionRecord
 
 Answer = Callable[[int, bytes], bytes]  # (backend connection index, request head) -> reply
-
-
-@pytest.fixture
-def adopted(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
-    """The ports of the connections handed to an asyncio transport by the accept step."""
-    handed: list[int] = []
-    original = accept.adopt
-
-    def recording(runtime: Any, sock: socket.socket, record: ConnectionRecord, *rest: Any) -> None:
-        handed.append(record.port)
-        original(runtime, sock, record, *rest)
-
-    monkeypatch.setattr(accept, "adopt", recording)
-    yield handed
 
 
 @pytest.fixture
@@ -223,7 +209,7 @@ USERS = {"alice": "wonderland"}
 @pytest.mark.parametrize("second", ["redirect", "no-route", "basic-auth"])
 @async_test(10)
 async def test_a_request_the_lane_does_not_carry_hands_the_connection_over_in_order(
-    second: str, adopted: list[int], handovers: list[bytes]
+    second: str, lane_only: list[int], handovers: list[bytes]
 ) -> None:
     async with Backend() as backend:
         port = free_port()
@@ -268,7 +254,7 @@ async def test_a_request_the_lane_does_not_carry_hands_the_connection_over_in_or
                 assert len(handovers) == 1, "the request with credentials left the lane"
     expected = [b"/app/1", b"/app/3"] + ([b"/private/x"] if second == "basic-auth" else [])
     assert backend.targets() == expected
-    assert adopted == []
+    assert lane_only == []
 
 
 @async_test(10)
@@ -354,7 +340,7 @@ async def test_bytes_after_a_complete_response_keep_the_backend_connection_from_
 
 @async_test(10)
 async def test_an_idle_kept_alive_client_is_closed_after_the_keepalive_timeout(
-    finished: Finished, adopted: list[int]
+    finished: Finished, lane_only: list[int]
 ) -> None:
     async with Backend() as backend:
         port = free_port()
@@ -373,7 +359,7 @@ async def test_an_idle_kept_alive_client_is_closed_after_the_keepalive_timeout(
     assert rest == b"" and not client.reset
     assert 0.3 < waited < 2, f"closed after {waited:.2f}s"
     assert (record.outcome, record.error) == ("ok", None)
-    assert adopted == []
+    assert lane_only == []
 
 
 @async_test(10)
@@ -417,7 +403,7 @@ async def test_a_pooled_connection_the_backend_closed_is_not_handed_out(
 
 
 @async_test(10)
-async def test_two_targets_share_requests_from_separate_connections(adopted: list[int]) -> None:
+async def test_two_targets_share_requests_from_separate_connections(lane_only: list[int]) -> None:
     async with Backend() as one, Backend() as two:
         port = free_port()
         async with proxy([forward("web", port, one.port, two.port)]):
@@ -430,7 +416,7 @@ async def test_two_targets_share_requests_from_separate_connections(adopted: lis
                     client.close()
     assert one.requests and two.requests, (one.targets(), two.targets())
     assert (len(one.requests), len(two.requests)) == (5, 5), "not used in turn"
-    assert adopted == []
+    assert lane_only == []
 
 
 @async_test(10)
@@ -492,7 +478,7 @@ async def test_an_upgrade_refused_with_400_leaves_the_connection_usable() -> Non
 
 @async_test(10)
 async def test_five_requests_on_one_connection_count_once_with_every_byte(
-    finished: Finished, adopted: list[int]
+    finished: Finished, lane_only: list[int]
 ) -> None:
     async with Backend() as backend:
         port = free_port()
@@ -518,4 +504,4 @@ async def test_five_requests_on_one_connection_count_once_with_every_byte(
     }
     assert stats["connections"] == {"active": 0, "total": 1}
     assert len(backend.requests) == 5 and backend.accepted == 1
-    assert adopted == []
+    assert lane_only == []
