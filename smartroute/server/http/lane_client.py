@@ -192,9 +192,10 @@ class LaneClient(LaneExchange):
         self.waiting = what
         self.deadline = deadline = loop.time() + seconds
         timer = self.timer
-        if timer is None or timer.when() > deadline:
-            if timer is not None:
-                timer.cancel()
+        if timer is None:
+            self.timer = loop.call_at(deadline, self._on_timer)
+        elif timer.when() > deadline:  # only a shorter wait moves the timer
+            timer.cancel()
             self.timer = loop.call_at(deadline, self._on_timer)
 
     # -- ending ------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from smartroute.protocols.http_response import (
     response_framing,
 )
 from smartroute.routing.matcher import RouteMatch
+from smartroute.routing.model import CompiledRoute
 from smartroute.server.decision import FirstRequest, TlsInfo
 from smartroute.server.http.headers import connection_tokens
 from smartroute.server.http.lane_pool import LaneBackend, connect
@@ -81,7 +82,7 @@ class LaneExchange:
         "closing", "done", "head", "facts", "found", "framing", "tokens", "keep_alive", "upgrade",
         "started", "backend", "to_backend", "reused", "addresses", "next_address", "failures",
         "prefix", "left", "decoder", "plan", "out_framing", "answer", "waiting", "deadline",
-        "timer", "loop", "tls", "tls_info", "shut",
+        "timer", "loop", "tls", "tls_info", "shut", "planned",
     )
     # fmt: on
 
@@ -138,6 +139,8 @@ class LaneExchange:
         self.tls = tls  # the client's TLS, when the lane terminates it
         self.tls_info: TlsInfo | None = None  # what the handshake settled
         self.shut = False  # TUNNEL: the client's end was passed on to the backend
+        # The last request's route and its addresses (http_plan), reused while it repeats.
+        self.planned: tuple[CompiledRoute | None, tuple[Address, ...] | None] = (None, None)
         record.closer = self.abort
 
     def _read_backend(self, backend: LaneBackend) -> None:
@@ -262,7 +265,7 @@ class LaneExchange:
         if done:
             self.phase = WAIT
             self._wait("backend", self.record.timeouts.backend)
-            return True
+            return bool(backend.inbox) or backend.eof  # else the answer is still to come
         if self.eof and not self.inbox:
             self.record.fail("error", f"http: {_LOST}")
             self.finish()

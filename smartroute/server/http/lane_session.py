@@ -117,7 +117,8 @@ class LaneSession(LaneClient):
                     self.finish()  # the client left, or the proxy stops: no next request
                     return False
                 if self.waiting != "idle":
-                    self._wait("idle", self._waits()[0])
+                    wait = self.record.timeouts.http_keepalive if self.head else self._waits()[0]
+                    self._wait("idle", wait)
                     runtime.between_requests.add(self)
                 return False
             runtime.between_requests.discard(self)
@@ -156,7 +157,13 @@ class LaneSession(LaneClient):
         """Decide the request; go on with it here, or give the connection to a transport."""
         runtime, record = self.runtime, self.record
         port = record.port
-        addresses = None if found is None else self.lane.http_plan(found.route, port)
+        if found is None:
+            addresses = None
+        elif found.route is self.planned[0]:  # as for the last request: the usual case
+            addresses = self.planned[1]
+        else:
+            addresses = self.lane.http_plan(found.route, port)
+            self.planned = (found.route, addresses)
         try:
             framing = request_framing(head)
         except HttpParseError as exc:
@@ -197,7 +204,9 @@ class LaneSession(LaneClient):
             assert isinstance(action, ForwardAction)
             start = action.rotation.next() % len(addresses)
             addresses = addresses[start:] + addresses[:start]
-        self.addresses, self.next_address, self.failures = addresses, 0, []
+        self.addresses, self.next_address = addresses, 0
+        if self.failures:
+            self.failures = []
         if framing.kind != "none" and (head.header("expect") or "").lower() == "100-continue":
             self._send_client(CONTINUE)
         return self._open_backend(reuse=True)

@@ -73,7 +73,10 @@ class LaneTls:
             self.ready = True
         parts = []
         ended = False
-        while True:
+        incoming = self.incoming
+        # Read while a record may be complete: a read that finds none raises, which costs
+        # more than asking the BIO whether bytes are left.
+        while incoming.pending or obj.pending() or incoming.eof:
             try:
                 chunk = obj.read(READ)
             except ssl.SSLWantReadError:
