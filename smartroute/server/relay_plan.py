@@ -42,15 +42,15 @@ def relay_plan(route: CompiledRoute, port: int) -> tuple[Address, ...] | None:
 
 
 def http_plan(route: CompiledRoute, port: int) -> tuple[Address, ...] | None:
-    """The fixed addresses an HTTP reverse-proxy route sends plain requests to on ``port``, or
-    None when its requests need the transport path (TLS to the backend, target callables, host
-    names, PROXY protocol headers) or it is no HTTP forward. A route that terminates TLS
-    qualifies when it forwards HTTP only (``protocol: "http"``)."""
+    """The fixed addresses an HTTP reverse-proxy route sends requests to on ``port``, or None
+    when its requests need the transport path (target callables, host names, PROXY protocol
+    headers) or it is no HTTP forward. A route that terminates TLS (and perhaps re-encrypts
+    to its targets) qualifies when it forwards HTTP only (``protocol: "http"``)."""
     action = route.action
     if not isinstance(action, ForwardAction) or action.protocol == "tcp":
         return None
     tls = route.tls
-    if tls is not None and (tls.mode != "terminate" or action.protocol != "http"):
+    if tls is not None and (tls.mode == "passthrough" or action.protocol != "http"):
         return None
     return fixed_addresses(action, port)
 

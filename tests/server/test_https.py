@@ -378,7 +378,7 @@ async def test_one_port_mixes_passthrough_and_terminate_by_sni(ca: TestCA, tmp_p
 
 @async_test(60)
 async def test_reencrypt_verifies_the_backend_with_backend_ca_by_default_or_not_at_all(
-    ca: TestCA, tmp_path: Path
+    ca: TestCA, tmp_path: Path, lane_only: list[int]
 ) -> None:
     cafile = ca_file(ca, tmp_path)
     cert = certificate(ca.issue("*.example.test"))
@@ -430,6 +430,44 @@ async def test_reencrypt_verifies_the_backend_with_backend_ca_by_default_or_not_
     assert json.loads(body)["path"] == "/secure?q=1"
     # The client's SNI is passed on to the backend (and verified there when verifying).
     assert received == list(names)
+    assert lane_only == []  # both TLS legs ran on the fast lane
+
+
+@async_test(60)
+async def test_reencrypted_backend_connections_are_kept_for_the_next_request(
+    ca: TestCA, tmp_path: Path, lane_only: list[int]
+) -> None:
+    cafile = ca_file(ca, tmp_path)
+    cert = certificate(ca.issue("keep.example.test"))
+    async with https_backend(ca, tmp_path, "keep.example.test") as (backend, received):
+        port = free_port()
+        route = tls_route(
+            port,
+            backend,
+            name="keep",
+            cert=cert,
+            mode="terminate-and-reencrypt",
+            tls={"backend_ca": str(cafile)},
+            domains="keep.example.test",
+        )
+        async with proxy([route]):
+            base = f"https://keep.example.test:{port}"
+            urls = [f"{base}/n{i}" for i in range(5)]
+            code, out, err = await curl(
+                "-s", "--resolve", f"keep.example.test:{port}:{LOOPBACK}", "--cacert", str(cafile),
+                "-w", "\n%{http_code}\n", *urls,
+            )  # fmt: skip
+            assert code == 0, err
+            # A second client: the backend connection the first one left is pooled, not redone.
+            code, out2, err = await curl(
+                "-s", "--resolve", f"keep.example.test:{port}:{LOOPBACK}", "--cacert", str(cafile),
+                "-w", "\n%{http_code}\n", f"{base}/again",
+            )  # fmt: skip
+            assert code == 0, err
+    statuses = [line for line in (out + out2).splitlines() if line in ("200", "502")]
+    assert statuses == ["200"] * 6, out + out2
+    assert received == ["keep.example.test"]  # one backend handshake for six requests
+    assert lane_only == []
 
 
 # -- 6. a socket handler behind terminate ------------------------------------------------------

@@ -59,7 +59,7 @@ class LaneClient(LaneExchange):
             if backend is None or fd != backend.fd or self.done:
                 return  # a stale event
             if self.phase == CONNECT:
-                self._connect_reported(backend)
+                self._connect_reported(backend, events)
             else:
                 if events & (OUT | TROUBLE) and self.to_backend is not None:
                     self._flush_backend(backend)
@@ -173,11 +173,13 @@ class LaneClient(LaneExchange):
             lane.watch(self.fd, self.mask, client, self)
             self.mask = client
         if backend is not None:
-            if phase == CONNECT:
-                wanted = OUT
+            if phase == CONNECT and not backend.connected:
+                wanted = OUT  # the TCP connect's outcome
             else:
                 wanted = OUT if self.to_backend is not None else 0
-                if not backend.eof and self.out is None and len(backend.inbox) < HELD:
+                if phase == CONNECT or (
+                    not backend.eof and self.out is None and len(backend.inbox) < HELD
+                ):
                     wanted |= IN
             if wanted != backend.mask:
                 lane.watch(backend.fd, backend.mask, wanted, self)

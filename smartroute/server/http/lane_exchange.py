@@ -20,9 +20,10 @@ import asyncio
 import logging
 import os
 import socket
+import ssl
 from typing import TYPE_CHECKING
 
-from smartroute.errors import HttpParseError
+from smartroute.errors import CertificateLoadError, HttpParseError
 from smartroute.protocols.chunked import LAST_CHUNK, ChunkedDecoder, encode_chunk
 from smartroute.protocols.http import RequestHead
 from smartroute.protocols.http_response import (
@@ -33,9 +34,10 @@ from smartroute.protocols.http_response import (
 from smartroute.routing.matcher import RouteMatch
 from smartroute.routing.model import CompiledRoute
 from smartroute.server.decision import FirstRequest, TlsInfo
+from smartroute.server.epoll_set import IN, OUT, TROUBLE
 from smartroute.server.http.headers import connection_tokens
-from smartroute.server.http.lane_pool import LaneBackend, connect
-from smartroute.server.http.lane_tls import LaneTls
+from smartroute.server.http.lane_pool import LaneBackend, connect, pool_key
+from smartroute.server.http.lane_tls import HTTP_ALPN, LaneTls
 from smartroute.server.http.messages import Response
 from smartroute.server.http.rewrite import (
     ResponsePlan,
@@ -48,6 +50,7 @@ from smartroute.server.http.session import log_request
 from smartroute.server.relay_plan import Address
 from smartroute.server.socket_relay import SocketRelay, established
 from smartroute.server.stats import ConnectionRecord
+from smartroute.server.tls import backend_context, backend_server_name, tls_reason
 
 if TYPE_CHECKING:
     from smartroute.routing.matcher import ConnectionFacts
@@ -147,6 +150,11 @@ class LaneExchange:
         backend.read(self.lane)
 
     def _send_backend(self, backend: LaneBackend, data: bytes) -> None:
+        try:
+            data = backend.wire(data)
+        except ssl.SSLError as exc:
+            backend.eof, backend.error = True, exc
+            return
         if self.to_backend is not None:
             self.to_backend += data
         else:
@@ -163,49 +171,88 @@ class LaneExchange:
         """Use the kept, a pooled or a new connection to the next address that takes one."""
         pooled = reuse and self.upgrade is None
         record = self.record
+        found = self.found
+        assert found is not None
+        tls = found.route.tls
+        context = None
+        if tls is not None and tls.mode == "terminate-and-reencrypt":
+            try:
+                context = backend_context(tls, alpn=HTTP_ALPN)
+            except CertificateLoadError as exc:  # a backend_ca that does not load
+                return self._fail(502, f"backend unreachable: {exc}", unread=True)
         while self.next_address < len(self.addresses):
             address = self.addresses[self.next_address]
             self.next_address += 1
             record.target = address[2]
+            sni = None
+            if context is not None:
+                assert tls is not None
+                sni = backend_server_name(tls, self.facts.domain, address[1][0])
+            key = pool_key(address, context, sni)
             backend = self.backend
             if backend is not None:
-                if pooled and backend.target == address[1] and backend.clean:
+                if pooled and backend.key == key and backend.clean:
                     self.reused = True
                     return self._begin()
                 self._let_go_backend()
             if pooled:
-                backend = self.runtime.lane_pool.take(address[1])
+                backend = self.runtime.lane_pool.take(key)
                 if backend is not None:
                     self.lane.watch(backend.fd, backend.mask, backend.mask, self)  # ours now
                     self.backend, self.reused = backend, True
                     return self._begin()
             try:
-                backend, ready = connect(address)
+                backend, up = connect(address, context, sni)
             except OSError as exc:
                 self.failures.append(f"{address[2]} {exc.strerror or exc}")
                 continue
             self.backend, self.reused = backend, False
-            if ready:
+            if up and backend.ready:
                 return self._begin()
             self.phase = CONNECT
             self._wait("connect", record.timeouts.connect)
-            return False
+            return self._set_up(backend) if up else False
         self.phase = HEAD  # no exchange: the answer is the proxy's own
         return self._fail(502, "backend unreachable: " + "; ".join(self.failures), unread=True)
 
-    def _connect_reported(self, backend: LaneBackend) -> None:
+    def _connect_reported(self, backend: LaneBackend, events: int) -> bool:
+        """An event while connecting: the TCP connect's outcome, or the TLS handshake's."""
+        if backend.connected:
+            if events & (OUT | TROUBLE) and self.to_backend is not None:
+                self._flush_backend(backend)
+            if events & (IN | TROUBLE):
+                backend.read(self.lane)
+            if backend.eof and not backend.ready:
+                why = "closed the connection during the TLS handshake"
+                if backend.error is not None:
+                    why = backend.error.strerror or str(backend.error)
+                return self._connect_failed(backend, why)
+            return self._set_up(backend)
         code = backend.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if code:
-            self._connect_failed(backend, os.strerror(code))
-        elif established(backend.sock):
-            self.waiting = ""
-            self._begin()
-        # else: a stale event, the connect is still under way
+            return self._connect_failed(backend, os.strerror(code))
+        if not established(backend.sock):
+            return False  # a stale event, the connect is still under way
+        backend.connected = True
+        return self._set_up(backend)
 
-    def _connect_failed(self, backend: LaneBackend, why: str) -> None:
+    def _set_up(self, backend: LaneBackend) -> bool:
+        """The TCP connection is up: go on with its TLS handshake, if any, then the request."""
+        if not backend.ready:
+            try:
+                done = backend.handshake()
+                self._send_backend(backend, b"")  # what the handshake has to send
+            except ssl.SSLError as exc:
+                return self._connect_failed(backend, f"TLS: {tls_reason(exc)}")
+            if not done:
+                return False
+        self.waiting = ""
+        return self._begin()
+
+    def _connect_failed(self, backend: LaneBackend, why: str) -> bool:
         self.failures.append(f"{backend.address[2]} {why}")
         self._close_backend()
-        self._open_backend(reuse=False)
+        return self._open_backend(reuse=False)
 
     def _begin(self) -> bool:
         """The backend connection is ready: send the request's head (and body) to it."""
@@ -425,7 +472,8 @@ class LaneExchange:
         found = self.found
         assert found is not None and self.head is not None
         log_request(record, self.head, found.route.name, 101, self.started)
-        if self.tls is not None:  # the relay moves bytes, not TLS records: tunnel here
+        if self.tls is not None or backend.tls is not None:
+            # The relay moves bytes, not TLS records: the session tunnels them itself.
             self._send_client(head)
             self.phase = TUNNEL
             return True

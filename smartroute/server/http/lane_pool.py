@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable
@@ -31,24 +32,47 @@ if TYPE_CHECKING:
     from smartroute.server.lane import RelayLane
 
 Target = tuple[str, int]  # (IP, port) as the socket address names it
+PoolKey = tuple[Target, int, str | None]  # the target, id of the TLS context (0: none), SNI
+READ = 256 * 1024  # the most plaintext taken from a TLS connection at a time
 _RETRY = (BlockingIOError, InterruptedError)
 
 
 class LaneBackend:
-    """One backend connection; ``mask``: the events the lane's epoll set watches on it."""
+    """One backend connection; ``mask``: the events the lane's epoll set watches on it.
 
-    __slots__ = ("sock", "fd", "address", "target", "mask", "inbox", "eof", "error", "since")
+    With a client ``context`` (``terminate-and-reencrypt``) the connection speaks TLS through
+    an ``ssl.SSLObject`` between memory BIOs: :meth:`handshake` runs once the TCP connection
+    is up, :meth:`read` decrypts into ``inbox`` and :meth:`wire` seals what is sent.
+    """
 
-    def __init__(self, sock: socket.socket, address: Address) -> None:
+    __slots__ = (
+        "sock", "fd", "address", "target", "key", "mask", "inbox", "eof", "error", "since",
+        "connected", "tls", "tls_in", "tls_out", "ready",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        address: Address,
+        context: ssl.SSLContext | None = None,
+        sni: str | None = None,
+    ) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.address = address
         self.target: Target = address[1]
+        self.key: PoolKey = pool_key(address, context, sni)
         self.mask = 0
-        self.inbox = bytearray()  # read from the backend, not yet passed on
+        self.inbox = bytearray()  # read from the backend (decrypted), not yet passed on
         self.eof = False
         self.error: OSError | None = None  # the connection was lost, not closed in order
         self.since = 0.0  # when it went idle
+        self.connected = False  # the TCP connection is up
+        self.tls: ssl.SSLObject | None = None
+        self.ready = context is None  # nothing left to set up (TLS: the handshake is done)
+        if context is not None:
+            self.tls_in, self.tls_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+            self.tls = context.wrap_bio(self.tls_in, self.tls_out, server_hostname=sni)
 
     @property
     def clean(self) -> bool:
@@ -65,14 +89,67 @@ class LaneBackend:
         except OSError as exc:
             self.eof, self.error = True, exc
             return
-        if not count:
-            self.eof = True
+        if self.tls is None:
+            if count:
+                self.inbox += lane.view[:count]
+            else:
+                self.eof = True
             return
-        self.inbox += lane.view[:count]
+        if count:
+            self.tls_in.write(lane.view[:count])
+        else:
+            self.tls_in.write_eof()
+        if self.ready:  # (during the handshake, handshake() takes the bytes)
+            self._decrypt()
+
+    def _decrypt(self) -> None:
+        tls = self.tls
+        assert tls is not None
+        while self.tls_in.pending or tls.pending() or self.tls_in.eof:
+            try:
+                chunk = tls.read(READ)
+            except ssl.SSLWantReadError:
+                return
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                self.eof = True
+                return
+            except ssl.SSLError as exc:
+                self.eof, self.error = True, exc
+                return
+            if not chunk:
+                self.eof = True
+                return
+            self.inbox += chunk
+
+    def handshake(self) -> bool:
+        """Go on with the TLS handshake: True once it is done; raises ``ssl.SSLError`` when
+        it fails (a certificate that does not verify, say). What it has to send is in
+        :meth:`wire`'s output (call ``wire(b"")``)."""
+        tls = self.tls
+        assert tls is not None
+        try:
+            tls.do_handshake()
+        except ssl.SSLWantReadError:
+            return False
+        self.ready = True
+        self._decrypt()  # application data that came with the handshake's end
+        return True
+
+    def wire(self, data: bytes) -> bytes:
+        """``data`` as it goes on the wire: sealed on a TLS connection (with anything TLS had
+        to send, such as handshake records)."""
+        tls = self.tls
+        if tls is None:
+            return data
+        if data:
+            tls.write(data)
+        return self.tls_out.read()
 
     def send(self, data: bytes) -> bytes | None:
-        """Send what the socket takes of ``data`` now; the rest, or None when all went (or the
-        connection failed: ``eof`` and ``error`` say so)."""
+        """Send what the socket takes of ``data`` (wire bytes) now; the rest, or None when all
+        went (or the connection failed: ``eof`` and ``error`` say so)."""
+        if not data:
+            return None
         try:
             sent = self.sock.send(data)
         except _RETRY:
@@ -89,9 +166,17 @@ class LaneBackend:
         self.sock.close()
 
 
-def connect(address: Address) -> tuple[LaneBackend, bool]:
-    """A new connection to ``address`` and whether it is established already (a backend on
-    the same host usually accepts during ``connect`` itself); raises OSError."""
+def pool_key(address: Address, context: ssl.SSLContext | None, sni: str | None) -> PoolKey:
+    """Which idle connections can serve a request: same address, same TLS settings and name."""
+    return address[1], 0 if context is None else id(context), sni
+
+
+def connect(
+    address: Address, context: ssl.SSLContext | None = None, sni: str | None = None
+) -> tuple[LaneBackend, bool]:
+    """A new connection to ``address`` (TLS with ``context``, named ``sni``) and whether its
+    TCP connection is up already (a backend on the same host usually accepts during
+    ``connect`` itself); raises OSError."""
     family, sockaddr, _ = address
     sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     try:
@@ -102,7 +187,9 @@ def connect(address: Address) -> tuple[LaneBackend, bool]:
     except OSError:
         sock.close()
         raise
-    return LaneBackend(sock, address), code == 0 or established(sock)
+    backend = LaneBackend(sock, address, context, sni)
+    backend.connected = code == 0 or established(sock)
+    return backend, backend.connected
 
 
 class LanePool:
@@ -112,23 +199,23 @@ class LanePool:
 
     def __init__(self, lane: RelayLane, *, max_idle: int = 256, idle_seconds: float = 30.0) -> None:
         self.lane = lane
-        self._idle: dict[Target, deque[LaneBackend]] = {}
+        self._idle: dict[PoolKey, deque[LaneBackend]] = {}
         self._by_fd: dict[int, LaneBackend] = {}
         self._max_idle = max_idle
         self._idle_seconds = idle_seconds
         self._wanted: TargetFilter | None = None
 
-    def take(self, target: Target) -> LaneBackend | None:
-        """The most recently used idle connection to ``target``, or None. The caller watches
+    def take(self, key: PoolKey) -> LaneBackend | None:
+        """The most recently used idle connection for ``key``, or None. The caller watches
         it from now on (its ``mask`` is what the set watches)."""
-        idle = self._idle.get(target)
+        idle = self._idle.get(key)
         if not idle:
             return None
         backend = idle.pop()
         del self._by_fd[backend.fd]
         if time.monotonic() - backend.since > self._idle_seconds:
             backend.close(self.lane)
-            return self.take(target)
+            return self.take(key)
         return backend
 
     def release(self, backend: LaneBackend) -> None:
@@ -140,9 +227,9 @@ class LanePool:
         self.lane.watch(backend.fd, backend.mask, IN, self)
         backend.mask = IN
         backend.since = time.monotonic()
-        idle = self._idle.get(backend.target)
+        idle = self._idle.get(backend.key)
         if idle is None:
-            idle = self._idle[backend.target] = deque()
+            idle = self._idle[backend.key] = deque()
         idle.append(backend)
         self._by_fd[backend.fd] = backend
         if len(idle) > self._max_idle:
@@ -153,7 +240,7 @@ class LanePool:
         turn. Either way it is of no more use."""
         backend = self._by_fd.get(fd)
         if backend is not None:
-            self._idle[backend.target].remove(backend)
+            self._idle[backend.key].remove(backend)
             self._forget(backend)
 
     def abort(self) -> None:
@@ -177,17 +264,17 @@ class LanePool:
         self._drop(lambda backend: now - backend.since > limit)
 
     def _drop(self, doomed: Callable[[LaneBackend], bool]) -> None:
-        for target in list(self._idle):
+        for key in list(self._idle):
             kept: deque[LaneBackend] = deque()
-            for backend in self._idle[target]:
+            for backend in self._idle[key]:
                 if doomed(backend):
                     self._forget(backend)
                 else:
                     kept.append(backend)
             if kept:
-                self._idle[target] = kept
+                self._idle[key] = kept
             else:
-                del self._idle[target]
+                del self._idle[key]
 
     def close(self) -> None:
         for idle in self._idle.values():

@@ -22,7 +22,7 @@ from support import LOOPBACK, MIB, Finished, async_test, free_port, reset
 from smartroute import SmartRoute
 from smartroute.server import actions
 from smartroute.server.decision import FirstRequest
-from smartroute.server.http.lane_pool import LanePool
+from smartroute.server.http.lane_pool import LanePool, PoolKey
 from smartroute.server.runtime import Runtime
 from smartroute.server.stats import ConnectionRecord
 
@@ -383,8 +383,8 @@ async def test_a_pooled_connection_the_backend_closed_is_not_handed_out(
             taken: list[object] = []
             original = pool.take
 
-            def spy(target: tuple[str, int]) -> Any:
-                taken.append(result := original(target))
+            def spy(key: PoolKey) -> Any:
+                taken.append(result := original(key))
                 return result
 
             monkeypatch.setattr(pool, "take", spy)
