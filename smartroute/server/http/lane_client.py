@@ -6,22 +6,19 @@ connection: the lane's epoll set reports its events here; bytes are
 read into the session's inbox (through :class:`~smartroute.server.http.lane_tls.LaneTls` on a
 terminated connection, whose handshake, alerts and ``close_notify`` go out with the rest) and
 written with backpressure (a side whose destination has bytes pending is not read); one timer
-serves every wait; and the connection ends here, its backend connection pooled when clean.
+serves every wait; after an upgrade (``101``) the connection becomes a lane relay, or a tunnel
+through the session when either side is TLS; and the connection ends here, its backend
+connection pooled when clean.
 The requests themselves are :class:`~smartroute.server.http.lane_session.LaneSession`'s.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
-from typing import TYPE_CHECKING
 
 from smartroute.server.epoll_set import IN, OUT, TROUBLE
-from smartroute.server.tls import handshake_reason, tls_reason
-
-if TYPE_CHECKING:
-    pass
-
 from smartroute.server.http.lane_exchange import (
     _RETRY,
     CONNECT,
@@ -29,8 +26,13 @@ from smartroute.server.http.lane_exchange import (
     HEAD,
     HELD,
     SEND,
+    TUNNEL,
     LaneExchange,
 )
+from smartroute.server.http.lane_pool import LaneBackend
+from smartroute.server.http.session import log_request
+from smartroute.server.socket_relay import SocketRelay
+from smartroute.server.tls import handshake_reason, tls_reason
 
 log = logging.getLogger("smartroute")
 
@@ -199,6 +201,61 @@ class LaneClient(LaneExchange):
         elif timer.when() > deadline:  # only a shorter wait moves the timer
             timer.cancel()
             self.timer = loop.call_at(deadline, self._on_timer)
+
+    # -- after an upgrade -------------------------------------------------------------------
+
+    def _switch(self, backend: LaneBackend, head: bytes) -> bool:
+        """The backend switched protocols: from here on, a byte relay between the two."""
+        record = self.record
+        record.outcome = "upgraded"
+        found = self.found
+        assert found is not None and self.head is not None
+        log_request(record, self.head, found.route.name, 101, self.started)
+        if self.tls is not None or backend.tls is not None:
+            # The relay moves bytes, not TLS records: the session tunnels them itself.
+            self._send_client(head)
+            self.phase = TUNNEL
+            return True
+        to_client = (self.out or b"") + head + bytes(backend.inbox)
+        to_backend = (self.to_backend or b"") + bytes(self.inbox)
+        self._give_up()
+        if backend.mask:
+            self.lane.forget(backend.fd)
+            backend.mask = 0
+        self.backend = None
+        relay = SocketRelay(self.lane, self.sock, record, found.route.name, (backend.address,))
+        relay.join(backend.sock, to_backend, to_client)
+        return False
+
+    def _tunnel(self) -> bool:
+        """Switched protocols on a terminated connection: the client's plaintext to the
+        backend and the backend's bytes sealed for the client, until either side ends."""
+        backend = self.backend
+        assert backend is not None
+        inbox = self.inbox
+        if inbox and self.to_backend is None:
+            data = bytes(inbox)
+            inbox.clear()
+            self._send_backend(backend, data)
+        if backend.inbox and self.out is None:
+            data = bytes(backend.inbox)
+            backend.inbox.clear()
+            self._send_client(data)
+        if self.done:
+            return False
+        if self.eof and not inbox and self.to_backend is None and not self.shut:
+            self.shut = True
+            try:
+                backend.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # the backend is gone too: its end shows next
+        if backend.eof and not backend.inbox:
+            if backend.error is not None:
+                self.record.fail("error", f"backend: {backend.error.strerror or backend.error}")
+            self.closing = True
+            if self.out is None:
+                self.finish()
+        return False
 
     # -- ending ------------------------------------------------------------------------------
 

@@ -48,7 +48,7 @@ from smartroute.server.http.rewrite import (
 )
 from smartroute.server.http.session import log_request
 from smartroute.server.relay_plan import Address
-from smartroute.server.socket_relay import SocketRelay, established
+from smartroute.server.socket_relay import established
 from smartroute.server.stats import ConnectionRecord
 from smartroute.server.tls import backend_context, backend_server_name, tls_reason
 
@@ -465,59 +465,6 @@ class LaneExchange:
             return False
         return True
 
-    def _switch(self, backend: LaneBackend, head: bytes) -> bool:
-        """The backend switched protocols: from here on, a byte relay between the two."""
-        record = self.record
-        record.outcome = "upgraded"
-        found = self.found
-        assert found is not None and self.head is not None
-        log_request(record, self.head, found.route.name, 101, self.started)
-        if self.tls is not None or backend.tls is not None:
-            # The relay moves bytes, not TLS records: the session tunnels them itself.
-            self._send_client(head)
-            self.phase = TUNNEL
-            return True
-        to_client = (self.out or b"") + head + bytes(backend.inbox)
-        to_backend = (self.to_backend or b"") + bytes(self.inbox)
-        self._give_up()
-        if backend.mask:
-            self.lane.forget(backend.fd)
-            backend.mask = 0
-        self.backend = None
-        relay = SocketRelay(self.lane, self.sock, record, found.route.name, (backend.address,))
-        relay.join(backend.sock, to_backend, to_client)
-        return False
-
-    def _tunnel(self) -> bool:
-        """Switched protocols on a terminated connection: the client's plaintext to the
-        backend and the backend's bytes sealed for the client, until either side ends."""
-        backend = self.backend
-        assert backend is not None
-        inbox = self.inbox
-        if inbox and self.to_backend is None:
-            data = bytes(inbox)
-            inbox.clear()
-            self._send_backend(backend, data)
-        if backend.inbox and self.out is None:
-            data = bytes(backend.inbox)
-            backend.inbox.clear()
-            self._send_client(data)
-        if self.done:
-            return False
-        if self.eof and not inbox and self.to_backend is None and not self.shut:
-            self.shut = True
-            try:
-                backend.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass  # the backend is gone too: its end shows next
-        if backend.eof and not backend.inbox:
-            if backend.error is not None:
-                self.record.fail("error", f"backend: {backend.error.strerror or backend.error}")
-            self.closing = True
-            if self.out is None:
-                self.finish()
-        return False
-
     # -- provided by the client's half (LaneClient, LaneSession) ---------------------------
 
     def _send_client(self, data: bytes) -> None:
@@ -550,4 +497,7 @@ class LaneExchange:
         raise NotImplementedError
 
     def _on_timer(self) -> None:
+        raise NotImplementedError
+
+    def _switch(self, backend: LaneBackend, head: bytes) -> bool:
         raise NotImplementedError

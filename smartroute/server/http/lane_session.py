@@ -43,6 +43,15 @@ from smartroute.server.decision import (
     request_facts,
 )
 from smartroute.server.http.headers import connection_tokens
+from smartroute.server.http.lane_client import LaneClient
+from smartroute.server.http.lane_exchange import (
+    DISCARD,
+    HEAD,
+    RELAY,
+    SEND,
+    TUNNEL,
+    WAIT,
+)
 from smartroute.server.http.messages import Response, response_head, text_response
 from smartroute.server.http.reverse_proxy import CONNECT_REFUSED
 from smartroute.server.http.rewrite import (
@@ -53,15 +62,6 @@ from smartroute.server.http.session import DISCARD_LIMIT, keeps_alive, log_reque
 if TYPE_CHECKING:
     from smartroute.routing.matcher import ConnectionFacts
 
-from smartroute.server.http.lane_client import LaneClient
-from smartroute.server.http.lane_exchange import (
-    DISCARD,
-    HEAD,
-    RELAY,
-    SEND,
-    TUNNEL,
-    WAIT,
-)
 
 log = logging.getLogger("smartroute")
 
