@@ -26,14 +26,33 @@ import fcntl
 import logging
 import os
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from smartroute.server.epoll_set import IN, OUT, TROUBLE
 from smartroute.server.relay_plan import Address
 from smartroute.server.stats import ConnectionRecord
 
 if TYPE_CHECKING:
-    from smartroute.server.lane import RelayLane
+    from smartroute.server.epoll_set import Watcher
+    from smartroute.server.stats import StatsBook
+
+
+class _Counted(Protocol):
+    @property
+    def stats(self) -> StatsBook: ...
+
+
+class RelayLane(Protocol):
+    """What a relay needs of the lane that runs it (:class:`smartroute.server.lane.RelayLane`,
+    which imports this module): the shared buffer, the epoll set, and where ends are counted."""
+
+    buffer: bytearray
+    view: memoryview
+
+    @property
+    def runtime(self) -> _Counted: ...
+
+    def watch(self, fd: int, old: int, new: int, watcher: Watcher) -> None: ...
 
 log = logging.getLogger("smartroute")
 
