@@ -277,6 +277,28 @@ async def test_fifty_kept_alive_https_requests_ride_one_backend_connection(
 
 
 @async_test()
+async def test_a_terminated_connection_counts_its_http_bytes_not_tls_records(
+    ca: TestCA, site: CertPair, finished: Finished, lane_only: list[int]
+) -> None:
+    # As on the transport path: stats() and the access log count what the client's HTTP
+    # exchange carried, so a route's figures do not depend on which path served it.
+    request = get("/counted", "Connection: close")
+    async with RecordingBackend() as backend:
+        port = free_port()
+        async with proxy([tls_route(port, backend.port, site)]):
+            client = await TlsClient.open(port, ca.client_context())
+            try:
+                await client.send(request)
+                answer = await client.rest()
+            finally:
+                client.close()
+            record = await finished.next()
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"GET /counted")
+    assert (record.bytes_in, record.bytes_out) == (len(request), len(answer))
+    assert lane_only == [], LANE
+
+
+@async_test()
 async def test_five_pipelined_requests_over_tls_are_answered_in_order(
     ca: TestCA, site: CertPair
 ) -> None:

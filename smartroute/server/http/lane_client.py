@@ -86,9 +86,9 @@ class LaneClient(LaneExchange):
             if self.tls is None:
                 self.eof = True
                 return
-        self.record.bytes_in += count
         tls = self.tls
         if tls is None:
+            self.record.bytes_in += count
             self.inbox += lane.view[:count]
             return
         ready = tls.ready
@@ -112,7 +112,8 @@ class LaneClient(LaneExchange):
         sealed = tls.pending()
         if sealed:
             self._send_raw(sealed)
-        if plain:
+        if plain:  # counted as the transport path counts it: the HTTP bytes, not TLS's
+            self.record.bytes_in += len(plain)
             self.inbox += plain
         if ended:
             self.eof = True
@@ -120,6 +121,7 @@ class LaneClient(LaneExchange):
     def _send_client(self, data: bytes) -> None:
         tls = self.tls
         if tls is not None:
+            self.record.bytes_out += len(data)  # the HTTP bytes (see _read_client)
             try:
                 data = tls.seal(data)
             except ssl.SSLError as exc:
@@ -141,7 +143,8 @@ class LaneClient(LaneExchange):
         except OSError as exc:
             self._client_lost(exc)
             return
-        self.record.bytes_out += sent
+        if self.tls is None:
+            self.record.bytes_out += sent
         if sent < len(data):
             self.out = data[sent:]
 
@@ -155,7 +158,8 @@ class LaneClient(LaneExchange):
         except OSError as exc:
             self._client_lost(exc)
             return
-        self.record.bytes_out += sent
+        if self.tls is None:
+            self.record.bytes_out += sent
         self.out = out[sent:] if sent < len(out) else None
         if self.out is None and self.closing:
             self.finish()
