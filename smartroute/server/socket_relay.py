@@ -54,6 +54,7 @@ class RelayLane(Protocol):
 
     def watch(self, fd: int, old: int, new: int, watcher: Watcher) -> None: ...
 
+
 log = logging.getLogger("smartroute")
 
 CHUNK = 256 * 1024  # the most one read takes, as asyncio's transports read
