@@ -7,6 +7,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from functools import partial
 from types import TracebackType
 from typing import Any
@@ -16,9 +17,10 @@ from smartroute.certs.settings import validate_acme
 from smartroute.errors import ConfigError, SmartRouteError
 from smartroute.routing.defaults import apply_all
 from smartroute.routing.matcher import RouteTable
-from smartroute.routing.model import CertificatePair, CompiledRoute
+from smartroute.routing.model import CertificatePair, CompiledRoute, ForwardAction
 from smartroute.routing.schema import RouteInput
 from smartroute.routing.validation import validate_route, validate_routes
+from smartroute.routing.validation.actions import validate_targets
 from smartroute.server.accept import accept_socket
 from smartroute.server.http.pool import targets_named_by
 from smartroute.server.port_manager import PortManager
@@ -189,6 +191,34 @@ class SmartRoute:
                 raise ConfigError("remove_route", f"no route named {name!r} (routes: {known})")
             await self._change(kept)
         self._certs.routes_changed(self._routes)
+
+    async def set_targets(self, route_name: str, targets: Any) -> None:
+        """Replace the targets of the ``forward`` route called ``route_name`` (given as the
+        route's own ``targets``: a list of target dicts or :class:`Target` objects).
+
+        Only the targets change: the route keeps its place, port and match, no port is
+        rebound, and connections under way go on with the targets they have; new connections
+        and requests go to the new ones. Checked like a route's targets, errors name the
+        target (``set_targets('api').targets[1].port``); on an error nothing changes.
+        """
+        async with self._lock:
+            routes = self._routes
+            found = [i for i, route in enumerate(routes) if route.name == route_name]
+            if not found:
+                known = ", ".join(repr(r.name) for r in routes) or "none"
+                raise ConfigError("set_targets", f"no route named {route_name!r} (routes: {known})")
+            index = found[0]
+            route = routes[index]
+            action = route.action
+            if not isinstance(action, ForwardAction):
+                raise ConfigError(
+                    "set_targets",
+                    f"route {route_name!r} is a {action.type!r} route: only forward routes have"
+                    " targets",
+                )
+            specs = validate_targets(targets, f"set_targets({route_name!r}).targets")
+            changed = replace(route, action=replace(action, targets=specs))
+            await self._change((*routes[:index], changed, *routes[index + 1 :]))
 
     async def stop(self) -> None:
         """Stop accepting, let live connections finish (up to the grace period), close."""

@@ -103,17 +103,21 @@ def _target(value: object, path: str) -> TargetSpec:
     )
 
 
-def _forward(raw: Raw, path: str) -> ForwardAction:
-    require(raw, path, "targets")
-    value, where = raw["targets"], f"{path}.targets"
+def validate_targets(value: object, where: str) -> tuple[TargetSpec, ...]:
+    """A forward action's ``targets`` (a list of targets, or one), checked; errors name
+    ``where`` and the item."""
     if type(value) is list or isinstance(value, tuple):
         if not value:
             raise ConfigError(where, "empty list (give at least one target)")
-        targets = tuple([_target(item, f"{where}[{i}]") for i, item in enumerate(value)])
-    elif isinstance(value, Mapping | schema.Target):
-        targets = (_target(value, where),)
-    else:
-        raise ConfigError(where, f"expected a list of targets, got {got(value)}")
+        return tuple([_target(item, f"{where}[{i}]") for i, item in enumerate(value)])
+    if isinstance(value, Mapping | schema.Target):
+        return (_target(value, where),)
+    raise ConfigError(where, f"expected a list of targets, got {got(value)}")
+
+
+def _forward(raw: Raw, path: str) -> ForwardAction:
+    require(raw, path, "targets")
+    targets = validate_targets(raw["targets"], f"{path}.targets")
     protocol = raw.get("protocol")
     if protocol is not None:
         protocol = expect_choice(protocol, f"{path}.protocol", _PROTOCOLS, "protocol")
