@@ -16,6 +16,7 @@ import contextlib
 import re
 import socket
 from dataclasses import dataclass, field
+from typing import Self
 
 LOOPBACK = "127.0.0.1"
 WAIT = 5.0  # the longest any single wait on a peer may take; the cases need milliseconds
@@ -150,7 +151,56 @@ def _frame_chunked(data: bytes, head: bytes) -> tuple[Seen, int] | None:
         pos = end + 2
 
 
-class RecordingBackend:
+class LoopbackServer:
+    """A server on a free loopback port for an ``async with`` block: ``serve`` runs for every
+    connection; it counts them (``accepted``) and closes whatever is still open at the end."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.accepted = 0
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        self._server = await asyncio.start_server(self._handle, LOOPBACK, 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        self.drop()
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=WAIT)
+            for task in pending:
+                task.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._server.wait_closed(), WAIT)
+
+    def drop(self) -> None:
+        """Close every connection from the server's side."""
+        for writer in self._writers:
+            writer.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self._writers.append(writer)
+        self.accepted += 1
+        try:
+            await self.serve(reader, writer)
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
+            pass  # the proxy closed or reset it; the test checks what the client saw
+        finally:
+            writer.close()
+
+
+class RecordingBackend(LoopbackServer):
     """An HTTP/1.1 backend on 127.0.0.1 (port 0) recording what every connection brought.
 
     ``script`` maps the number of a request (0 for the first the backend receives, counted
@@ -159,35 +209,13 @@ class RecordingBackend:
     """
 
     def __init__(self, script: dict[int, Reply] | None = None) -> None:
+        super().__init__()
         self.script = dict(script or {})
         self.connections: list[BackendConnection] = []
         self.requests: list[Seen] = []
-        self.port = 0
         self.resume = asyncio.Event()  # see Reply.then
-        self._server: asyncio.Server | None = None
-        self._writers: list[asyncio.StreamWriter] = []
-        self._tasks: set[asyncio.Task[None]] = set()
 
-    async def __aenter__(self) -> RecordingBackend:
-        self._server = await asyncio.start_server(self._handle, LOOPBACK, 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in self._writers:
-            writer.close()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=WAIT)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._server.wait_closed(), WAIT)
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self._writers.append(writer)
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = BackendConnection(len(self.connections))
         self.connections.append(conn)
         pending = b""
@@ -219,11 +247,8 @@ class RecordingBackend:
                         await writer.drain()
                     if reply is not None and reply.close:
                         return
-        except OSError:  # reset by the proxy, which may close with bytes unread
-            pass
         finally:
             conn.closed.set()
-            writer.close()
 
 
 # -- the client -------------------------------------------------------------------------------

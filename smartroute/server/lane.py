@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Callable
 from typing import Protocol
 
 from smartroute.routing.matcher import RouteTable
@@ -23,6 +24,8 @@ from smartroute.server.socket_relay import CHUNK, SocketRelay
 from smartroute.server.stats import ConnectionRecord, StatsBook
 
 log = logging.getLogger("smartroute")
+
+Planner = Callable[[CompiledRoute, int], "tuple[Address, ...] | None"]
 
 
 class LaneRuntime(Protocol):
@@ -41,29 +44,28 @@ class RelayLane(EpollSet):
         self.buffer = bytearray(CHUNK)
         self.view = memoryview(self.buffer)
         self._table: object = None
-        self._plans: dict[tuple[int, int], tuple[Address, ...] | None] = {}
-        self._http_plans: dict[tuple[int, int], tuple[Address, ...] | None] = {}
-        self._ports: dict[int, bool] = {}
-        self._tls_ports: dict[int, bool] = {}
+        # Per route (by id) and port of the current table, each planner's answer; per port,
+        # what the lane can do there. Both are dropped when the table changes.
+        self._plans: dict[tuple[Planner, int, int], tuple[Address, ...] | None] = {}
+        self._ports: dict[tuple[str, int], bool] = {}
 
     def plan(self, route: CompiledRoute, port: int) -> tuple[Address, ...] | None:
         """:func:`relay_plan`, computed once per route and port of the current table."""
-        self._follow_table()
-        key = (id(route), port)
-        try:
-            return self._plans[key]
-        except KeyError:
-            plan = self._plans[key] = relay_plan(route, port)
-            return plan
+        return self._planned(relay_plan, route, port)
 
     def http_plan(self, route: CompiledRoute, port: int) -> tuple[Address, ...] | None:
         """:func:`http_plan`, computed once per route and port of the current table."""
+        return self._planned(http_plan, route, port)
+
+    def _planned(
+        self, planner: Planner, route: CompiledRoute, port: int
+    ) -> tuple[Address, ...] | None:
         self._follow_table()
-        key = (id(route), port)
+        key = (planner, id(route), port)
         try:
-            return self._http_plans[key]
+            return self._plans[key]
         except KeyError:
-            plan = self._http_plans[key] = http_plan(route, port)
+            plan = self._plans[key] = planner(route, port)
             return plan
 
     def terminates(self, port: int) -> bool:
@@ -71,35 +73,34 @@ class RelayLane(EpollSet):
         to fixed addresses, so whatever a request on a terminated connection matches, the
         lane serves it or answers it itself (404, a refusal) - it cannot hand a TLS session
         to a transport."""
-        self._follow_table()
-        try:
-            return self._tls_ports[port]
-        except KeyError:
-            routes = self.runtime.table.ordered(port)
-            serves = AVAILABLE and all(self.http_plan(r, port) is not None for r in routes)
-            self._tls_ports[port] = serves
-            return serves
+        return self._port_fact("terminates", port)
 
     def serves(self, port: int) -> bool:
         """True when some route on ``port`` can be relayed or served as HTTP here (else the
         lane is no use)."""
+        return self._port_fact("serves", port)
+
+    def _port_fact(self, fact: str, port: int) -> bool:
         self._follow_table()
+        key = (fact, port)
         try:
-            return self._ports[port]
+            return self._ports[key]
         except KeyError:
             routes = self.runtime.table.ordered(port)
-            serves = AVAILABLE and any(
-                self.plan(r, port) is not None or self.http_plan(r, port) is not None
-                for r in routes
-            )
-            self._ports[port] = serves
-            return serves
+            if fact == "serves":
+                known = any(
+                    self.plan(r, port) is not None or self.http_plan(r, port) is not None
+                    for r in routes
+                )
+            else:
+                known = all(self.http_plan(r, port) is not None for r in routes)
+            self._ports[key] = answer = AVAILABLE and known
+            return answer
 
     def _follow_table(self) -> None:
         table = self.runtime.table
         if table is not self._table:  # routes changed: the table holds the routes we key by
-            self._table, self._plans, self._http_plans = table, {}, {}
-            self._ports, self._tls_ports = {}, {}
+            self._table, self._plans, self._ports = table, {}, {}
 
     def open(self) -> None:
         """Create the epoll set and have the running loop watch it (the proxy starts)."""

@@ -29,7 +29,6 @@ from smartroute.protocols.http import RequestHead
 from smartroute.protocols.http_response import (
     BodyFraming,
     parse_response_head,
-    response_framing,
 )
 from smartroute.routing.matcher import RouteMatch
 from smartroute.routing.model import CompiledRoute
@@ -84,7 +83,7 @@ class LaneExchange:
         "runtime", "lane", "sock", "fd", "mask", "record", "inbox", "eof", "out", "first", "phase",
         "closing", "done", "head", "facts", "found", "framing", "tokens", "keep_alive", "upgrade",
         "started", "backend", "to_backend", "reused", "addresses", "next_address", "failures",
-        "prefix", "left", "decoder", "plan", "out_framing", "answer", "waiting", "deadline",
+        "prefix", "left", "decoder", "plan", "answer", "waiting", "deadline",
         "timer", "loop", "tls", "tls_info", "shut", "planned",
     )
     # fmt: on
@@ -132,7 +131,6 @@ class LaneExchange:
         self.left = 0  # body bytes still to come (Content-Length framing)
         self.decoder: ChunkedDecoder | None = None
         self.plan: ResponsePlan | None = None
-        self.out_framing = self.framing
         self.answer: tuple[Response, bool] | None = None  # sent once DISCARD has dropped the body
         # One timer per session, moved lazily: see _wait.
         self.waiting = ""  # what the deadline is for ("": nothing)
@@ -346,18 +344,13 @@ class LaneExchange:
             if self.upgrade is None:
                 return self._fail(502, "the backend switched protocols unasked (101)")
             return self._switch(backend, upgraded_head(response, tokens, self.upgrade))
-        try:
-            out = response_framing(head.method, response)
-        except HttpParseError as exc:
-            return self._fail(502, f"the backend sent an invalid response: {exc}")
-        if out.codings and head.version == "HTTP/1.0":
-            return self._fail(
-                502,
-                f"the response's transfer coding {out.codings!r} cannot reach an HTTP/1.0 client",
-            )
         keep_alive = self.keep_alive and self.runtime.accepting  # a stopping proxy: "go"
-        plan = self.plan = plan_response(head, response, tokens, out, keep_alive)
-        self.out_framing, self.left, self.prefix = out, out.length, plan.head
+        try:
+            plan = self.plan = plan_response(head, response, tokens, keep_alive)
+        except HttpParseError as exc:
+            return self._fail(exc.status, str(exc))
+        out = plan.framing
+        self.left, self.prefix = out.length, plan.head
         self.decoder = ChunkedDecoder(error_status=502) if out.kind == "chunked" else None
         self.phase = RELAY
         return True
@@ -405,7 +398,7 @@ class LaneExchange:
             return False
         backend, plan = self.backend, self.plan
         assert backend is not None and plan is not None
-        inbox, prefix, kind = backend.inbox, self.prefix, self.out_framing.kind
+        inbox, prefix, kind = backend.inbox, self.prefix, plan.framing.kind
         self.prefix = b""
         if kind != "close":
             try:

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from smartroute.server.epoll_set import IN
+from smartroute.server.http.lane_tls import decrypt
 from smartroute.server.http.pool import TargetFilter
 from smartroute.server.relay_plan import Address
 from smartroute.server.socket_relay import established
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
 
 Target = tuple[str, int]  # (IP, port) as the socket address names it
 PoolKey = tuple[Target, int, str | None]  # the target, id of the TLS context (0: none), SNI
-READ = 256 * 1024  # the most plaintext taken from a TLS connection at a time
 _RETRY = (BlockingIOError, InterruptedError)
 
 
@@ -103,23 +103,15 @@ class LaneBackend:
             self._decrypt()
 
     def _decrypt(self) -> None:
-        tls = self.tls
-        assert tls is not None
-        while self.tls_in.pending or tls.pending() or self.tls_in.eof:
-            try:
-                chunk = tls.read(READ)
-            except ssl.SSLWantReadError:
-                return
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                self.eof = True
-                return
-            except ssl.SSLError as exc:
-                self.eof, self.error = True, exc
-                return
-            if not chunk:
-                self.eof = True
-                return
-            self.inbox += chunk
+        assert self.tls is not None
+        try:
+            plain, ended = decrypt(self.tls, self.tls_in)
+        except ssl.SSLError as exc:
+            self.eof, self.error = True, exc
+            return
+        self.inbox += plain
+        if ended:
+            self.eof = True
 
     def handshake(self) -> bool:
         """Go on with the TLS handshake: True once it is done; raises ``ssl.SSLError`` when

@@ -187,18 +187,9 @@ class LaneSession(LaneClient):
                 return self._refuse(head, facts, found, verdict, framing, None)
             self._hand_over(FirstRequest(head, facts, found, decided=True, verdict=verdict))
             return False
-        del self.inbox[: head.length]
-        tokens = connection_tokens(head.headers)
-        self.head, self.facts, self.found, self.framing, self.tokens = (
-            head,
-            facts,
-            found,
-            framing,
-            tokens,
-        )
-        self.keep_alive = keeps_alive(head.version, tokens) and runtime.accepting
-        self.upgrade = head.header("upgrade") if "upgrade" in tokens else None
-        self.started = time.monotonic()
+        self._take(head, facts, found)
+        self.framing = framing
+        self.upgrade = head.header("upgrade") if "upgrade" in self.tokens else None
         if len(addresses) > 1:
             action = found.route.action
             assert isinstance(action, ForwardAction)
@@ -210,6 +201,14 @@ class LaneSession(LaneClient):
         if framing.kind != "none" and (head.header("expect") or "").lower() == "100-continue":
             self._send_client(CONTINUE)
         return self._open_backend(reuse=True)
+
+    def _take(self, head: RequestHead, facts: ConnectionFacts, found: RouteMatch | None) -> None:
+        """The request is this session's to answer from now on: its head leaves the inbox."""
+        del self.inbox[: head.length]
+        tokens = connection_tokens(head.headers)
+        self.head, self.facts, self.found, self.tokens = head, facts, found, tokens
+        self.keep_alive = keeps_alive(head.version, tokens) and self.runtime.accepting
+        self.started = time.monotonic()
 
     # -- answers of the proxy's own ----------------------------------------------------------
 
@@ -223,17 +222,14 @@ class LaneSession(LaneClient):
         error: HttpParseError | None,
     ) -> bool:
         """Answer a request the lane does not forward on a connection it cannot hand over (a
-        terminated one): no route, a refusal, CONNECT, broken framing (``error``)."""
-        del self.inbox[: head.length]
-        tokens = connection_tokens(head.headers)
-        self.head, self.facts, self.found, self.tokens = head, facts, found, tokens
-        self.keep_alive = keeps_alive(head.version, tokens) and self.runtime.accepting
-        self.started = time.monotonic()
+        terminated one): no route, a refusal, CONNECT, broken framing (``error``, and then no
+        ``framing``)."""
+        self._take(head, facts, found)
         record = self.record
-        if error is not None or framing is None:
+        if error is not None:
             record.fail("bad-request", str(error))
-            status = 400 if error is None else error.status
-            return self._answer(text_response(status, str(error)), False)
+            return self._answer(text_response(error.status, str(error)), False)
+        assert framing is not None
         self.framing = framing
         if head.method == "CONNECT":
             record.fail("refused", "CONNECT is not served by a reverse proxy route")

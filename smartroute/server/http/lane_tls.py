@@ -44,6 +44,26 @@ def lane_context(
         return None
 
 
+def decrypt(obj: ssl.SSLObject, incoming: ssl.MemoryBIO) -> tuple[bytes, bool]:
+    """The plaintext of the whole records ``incoming`` holds, and whether the peer ended the
+    connection (``close_notify``, or its end without one); a broken record raises
+    ``ssl.SSLError``. Shared by the client's TLS and re-encrypted backend connections."""
+    parts: list[bytes] = []
+    # Read while a record may be complete: a read that finds none raises, which costs more
+    # than asking the BIO whether bytes are left.
+    while incoming.pending or obj.pending() or incoming.eof:
+        try:
+            chunk = obj.read(READ)
+        except ssl.SSLWantReadError:
+            break
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            return b"".join(parts), True
+        if not chunk:
+            return b"".join(parts), True
+        parts.append(chunk)
+    return (parts[0] if len(parts) == 1 else b"".join(parts)), False
+
+
 class LaneTls:
     """One terminated connection's TLS state."""
 
@@ -71,24 +91,7 @@ class LaneTls:
             except ssl.SSLWantReadError:
                 return b"", False
             self.ready = True
-        parts = []
-        ended = False
-        incoming = self.incoming
-        # Read while a record may be complete: a read that finds none raises, which costs
-        # more than asking the BIO whether bytes are left.
-        while incoming.pending or obj.pending() or incoming.eof:
-            try:
-                chunk = obj.read(READ)
-            except ssl.SSLWantReadError:
-                break
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                ended = True  # close_notify, or the connection's end without one
-                break
-            if not chunk:
-                ended = True
-                break
-            parts.append(chunk)
-        return (parts[0] if len(parts) == 1 else b"".join(parts)), ended
+        return decrypt(obj, self.incoming)
 
     def seal(self, data: bytes) -> bytes:
         """The ciphertext carrying ``data`` (and whatever else TLS had to send)."""

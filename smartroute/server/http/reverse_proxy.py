@@ -26,7 +26,6 @@ from smartroute.protocols.http_response import (
     BodyFraming,
     ResponseHead,
     parse_response_head,
-    response_framing,
 )
 from smartroute.routing.matcher import ConnectionFacts, RouteMatch
 from smartroute.routing.model import ForwardAction
@@ -38,6 +37,7 @@ from smartroute.server.http.messages import Response, text_response
 from smartroute.server.http.pool import PoolKey
 from smartroute.server.http.rewrite import (
     CONTINUE,
+    ResponsePlan,
     backend_request_head,
     interim_head,
     plan_response,
@@ -279,20 +279,13 @@ class _Exchange:
                 session.record.outcome = "upgraded"
                 tunnel(client, backend, session.record, session.finish)
                 raise Handover
+            # A stopping proxy tells the client to go.
+            keep_alive = self.keep_alive and session.runtime.accepting
             try:
-                out = response_framing(head.method, response)
+                plan = plan_response(head, response, response_tokens, keep_alive)
             except HttpParseError as exc:
-                raise _Failed(
-                    502, f"the backend sent an invalid response: {exc}", sent=True
-                ) from None
-            if out.codings and head.version == "HTTP/1.0":
-                raise _Failed(
-                    502,
-                    f"the response's transfer coding {out.codings!r} cannot reach an HTTP/1.0"
-                    " client",
-                    sent=True,
-                )
-            keep, backend_keep = await self.relay_response(backend, response, response_tokens, out)
+                raise _Failed(exc.status, str(exc), sent=True) from None
+            keep, backend_keep = await self.relay_response(backend, plan)
         except Handover:
             raise
         except BaseException:
@@ -340,20 +333,11 @@ class _Exchange:
             if interim is not None:
                 session.client.write(interim)
 
-    async def relay_response(
-        self, backend: Stream, response: ResponseHead, tokens: set[str], out: BodyFraming
-    ) -> tuple[bool, bool]:
-        """Send the response to the client; returns (client stays, backend reusable).
-
-        ``tokens`` are the response's ``Connection`` options, ``out`` its body's framing. An
-        HTTP/1.1 client gets a body of unknown length chunked; an HTTP/1.0 client, which
-        cannot read chunked, gets it plain and delimited by the end of the connection.
-        """
+    async def relay_response(self, backend: Stream, plan: ResponsePlan) -> tuple[bool, bool]:
+        """Send the planned response to the client; returns (client stays, backend reusable)."""
         client = self.session.client
+        out = plan.framing
         kind = out.kind
-        # A stopping proxy tells the client to go.
-        keep_alive = self.keep_alive and self.session.runtime.accepting
-        plan = plan_response(self.head, response, tokens, out, keep_alive)
         prefix = plan.head
         # The head goes out with the body bytes already here: one send for a small answer.
         if kind == "none":

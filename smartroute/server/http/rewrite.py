@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from smartroute.errors import HttpParseError
 from smartroute.protocols.http import RequestHead
-from smartroute.protocols.http_response import BodyFraming, ResponseHead
+from smartroute.protocols.http_response import BodyFraming, ResponseHead, response_framing
 from smartroute.server.http.headers import connection_tokens, request_lines, response_lines
 from smartroute.server.http.messages import status_line
 
@@ -85,30 +86,39 @@ def upgraded_head(response: ResponseHead, tokens: set[str], upgrade: str) -> byt
 
 @dataclass(slots=True)  # not frozen: made per response, and a frozen __init__ costs more
 class ResponsePlan:
-    """How a backend's final response goes to the client: its ``status`` and ``head``, whether
-    the body is re-chunked (``rechunk``), and which connection may carry another exchange."""
+    """How a backend's final response goes to the client: its ``status`` and ``head``, its
+    body's ``framing``, whether the body is re-chunked (``rechunk``), and which connection may
+    carry another exchange."""
 
     status: int
     head: bytes
+    framing: BodyFraming
     rechunk: bool
     client_keep: bool
     backend_keep: bool
 
 
 def plan_response(
-    request: RequestHead,
-    response: ResponseHead,
-    tokens: set[str],
-    out: BodyFraming,
-    keep_alive: bool,
+    request: RequestHead, response: ResponseHead, tokens: set[str], keep_alive: bool
 ) -> ResponsePlan:
-    """Plan the response to ``request``; ``tokens`` are the response's ``Connection`` options,
-    ``out`` its body's framing, ``keep_alive`` whether the client may stay (it asked to, and
-    the proxy is not stopping).
+    """Plan the final response to ``request``; ``tokens`` are the response's ``Connection``
+    options, ``keep_alive`` whether the client may stay (it asked to, and the proxy is not
+    stopping).
 
     An HTTP/1.1 client gets a body of unknown length chunked; an HTTP/1.0 client, which cannot
-    read chunked, gets it plain and delimited by the end of the connection.
+    read chunked, gets it plain and delimited by the end of the connection. A response that
+    cannot reach this client (broken framing, a transfer coding an HTTP/1.0 client cannot
+    read) raises :class:`HttpParseError` with status 502, before anything of it is sent.
     """
+    try:
+        out = response_framing(request.method, response)
+    except HttpParseError as exc:
+        raise HttpParseError(f"the backend sent an invalid response: {exc}", status=502) from None
+    if out.codings and request.version == "HTTP/1.0":
+        raise HttpParseError(
+            f"the response's transfer coding {out.codings!r} cannot reach an HTTP/1.0 client",
+            status=502,
+        )
     kind = out.kind
     backend_keep = kind != "close" and response.version == "HTTP/1.1" and "close" not in tokens
     rechunk = kind in ("chunked", "close") and request.version == "HTTP/1.1"
@@ -121,4 +131,6 @@ def plan_response(
         lines += f"Transfer-Encoding: {chunked_after(out.codings)}\r\n"
     connection = "keep-alive" if client_keep else "close"
     head = f"{status_line(response.status)}{lines}Connection: {connection}\r\n\r\n"
-    return ResponsePlan(response.status, head.encode("latin-1"), rechunk, client_keep, backend_keep)
+    return ResponsePlan(
+        response.status, head.encode("latin-1"), out, rechunk, client_keep, backend_keep
+    )

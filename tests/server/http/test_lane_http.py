@@ -10,14 +10,13 @@ set), except the ``lane_only`` fixture, which says which of the two carried it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from desync_peers import WAIT, RawClient, RecordingBackend, Reply, Response
+from desync_peers import WAIT, LoopbackServer, RawClient, RecordingBackend, Reply, Response
 from support import LOOPBACK, MIB, async_test, free_port, reset
 
 from smartroute import SmartRoute
@@ -50,47 +49,15 @@ def proxy(routes: list[dict[str, Any]], **settings: Any) -> SmartRoute:
 # -- backends ---------------------------------------------------------------------------------
 
 
-class Backend:
-    """A backend on a free loopback port that runs ``handler`` for every connection; it counts
-    them and closes whatever is still open when the block ends."""
+class Backend(LoopbackServer):
+    """A backend on a free loopback port that runs ``handler`` for every connection."""
 
     def __init__(self, handler: Handler) -> None:
+        super().__init__()
         self.handler = handler
-        self.accepted = 0
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._writers: list[asyncio.StreamWriter] = []
-        self._tasks: set[asyncio.Task[None]] = set()
 
-    async def __aenter__(self) -> Backend:
-        self._server = await asyncio.start_server(self._handle, LOOPBACK, 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in self._writers:
-            writer.close()
-        if self._tasks:
-            _, pending = await asyncio.wait(self._tasks, timeout=WAIT)
-            for task in pending:
-                task.cancel()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._server.wait_closed(), WAIT)
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self._writers.append(writer)
-        self.accepted += 1
-        try:
-            await self.handler(reader, writer)
-        except (OSError, asyncio.IncompleteReadError, TimeoutError):
-            pass  # the proxy closed or reset it; the test checks what the client saw
-        finally:
-            writer.close()
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self.handler(reader, writer)
 
 
 async def read_head(reader: asyncio.StreamReader) -> bytes:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from desync_peers import WAIT, RawClient, Response
+from desync_peers import WAIT, LoopbackServer, RawClient, Response
 from support import LOOPBACK, MIB, Finished, async_test, free_port, reset
 
 from smartroute import SmartRoute
@@ -102,61 +102,30 @@ def target_of(head: bytes) -> bytes:
     return head.split(b" ", 2)[1]
 
 
-class Backend:
+class Backend(LoopbackServer):
     """An HTTP/1.1 backend on a free loopback port answering each request (bodiless) with
     ``answer(connection index, head)``; it notes the requests by connection and counts the
     connections it accepted and saw end."""
 
     def __init__(self, answer: Answer = lambda _conn, head: ok(head)) -> None:
+        super().__init__()
         self.answer = answer
-        self.port = 0
-        self.accepted = 0
         self.closed = 0
         self.requests: list[tuple[int, bytes]] = []  # (connection index, target)
-        self._server: asyncio.Server | None = None
-        self._writers: list[asyncio.StreamWriter] = []
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def __aenter__(self) -> Backend:
-        self._server = await asyncio.start_server(self._handle, LOOPBACK, 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        self.drop()
-        if self._tasks:
-            _, pending = await asyncio.wait(self._tasks, timeout=WAIT)
-            for task in pending:
-                task.cancel()
-
-    def drop(self) -> None:
-        """Close every connection from the backend's side."""
-        for writer in self._writers:
-            writer.close()
 
     def targets(self) -> list[bytes]:
         return [target for _, target in self.requests]
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self._writers.append(writer)
-        index = self.accepted
-        self.accepted += 1
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        index = self.accepted - 1
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 self.requests.append((index, target_of(head)))
                 writer.write(self.answer(index, head))
                 await writer.drain()
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            pass  # the proxy closed or reset it
         finally:
             self.closed += 1
-            writer.close()
 
 
 # -- clients ----------------------------------------------------------------------------------
