@@ -15,8 +15,12 @@ import asyncio
 import contextlib
 import re
 import socket
+import ssl
 from dataclasses import dataclass, field
 from typing import Self
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 LOOPBACK = "127.0.0.1"
 WAIT = 5.0  # the longest any single wait on a peer may take; the cases need milliseconds
@@ -421,3 +425,160 @@ class RawClient:
             if line is None:
                 return bytes(body), False
         return bytes(body), True
+
+
+class TlsClient(RawClient):
+    """A :class:`RawClient` whose bytes go through TLS (an ``SSLObject`` over memory BIOs):
+    ``send``, ``response``, ``responses`` and ``rest`` speak HTTP inside the TLS session."""
+
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext, name: str | None) -> None:
+        super().__init__(sock)
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname=name)
+        self.error: ssl.SSLError | None = None  # what ended it otherwise, TLS-wise
+
+    @classmethod
+    async def open(
+        cls,
+        port: int,
+        context: ssl.SSLContext,
+        name: str | None = "site.test",
+        *,
+        pieces: int = 1,
+        gap: float = 0.0,
+    ) -> TlsClient:
+        """Connect and complete the handshake; the ClientHello goes in ``pieces`` writes
+        ``gap`` seconds apart."""
+        raw = await RawClient.connect(port)
+        client = cls(raw.sock, context, name)
+        try:
+            await client.handshake(pieces, gap)
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+    async def handshake(self, pieces: int = 1, gap: float = 0.0) -> None:
+        with contextlib.suppress(ssl.SSLWantReadError):
+            self.tls.do_handshake()
+        hello = self.outgoing.read()
+        assert hello, "the client context produced no ClientHello"
+        cuts = [len(hello) * i // pieces for i in range(pieces + 1)]
+        for i in range(pieces):
+            if i:
+                await asyncio.sleep(gap)
+            await self._raw_send(hello[cuts[i] : cuts[i + 1]])
+        ended = False
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                if ended:
+                    raise ConnectionResetError("closed during the handshake") from None
+                await self._flush()
+                if not await self._pull():
+                    ended = True
+                    self.incoming.write_eof()  # the next do_handshake says what ended it
+        await self._flush()
+
+    async def _raw_send(self, data: bytes) -> None:
+        await asyncio.wait_for(asyncio.get_running_loop().sock_sendall(self.sock, data), WAIT)
+
+    async def _flush(self) -> None:
+        if data := self.outgoing.read():
+            await self._raw_send(data)
+
+    async def _pull(self) -> bool:
+        """Read what the socket holds into the TLS layer; False at EOF (reset raises)."""
+        loop = asyncio.get_running_loop()
+        try:
+            data = await asyncio.wait_for(loop.sock_recv(self.sock, 1 << 16), WAIT)
+        except TimeoutError:
+            raise AssertionError(f"nothing from the proxy within {WAIT}s") from None
+        if not data:
+            return False
+        self.incoming.write(data)
+        return True
+
+    async def send(self, data: bytes, *, half_close: bool = False) -> None:
+        """Encrypt and send ``data``; ``half_close`` then sends close_notify."""
+        view = memoryview(data)
+        with contextlib.suppress(OSError):
+            while view:
+                written = self.tls.write(view[: 1 << 18])
+                view = view[written:]
+                await self._flush()
+            if half_close:
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    self.tls.unwrap()  # then waits for the proxy's close_notify
+                await self._flush()
+
+    async def _fill(self) -> bool:
+        """Decrypt more into ``buffer``; False once the session or the connection ended."""
+        if self.eof:
+            return False
+        while True:
+            try:
+                data = self.tls.read(1 << 16)
+            except ssl.SSLWantReadError:
+                await self._flush()
+                try:
+                    more = await self._pull()
+                except ConnectionResetError:
+                    self.eof = self.reset = True
+                    return False
+                if not more:
+                    self.eof = True
+                    return False
+                continue
+            except ssl.SSLZeroReturnError:
+                data = b""
+            except ssl.SSLError as exc:
+                self.eof, self.error = True, exc
+                return False
+            if not data:  # close_notify
+                self.eof = True
+                return False
+            self.buffer += data
+            if self.received is not None:
+                self.received.set()
+            return True
+
+    def peer_names(self) -> tuple[str, list[str]]:
+        """The served certificate's CN and DNS names (verified against the test CA)."""
+        der = self.tls.getpeercert(binary_form=True)
+        assert der, "no peer certificate"
+        cert = x509.load_der_x509_certificate(der)
+        [cn] = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        return str(cn.value), names.get_values_for_type(x509.DNSName)
+
+    async def exactly(self, size: int) -> bytes:
+        """``size`` more bytes of the session's plaintext (fails if it ends first)."""
+        data, complete = await self._exactly(size)
+        assert complete, f"the connection ended after {data!r}"
+        return data
+
+
+async def exchange(client: RawClient, request: bytes, *, head: bool = False) -> Response:
+    """Send ``request`` and read its answer (``head``: it answers a HEAD request)."""
+    await client.send(request)
+    response = await client.response(head_request=head)
+    assert response is not None, f"the proxy closed without answering {request[:80]!r}"
+    return response
+
+
+async def ended(client: RawClient) -> None:
+    """The connection ends with nothing more after the last response."""
+    rest = await client.rest()
+    assert rest == b"", f"bytes after the last response: {rest[:300]!r}"
+
+
+def header(head: bytes, name: bytes) -> bytes | None:
+    """The value of header ``name`` (lower-case) in a raw head, or None."""
+    for line in head.split(b"\r\n")[1:]:
+        key, _, value = line.partition(b":")
+        if key.strip().lower() == name:
+            return value.strip()
+    return None

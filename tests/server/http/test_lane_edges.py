@@ -17,7 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from desync_peers import WAIT, RawClient, RecordingBackend, Reply, Response
+from desync_peers import (
+    WAIT,
+    RawClient,
+    RecordingBackend,
+    Reply,
+    TlsClient,
+    ended,
+    exchange,
+    header,
+)
 from support import LOOPBACK, MIB, CertPair, Finished, TestCA, async_test, free_port, serve
 
 from smartroute import SmartRoute
@@ -78,107 +87,6 @@ def client_hello(context: ssl.SSLContext, name: str = "site.test") -> bytes:
     with contextlib.suppress(ssl.SSLWantReadError):
         tls.do_handshake()
     return outgoing.read()
-
-
-class TlsClient(RawClient):
-    """A :class:`RawClient` speaking inside TLS (an ``SSLObject`` over memory BIOs)."""
-
-    def __init__(self, sock: socket.socket, context: ssl.SSLContext) -> None:
-        super().__init__(sock)
-        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname="site.test")
-
-    @classmethod
-    async def open(cls, port: int, context: ssl.SSLContext) -> TlsClient:
-        raw = await RawClient.connect(port)
-        client = cls(raw.sock, context)
-        try:
-            while True:
-                try:
-                    client.tls.do_handshake()
-                    break
-                except ssl.SSLWantReadError:
-                    await client._flush()
-                    if not await client._pull():
-                        raise ConnectionResetError("closed during the handshake") from None
-            await client._flush()
-        except BaseException:
-            client.close()
-            raise
-        return client
-
-    async def _flush(self) -> None:
-        if data := self.outgoing.read():
-            loop = asyncio.get_running_loop()
-            await asyncio.wait_for(loop.sock_sendall(self.sock, data), WAIT)
-
-    async def _pull(self) -> bool:
-        loop = asyncio.get_running_loop()
-        data = await asyncio.wait_for(loop.sock_recv(self.sock, 1 << 16), WAIT)
-        if not data:
-            return False
-        self.incoming.write(data)
-        return True
-
-    async def send(self, data: bytes, *, half_close: bool = False) -> None:
-        """Encrypt and send ``data``; ``half_close`` then sends close_notify."""
-        with contextlib.suppress(OSError):
-            self.tls.write(data)
-            if half_close:
-                with contextlib.suppress(ssl.SSLWantReadError):
-                    self.tls.unwrap()
-            await self._flush()
-
-    async def _fill(self) -> bool:
-        """Decrypt more into ``buffer``; False once the session or the connection ended."""
-        while not self.eof:
-            try:
-                data = self.tls.read(1 << 16)
-            except ssl.SSLWantReadError:
-                await self._flush()
-                try:
-                    more = await self._pull()
-                except TimeoutError:
-                    raise AssertionError(f"nothing from the proxy within {WAIT}s") from None
-                except ConnectionResetError:
-                    self.eof = self.reset = True
-                    return False
-                if not more:
-                    self.eof = True
-                continue
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                data = b""
-            if not data:
-                self.eof = True
-                return False
-            self.buffer += data
-            return True
-        return False
-
-    async def exactly(self, size: int) -> bytes:
-        data, complete = await self._exactly(size)
-        assert complete, f"the connection ended after {data!r}"
-        return data
-
-
-async def exchange(client: RawClient, request: bytes, *, head: bool = False) -> Response:
-    await client.send(request)
-    response = await client.response(head_request=head)
-    assert response is not None, f"the proxy closed without answering {request[:80]!r}"
-    return response
-
-
-async def ended(client: RawClient) -> None:
-    rest = await client.rest()
-    assert rest == b"", f"bytes after the last response: {rest[:300]!r}"
-
-
-def header(head: bytes, name: bytes) -> bytes | None:
-    for line in head.split(b"\r\n")[1:]:
-        key, _, value = line.partition(b":")
-        if key.strip().lower() == name:
-            return value.strip()
-    return None
 
 
 async def switching_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

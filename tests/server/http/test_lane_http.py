@@ -16,7 +16,16 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from desync_peers import WAIT, LoopbackServer, RawClient, RecordingBackend, Reply, Response
+from desync_peers import (
+    WAIT,
+    LoopbackServer,
+    RawClient,
+    RecordingBackend,
+    Reply,
+    ended,
+    exchange,
+    header,
+)
 from support import LOOPBACK, MIB, async_test, free_port, reset
 
 from smartroute import SmartRoute
@@ -65,14 +74,6 @@ async def read_head(reader: asyncio.StreamReader) -> bytes:
     return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
 
 
-def header(head: bytes, name: bytes) -> bytes | None:
-    for line in head.split(b"\r\n")[1:]:
-        key, _, value = line.partition(b":")
-        if key.strip().lower() == name:
-            return value.strip()
-    return None
-
-
 async def read_body(
     reader: asyncio.StreamReader, head: bytes, sink: Callable[[bytes], None]
 ) -> None:
@@ -108,20 +109,6 @@ async def until(condition: Callable[[], bool], what: str) -> None:
     while not condition():
         assert asyncio.get_running_loop().time() < deadline, f"not within {WAIT}s: {what}"
         await asyncio.sleep(0.005)
-
-
-async def exchange(client: RawClient, request: bytes) -> Response:
-    """Send ``request`` and read its answer."""
-    await client.send(request)
-    response = await client.response()
-    assert response is not None, f"the proxy closed without answering {request[:80]!r}"
-    return response
-
-
-async def ended(client: RawClient) -> None:
-    """The proxy closes the client's connection with nothing more sent."""
-    rest = await client.rest()
-    assert rest == b"", f"bytes after the last response: {rest[:300]!r}"
 
 
 def get(path: str, *extra: str, version: str = "1.1") -> bytes:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from desync_peers import WAIT, LoopbackServer, RawClient, Response
+from desync_peers import WAIT, LoopbackServer, RawClient, exchange
 from support import LOOPBACK, MIB, Finished, async_test, free_port, reset
 
 from smartroute import SmartRoute
@@ -140,13 +140,6 @@ async def until(condition: Callable[[], bool], what: str, wait: float = WAIT) ->
 
 def get(path: str, *extra: str) -> bytes:
     return ("\r\n".join([f"GET {path} HTTP/1.1", "Host: site.test", *extra]) + "\r\n\r\n").encode()
-
-
-async def exchange(client: RawClient, request: bytes) -> Response:
-    await client.send(request)
-    response = await client.response()
-    assert response is not None, f"the proxy closed without answering {request[:80]!r}"
-    return response
 
 
 def auth(user: str, password: str) -> str:
