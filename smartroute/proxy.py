@@ -20,7 +20,7 @@ from smartroute.routing.matcher import RouteTable
 from smartroute.routing.model import CertificatePair, CompiledRoute, ForwardAction
 from smartroute.routing.schema import RouteInput
 from smartroute.routing.validation import validate_route, validate_routes
-from smartroute.routing.validation.actions import validate_targets
+from smartroute.routing.validation.backends import forward_targets
 from smartroute.server.accept import accept_socket
 from smartroute.server.http.pool import targets_named_by
 from smartroute.server.port_manager import PortManager
@@ -151,6 +151,7 @@ class SmartRoute:
             await self._install(self._routes, bind=True)
             self._started = True
             self._runtime.start_sweeper()
+            self._runtime.backends.start()
             self._runtime.lane.open()
             await self._certs.start(self._routes)
             if self._workers is not None:
@@ -216,8 +217,8 @@ class SmartRoute:
                     f"route {route_name!r} is a {action.type!r} route: only forward routes have"
                     " targets",
                 )
-            specs = validate_targets(targets, f"set_targets({route_name!r}).targets")
-            changed = replace(route, action=replace(action, targets=specs))
+            where = f"set_targets({route_name!r}).targets"
+            changed = replace(route, action=forward_targets(action, targets, where))
             await self._change((*routes[:index], changed, *routes[index + 1 :]))
 
     async def stop(self) -> None:
@@ -253,6 +254,7 @@ class SmartRoute:
                 task.cancel()
             await asyncio.gather(*runtime.tasks, return_exceptions=True)
             await runtime.stop_sweeper()
+            await runtime.backends.close()
             runtime.pool.close()
             runtime.lane_pool.close()
             runtime.lane.close()
@@ -300,7 +302,8 @@ class SmartRoute:
 
     def _own_snapshot(self, top_clients: int) -> dict[str, Any]:
         """This process's figures only."""
-        return self._runtime.stats.snapshot(top_clients)
+        runtime = self._runtime
+        return {**runtime.stats.snapshot(top_clients), "targets": runtime.backends.report()}
 
     def _fork_state(self) -> tuple[tuple[CompiledRoute, ...], Settings]:
         """What a new worker starts from (called under the lock)."""
@@ -350,7 +353,7 @@ class SmartRoute:
             *apply_all(self._internal.values(), runtime.timeouts, None),
             *apply_all(routes, runtime.timeouts, self.settings.security),
         ]
-        table = RouteTable(effective)
+        table = RouteTable(effective, gates=runtime.backends.prepare(effective))
         provided = [
             r.tls.certificate
             for r in routes
@@ -371,6 +374,7 @@ class SmartRoute:
         wanted = targets_named_by(effective)
         runtime.pool.retain(wanted)  # no idle links to dropped backends
         runtime.lane_pool.retain(wanted)
+        runtime.backends.retain(effective)
 
     def _check_auto(self, routes: Iterable[CompiledRoute]) -> None:
         """``"certificate": "auto"`` needs the acme setting or a certificate provider."""

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
 from types import MappingProxyType
-from typing import TypeAlias, cast
+from typing import Protocol, TypeAlias, cast
 
 from smartroute.routing.model import CompiledRoute, MatchCriteria, Timeouts, needs_http
 from smartroute.routing.patterns import IPAddress
@@ -27,8 +27,8 @@ _Key: TypeAlias = tuple[int, int, int, int, int]
 # A bucket entry: the key, the answer when the route wins without path params (built once, so
 # that most matches allocate nothing), and the criteria left to check once port and domain are
 # known (None when there are none).
-# (ordering key, answer, conditions to check or None, TLS layer the route needs)
-_Entry: TypeAlias = tuple[_Key, "RouteMatch", MatchCriteria | None, int]
+# (ordering key, answer, conditions to check or None, TLS layer the route needs, gate or None)
+_Entry: TypeAlias = tuple[_Key, "RouteMatch", MatchCriteria | None, int, "Gate | None"]
 _Found: TypeAlias = tuple[_Key, "RouteMatch"]
 
 _EXACT, _WILDCARD, _NO_DOMAIN = 0, 1, 2
@@ -37,6 +37,12 @@ _EXACT, _WILDCARD, _NO_DOMAIN = 0, 1, 2
 _ANY_LAYER, _TLS, _TERMINATED = 0, 1, 2
 _NO_PARAMS: Mapping[str, str] = MappingProxyType({})
 _by_key = itemgetter(0)
+
+
+class Gate(Protocol):
+    """What can take a route out of matching: its targets' group, down while none is up."""
+
+    up: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,15 +122,18 @@ def _conditions(criteria: MatchCriteria, facts: ConnectionFacts) -> Mapping[str,
 
 
 def _first(
-    bucket: list[_Entry] | _IndexedBucket, facts: ConnectionFacts, bound: _Key | None
+    bucket: list[_Entry] | _IndexedBucket, facts: ConnectionFacts, bound: _Key | None, live: bool
 ) -> _Found | None:
-    """The first full match in a sorted bucket, if it orders before ``bound``."""
+    """The first full match in a sorted bucket, if it orders before ``bound``; ``live``: skip
+    the routes whose gate is down."""
     if isinstance(bucket, _IndexedBucket):
         bucket = bucket.candidates(facts)
     terminated = facts.terminated
-    for key, found, criteria, layer in bucket:
+    for key, found, criteria, layer, gate in bucket:
         if bound is not None and key >= bound:
             return None
+        if live and gate is not None and not gate.up:
+            continue
         # Inside a terminated session only terminating routes apply; outside, a route with a
         # `tls` block needs a TLS connection and a route without one takes any connection.
         if (layer != _TERMINATED) if terminated else (layer and not facts.is_tls):
@@ -278,10 +287,16 @@ def shortest_limit(timeouts: Timeouts, so_far: float | None) -> float | None:
 class RouteTable:
     """The enabled routes, indexed for matching; disabled routes are ignored entirely."""
 
-    __slots__ = ("_ports", "shortest_limit")
+    __slots__ = ("_ports", "shortest_limit", "_gated")
 
-    def __init__(self, routes: Sequence[CompiledRoute]) -> None:
+    def __init__(
+        self, routes: Sequence[CompiledRoute], gates: Mapping[int, Gate] | None = None
+    ) -> None:
+        """``gates``: by ``id(route.action)``, what takes a route out of matching while it is
+        down (its targets' group, see :mod:`smartroute.server.backends`)."""
         ports: dict[int, _PortIndex] = {}
+        gates = gates or {}
+        gated = False
         shortest: float | None = None  # the shortest idle/half-close/lifetime limit
         for route in routes:
             if not route.enabled:
@@ -298,16 +313,18 @@ class RouteTable:
             layer = (
                 _ANY_LAYER if tls is None else _TLS if tls.mode == "passthrough" else _TERMINATED
             )
+            gate = gates.get(id(route.action))
+            gated = gated or gate is not None
             # One entry per bucket, keyed ("exact" or "wildcard", name): with several domains,
             # the pattern that matched a connection decides the route's specificity.
             entries: dict[tuple[int, str], _Entry] = {}
             for pattern in criteria.domains:
                 if pattern.exact:
                     key = (rank, _EXACT, 0, path_rank, order)
-                    entries[_EXACT, pattern.text] = (key, answer, extra, layer)
+                    entries[_EXACT, pattern.text] = (key, answer, extra, layer, gate)
                 else:
                     key = (rank, _WILDCARD, -len(pattern.suffix), path_rank, order)
-                    entries[_WILDCARD, pattern.suffix] = (key, answer, extra, layer)
+                    entries[_WILDCARD, pattern.suffix] = (key, answer, extra, layer, gate)
             if entries:
                 best = min(entries.values(), key=_by_key)[0]
             else:
@@ -326,7 +343,7 @@ class RouteTable:
                 if needs_http(route.action):
                     index.serves_http = True
                 if not entries:
-                    cast(list[_Entry], index.no_domain).append((best, answer, extra, layer))
+                    cast(list[_Entry], index.no_domain).append((best, answer, extra, layer, gate))
                     continue
                 for (kind, name), entry in entries.items():
                     buckets = index.exact if kind == _EXACT else index.wildcard
@@ -339,6 +356,7 @@ class RouteTable:
             index.finish()
         self._ports = ports
         self.shortest_limit = shortest
+        self._gated = gated
 
     @property
     def port_counts(self) -> dict[int, int]:
@@ -369,7 +387,18 @@ class RouteTable:
         return None if index is None else index.waits
 
     def match(self, facts: ConnectionFacts) -> RouteMatch | None:
-        """The winning route for ``facts``, or None when no route matches."""
+        """The winning route for ``facts``, or None when no route matches.
+
+        A route whose gate is down (no target up) is passed over for the next matching route;
+        when no other route matches, it is the answer all the same, so that the caller can
+        tell "no target up" (503) from "no route" (404).
+        """
+        found = self._match(facts, True)
+        if found is None and self._gated:
+            return self._match(facts, False)
+        return found
+
+    def _match(self, facts: ConnectionFacts, live: bool) -> RouteMatch | None:
         index = self._ports.get(facts.port)
         if index is None:
             return None
@@ -380,7 +409,7 @@ class RouteTable:
             # (their best key) or cut short inside _first.
             bucket = index.exact.get(domain)
             if bucket is not None:
-                best = _first(bucket, facts, None)
+                best = _first(bucket, facts, None, live)
             floor = index.wildcard_floor
             if floor is not None and (best is None or floor < best[0]):
                 wildcard = index.wildcard
@@ -389,7 +418,7 @@ class RouteTable:
                     # Every suffix after a dot, longest first, then "" for the "*" routes.
                     bucket = wildcard.get(domain[dot + 1 :] if dot >= 0 else "")
                     if bucket is not None:
-                        found = _first(bucket, facts, None if best is None else best[0])
+                        found = _first(bucket, facts, None if best is None else best[0], live)
                         if found is not None:
                             best = found
                             # Shorter suffixes come next: only a higher priority could win.
@@ -400,7 +429,7 @@ class RouteTable:
                     dot = domain.find(".", dot + 1)
         floor = index.no_domain_floor
         if floor is not None and (best is None or floor < best[0]):
-            found = _first(index.no_domain, facts, None if best is None else best[0])
+            found = _first(index.no_domain, facts, None if best is None else best[0], live)
             if found is not None:
                 best = found
         return None if best is None else best[1]

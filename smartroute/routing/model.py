@@ -25,6 +25,15 @@ PortFunction: TypeAlias = Callable[[RouteContext], int | Awaitable[int]]
 
 TlsMode: TypeAlias = Literal["passthrough", "terminate", "terminate-and-reencrypt"]
 ForwardProtocol: TypeAlias = Literal["auto", "tcp", "http"]
+Strategy: TypeAlias = Literal["round-robin", "least-connections", "ip-hash", "random", "first"]
+STRATEGIES: tuple[Strategy, ...] = (
+    "round-robin",
+    "least-connections",
+    "ip-hash",
+    "random",
+    "first",
+)
+MAX_WEIGHT = 256
 TLS_VERSIONS: tuple[str, ...] = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
 REDIRECT_STATUSES: frozenset[int] = frozenset({301, 302, 303, 307, 308})
 
@@ -54,6 +63,54 @@ class TargetSpec:
     host: tuple[str, ...] | HostFunction
     port: int | Literal["preserve"] | PortFunction
     send_proxy_protocol: Literal["v1", "v2"] | None = None  # tell the target who the client is
+    weight: int = 1  # 1-256: its share under weighted round-robin and random
+    backup: bool = False  # takes traffic only while no primary target is up
+    initial: Literal["up", "down"] = "up"  # "down": no traffic before a health check passes
+
+    @property
+    def fixed(self) -> bool:
+        """True when host and port are known without a connection (no callable, no
+        ``"preserve"``): such a target has a health state of its own."""
+        return not callable(self.host) and isinstance(self.port, int)
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """Active health checks of a route's targets: a TCP connect, or an HTTP request whose
+    status must fall in ``expect_status`` (inclusive)."""
+
+    type: Literal["tcp", "http"] = "tcp"
+    interval: float = 5.0
+    timeout: float = 2.0
+    rise: int = 2  # passes in a row that bring a target back
+    fall: int = 3  # failures in a row that take it out
+    path: str = "/"
+    expect_status: tuple[int, int] = (200, 399)
+    host: str | None = None  # the Host header (default: the target's host)
+
+
+@dataclass(frozen=True, slots=True)
+class PassiveHealth:
+    """``max_fails`` failures of real traffic within ``fail_timeout`` seconds take a target
+    out for ``fail_timeout`` seconds."""
+
+    max_fails: int = 3
+    fail_timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Another target for a connection or request that failed before the client got a byte:
+    up to ``attempts`` tries in all, waiting ``backoff`` x 2^n (at most ``max_backoff``,
+    give or take ``jitter`` as a fraction) between them. A request that went to a backend is
+    tried again only if its method is idempotent (or ``any_method``) and its body, if any, was
+    held whole."""
+
+    attempts: int = 3
+    backoff: float = 0.05
+    max_backoff: float = 1.0
+    jitter: float = 0.2
+    any_method: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +153,10 @@ class RoundRobin:
 class ForwardAction:
     targets: tuple[TargetSpec, ...]
     protocol: ForwardProtocol = "auto"
+    load_balancing: Strategy = "round-robin"
+    health_check: HealthCheck | None = None
+    passive_health: PassiveHealth | None = None
+    retry: RetryPolicy | None = None
     rotation: RoundRobin = field(default_factory=RoundRobin, compare=False)
     type: Literal["forward"] = "forward"
 

@@ -18,6 +18,7 @@ from smartroute.routing.model import (
     ForwardProtocol,
     HostFunction,
     PortFunction,
+    Strategy,
     TlsMode,
 )
 from smartroute.routing.model import SocketHandler as SocketHandlerFunction
@@ -101,6 +102,9 @@ class TargetDict(TypedDict):
     host: str | Sequence[str] | HostFunction
     port: int | Literal["preserve"] | PortFunction
     send_proxy_protocol: NotRequired[Literal["v1", "v2"]]
+    weight: NotRequired[int]  # 1-256, under round-robin and random
+    backup: NotRequired[bool]  # only while no primary target is up
+    initial: NotRequired[Literal["up", "down"]]  # "down": no traffic before a check passes
 
 
 @dataclass(slots=True)
@@ -110,15 +114,54 @@ class Target:
     host: str | Sequence[str] | HostFunction
     port: int | Literal["preserve"] | PortFunction
     send_proxy_protocol: Literal["v1", "v2"] | None = None
+    weight: int = 1
+    backup: bool = False
+    initial: Literal["up", "down"] = "up"
 
 
 TargetInput: TypeAlias = TargetDict | Target
+
+
+class HealthCheckDict(TypedDict, total=False):
+    """Active checks of every target: a TCP connect, or (``"http"``) a request whose status
+    must fall in ``expect_status``; times in seconds."""
+
+    type: Literal["tcp", "http"]  # default "tcp"
+    interval: float  # default 5
+    timeout: float  # default 2 (at most interval)
+    rise: int  # passes in a row that bring a target back (default 2)
+    fall: int  # failures in a row that take it out (default 3)
+    path: str  # http only, default "/"
+    expect_status: int | Sequence[int]  # http only: [low, high] inclusive, default [200, 399]
+    host: str  # http only: the Host header (default: the target's host)
+
+
+class PassiveHealthDict(TypedDict, total=False):
+    """``max_fails`` failures of real traffic within ``fail_timeout`` seconds take a target out
+    for ``fail_timeout`` seconds."""
+
+    max_fails: int  # default 3
+    fail_timeout: float  # default 10
+
+
+class RetryDict(TypedDict, total=False):
+    """Another target for a connection or request that failed before the client got a byte."""
+
+    attempts: int  # tries in all, 1-10 (default 3)
+    backoff: float  # seconds, doubled each time (default 0.05)
+    max_backoff: float  # default 1
+    jitter: float  # 0-1, a fraction of the wait (default 0.2)
+    any_method: bool  # retry non-idempotent requests too (default False)
 
 
 class ForwardActionDict(TypedDict, total=False):
     type: Required[Literal["forward"]]
     targets: Required[TargetInput | Sequence[TargetInput]]
     protocol: ForwardProtocol
+    load_balancing: Strategy
+    health_check: HealthCheckDict
+    passive_health: PassiveHealthDict
+    retry: RetryDict
     tls: TlsInput
 
 
@@ -127,6 +170,10 @@ class Forward:
     targets: TargetInput | Sequence[TargetInput]
     protocol: ForwardProtocol = "auto"
     tls: TlsInput | None = None
+    load_balancing: Strategy = "round-robin"
+    health_check: HealthCheckDict | None = None
+    passive_health: PassiveHealthDict | None = None
+    retry: RetryDict | None = None
 
 
 class RedirectDict(TypedDict, total=False):
@@ -326,9 +373,11 @@ __all__ = [
     "CertificateDict",
     "Forward",
     "ForwardActionDict",
+    "HealthCheckDict",
     "Match",
     "MatchDict",
     "MatchInput",
+    "PassiveHealthDict",
     "PortRangeDict",
     "PortSpec",
     "RateLimit",
@@ -336,6 +385,7 @@ __all__ = [
     "Redirect",
     "RedirectActionDict",
     "RedirectDict",
+    "RetryDict",
     "Route",
     "RouteDict",
     "RouteInput",

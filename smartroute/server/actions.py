@@ -31,7 +31,7 @@ from smartroute.routing.model import (
 )
 from smartroute.routing.patterns import client_address
 from smartroute.server.decision import FirstRequest, TlsInfo
-from smartroute.server.forward import connect_relay, resolve_targets, splice
+from smartroute.server.forward import Tries, connect_relay, resolve_targets, splice
 from smartroute.server.handler import start_handler
 from smartroute.server.http.session import HttpSession
 from smartroute.server.http.stream import Stream
@@ -154,19 +154,23 @@ class Connection:
         """Pipe the connection to the action's targets, ``initial`` bytes first."""
         transport = transport or self.transport
         record = self.record
-        try:
-            candidates = await resolve_targets(action, ctx)
-        except Exception as exc:  # a user callable must not take the proxy down
-            record.fail("target-error", f"{type(exc).__name__}: {exc}")
-            if not isinstance(exc, TargetError):
-                log.error("target callable of route %r raised", ctx.route_name, exc_info=exc)
-            transport.close()
-            return
+        group = self.runtime.backends.group(route, ctx.port)
+        if group is not None:
+            members = group.order(record.client_ip)
+        else:
+            try:
+                members = await resolve_targets(action, ctx)
+            except Exception as exc:  # a user callable must not take the proxy down
+                record.fail("target-error", f"{type(exc).__name__}: {exc}")
+                if not isinstance(exc, TargetError):
+                    log.error("target callable of route %r raised", ctx.route_name, exc_info=exc)
+                transport.close()
+                return
         reencrypt = route.tls if route.tls and route.tls.mode == "terminate-and-reencrypt" else None
         client_side = await connect_relay(
             transport,
             record,
-            candidates,
+            Tries(members, action, record.timeouts.connect),
             record.timeouts.connect,
             self.finish,
             ctx,

@@ -153,6 +153,9 @@ def decide_connection(
         return None
     route = found.route
     runtime.stats.routed(record, route.name, route.timeouts)
+    down = runtime.backends.down
+    if down and id(route.action) in down:
+        return _no_target(record, found, down[id(route.action)].retry_after)
     if route.security is not None:
         refusal = runtime.gate.admit(route, facts.client_ip)
         if refusal is not None:
@@ -182,6 +185,9 @@ def decide_request(
         runtime.stats.routed(record, route.name, route.timeouts)
     elif route.timeouts is not None:
         record.timeouts = route.timeouts
+    down = runtime.backends.down
+    if down and id(route.action) in down:
+        return _no_target(record, found, down[id(route.action)].retry_after)
     policy = route.security
     if policy is None:
         return found
@@ -194,3 +200,11 @@ def decide_request(
         if reason is not None:
             return Refusal(found, 401, reason, (challenge_header(auth),))
     return found
+
+
+def _no_target(record: ConnectionRecord, found: RouteMatch, retry_after: int) -> Refusal:
+    """No target of the route is up and no other route matches: HTTP clients get 503 and a
+    hint when to come back, other connections are closed."""
+    reason = f"no target of route {found.route.name!r} is up"
+    record.fail("no-target", reason)
+    return Refusal(found, 503, reason, (("Retry-After", str(retry_after)),))

@@ -1,4 +1,4 @@
-"""Raw byte pipes: pick targets, connect, and hand a client transport to a relay.
+"""Raw byte pipes: resolve targets, connect, and hand a client transport to a relay.
 
 Used by the ``forward`` action when it pipes bytes (TCP, TLS passthrough, ``protocol: "tcp"``,
 non-HTTP bytes after TLS termination) and by HTTP upgrades, which end as a tunnel.
@@ -11,12 +11,11 @@ import inspect
 import logging
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from smartroute.context import RouteContext
 from smartroute.errors import TargetError as TargetError  # lives in smartroute.errors now
-from smartroute.protocols.proxy_protocol import encode_v1, encode_v2, encode_v2_local
 from smartroute.routing.model import ForwardAction, TlsSettings
+from smartroute.server.backends.group import Member, retry_delay
 from smartroute.server.http.stream import Stream
 from smartroute.server.relay import RelaySide
 from smartroute.server.stats import ConnectionRecord
@@ -25,36 +24,11 @@ from smartroute.server.tls import backend_context, backend_server_name
 log = logging.getLogger("smartroute")
 
 
-@dataclass(frozen=True, slots=True)
-class Candidate:
-    """One place to connect to, and whether to open with a PROXY protocol header."""
-
-    host: str
-    port: int
-    proxy_protocol: str | None = None
-
-    def proxy_header(self, ctx: RouteContext) -> bytes:
-        """The PROXY header naming the client of ``ctx`` (empty when not asked for).
-
-        The header is in the client's address family whatever the proxy's own address is (an
-        IPv6 client announced by a load balancer reaching us over IPv4, say): the encoders
-        convert the destination to the client's family.
-        """
-        if self.proxy_protocol is None:
-            return b""
-        source = (ctx.client_ip, ctx.client_port)
-        destination = (ctx.server_ip or "0.0.0.0", ctx.port)
-        try:
-            if self.proxy_protocol == "v1":
-                return encode_v1(source, destination)
-            return encode_v2(source, destination)
-        except ValueError:  # not IP addresses (never for a TCP client): name no one
-            return b"PROXY UNKNOWN\r\n" if self.proxy_protocol == "v1" else encode_v2_local()
-
-
-async def resolve_targets(action: ForwardAction, ctx: RouteContext) -> list[Candidate]:
-    """Every place the action offers, rotated so that successive calls round-robin."""
-    candidates: list[Candidate] = []
+async def resolve_targets(action: ForwardAction, ctx: RouteContext) -> tuple[Member, ...]:
+    """Every place an action with target callables offers for ``ctx``, rotated so that
+    successive calls round-robin. Such targets are resolved per connection: they have no
+    shared health state (their members' states are their own)."""
+    members: list[Member] = []
     for target in action.targets:
         hosts: object = target.host
         if callable(hosts):
@@ -77,43 +51,106 @@ async def resolve_targets(action: ForwardAction, ctx: RouteContext) -> list[Cand
         for host in hosts:
             if not isinstance(host, str) or not host:
                 raise TargetError(f"target host must be a non-empty str, got {host!r}")
-            candidates.append(Candidate(host, port, target.send_proxy_protocol))
-    start = action.rotation.next() % len(candidates)
-    return candidates[start:] + candidates[:start]
+            members.append(Member(host, port, target.send_proxy_protocol))
+    start = action.rotation.next() % len(members)
+    return tuple(members[start:] + members[:start])
+
+
+class Tries:
+    """How a connection or request goes through its members: each at most once, skipping
+    those that went down meanwhile, up to the route's ``retry.attempts`` (every member when it
+    has no retry policy) and, with a policy, waiting a growing backoff before each new try
+    while the total stays within ``connect_timeout`` x ``attempts``."""
+
+    __slots__ = ("members", "passive", "retry", "next", "count", "deadline", "failures")
+
+    def __init__(
+        self, members: tuple[Member, ...], action: ForwardAction, connect_timeout: float
+    ) -> None:
+        self.members = members
+        self.passive = action.passive_health
+        self.retry = retry = action.retry
+        self.next = 0
+        self.count = 0  # tries made
+        self.deadline = (
+            None
+            if retry is None
+            else asyncio.get_running_loop().time() + connect_timeout * retry.attempts
+        )
+        self.failures: list[str] = []
+
+    async def another(self) -> Member | None:
+        """The member to try next (after the backoff), or None when the tries are over."""
+        members, retry = self.members, self.retry
+        while self.next < len(members):
+            member = members[self.next]
+            self.next += 1
+            if self.count and not member.state.up:
+                continue
+            if retry is not None and self.count:
+                if self.count >= retry.attempts:
+                    return None
+                await asyncio.sleep(retry_delay(retry, self.count))
+            self.count += 1
+            return member
+        return None
+
+    def left(self, connect_timeout: float) -> float:
+        """The time the next connect may take: ``connect_timeout``, or less near the end."""
+        if self.deadline is None:
+            return connect_timeout
+        return max(0.0, min(connect_timeout, self.deadline - asyncio.get_running_loop().time()))
+
+    def failed(self, member: Member, why: str) -> None:
+        """``member`` failed the try: noted for passive health and for the error message."""
+        self.failures.append(f"{member.state.key} {why}")
+        member.state.failed(why, self.passive)
+
+    def why(self) -> str:
+        """What went wrong, for the record and a 502."""
+        return "; ".join(self.failures) or "no target is up"
 
 
 async def connect_relay(
     client: asyncio.Transport,
     record: ConnectionRecord,
-    candidates: list[Candidate],
+    tries: Tries,
     connect_timeout: float,
     done: Callable[[], None],
     ctx: RouteContext,
     *,
     reencrypt: TlsSettings | None = None,
 ) -> RelaySide | None:
-    """Connect to the first reachable candidate and return the client's relay side.
+    """Connect to the first member of ``tries`` that answers and return the client's relay
+    side; the member counts the connection as active until it ends.
 
     The client transport is not switched to the relay here; :func:`splice` does that once the
     caller has decided the connection is still wanted. ``reencrypt`` opens TLS to the target.
-    Returns ``None`` when no candidate answered.
+    Returns ``None`` when no member answered.
     """
     loop = asyncio.get_running_loop()
-    client_side = RelaySide(record, inbound=True, done=done)
-    backend_side = RelaySide(record, inbound=False, done=done)
+    chosen: list[Member] = []
+
+    def ended() -> None:
+        if chosen:
+            chosen.pop().state.active -= 1
+        done()
+
+    client_side = RelaySide(record, inbound=True, done=ended)
+    backend_side = RelaySide(record, inbound=False, done=ended)
     client_side.peer, backend_side.peer = backend_side, client_side
     client_side.connection_made(client)
-    failures: list[str] = []
-    for candidate in candidates:
-        host, port = candidate.host, candidate.port
+    while (member := await tries.another()) is not None:
+        host, port = member.host, member.port
         context = backend_context(reencrypt) if reencrypt is not None else None
         sni = backend_server_name(reencrypt, ctx.domain, host) if reencrypt is not None else None
-        header = candidate.proxy_header(ctx)
+        header = member.proxy_header(ctx)
         if header and context is not None:
-            failures.append(f"{host}:{port} send_proxy_protocol cannot precede re-encryption")
+            tries.failures.append(f"{host}:{port} send_proxy_protocol cannot precede re-encryption")
             continue
+        timeout = tries.left(connect_timeout)
         try:
-            async with asyncio.timeout(connect_timeout):
+            async with asyncio.timeout(timeout):
                 await loop.create_connection(
                     lambda: backend_side,
                     host,
@@ -122,16 +159,18 @@ async def connect_relay(
                     server_hostname=sni if context is not None else None,
                 )
         except TimeoutError:
-            failures.append(f"{host}:{port} timed out after {connect_timeout:g}s")
+            tries.failed(member, f"timed out after {timeout:g}s")
         except (OSError, ssl.SSLError) as exc:
-            failures.append(f"{host}:{port} {getattr(exc, 'strerror', None) or exc}")
+            tries.failed(member, str(getattr(exc, "strerror", None) or exc))
         else:
-            record.target = f"{host}:{port}"
+            record.target = member.state.key
+            member.state.active += 1
+            chosen.append(member)
             if header:
                 assert backend_side.transport is not None
                 backend_side.transport.write(header)  # before any byte of the client's
             return client_side
-    record.fail("backend-unreachable", "; ".join(failures))
+    record.fail("backend-unreachable", tries.why())
     return None
 
 

@@ -1,10 +1,10 @@
 """The fast lane: connections on bare sockets, watched by one epoll set, without transports.
 
 :class:`RelayLane` belongs to one proxy. It knows, per route and port of the current route
-table, whether the lane can carry a connection: as a byte pipe to fixed addresses
+table, whether the lane can carry a connection: as a byte pipe to the route's target group
 (:func:`~smartroute.server.relay_plan.relay_plan`, carried out by
-:class:`~smartroute.server.socket_relay.SocketRelay`) or as plain HTTP/1.1 requests to fixed
-addresses (:func:`~smartroute.server.relay_plan.http_plan`, served by
+:class:`~smartroute.server.socket_relay.SocketRelay`) or as plain HTTP/1.1 requests to it
+(:func:`~smartroute.server.relay_plan.http_plan`, served by
 :class:`~smartroute.server.http.lane_session.LaneSession`). It holds the buffer those share, so
 moving a chunk allocates nothing.
 """
@@ -17,15 +17,17 @@ from collections.abc import Callable
 from typing import Protocol
 
 from smartroute.routing.matcher import RouteTable
-from smartroute.routing.model import CompiledRoute, ForwardAction
+from smartroute.routing.model import CompiledRoute
+from smartroute.server.backends.book import Backends
+from smartroute.server.backends.group import TargetGroup
 from smartroute.server.epoll_set import AVAILABLE, EpollSet
-from smartroute.server.relay_plan import Address, http_plan, relay_plan
+from smartroute.server.relay_plan import http_plan, relay_plan
 from smartroute.server.socket_relay import CHUNK, SocketRelay
 from smartroute.server.stats import ConnectionRecord, StatsBook
 
 log = logging.getLogger("smartroute")
 
-Planner = Callable[[CompiledRoute, int], "tuple[Address, ...] | None"]
+Planner = Callable[[CompiledRoute, "TargetGroup | None"], "TargetGroup | None"]
 
 
 class LaneRuntime(Protocol):
@@ -33,6 +35,7 @@ class LaneRuntime(Protocol):
 
     table: RouteTable  # the current route table, swapped whole when the routes change
     stats: StatsBook  # where a relayed connection is counted as ended
+    backends: Backends  # each route's target group
 
 
 class RelayLane(EpollSet):
@@ -46,26 +49,24 @@ class RelayLane(EpollSet):
         self._table: object = None
         # Per route (by id) and port of the current table, each planner's answer; per port,
         # what the lane can do there. Both are dropped when the table changes.
-        self._plans: dict[tuple[Planner, int, int], tuple[Address, ...] | None] = {}
+        self._plans: dict[tuple[Planner, int, int], TargetGroup | None] = {}
         self._ports: dict[tuple[str, int], bool] = {}
 
-    def plan(self, route: CompiledRoute, port: int) -> tuple[Address, ...] | None:
+    def plan(self, route: CompiledRoute, port: int) -> TargetGroup | None:
         """:func:`relay_plan`, computed once per route and port of the current table."""
         return self._planned(relay_plan, route, port)
 
-    def http_plan(self, route: CompiledRoute, port: int) -> tuple[Address, ...] | None:
+    def http_plan(self, route: CompiledRoute, port: int) -> TargetGroup | None:
         """:func:`http_plan`, computed once per route and port of the current table."""
         return self._planned(http_plan, route, port)
 
-    def _planned(
-        self, planner: Planner, route: CompiledRoute, port: int
-    ) -> tuple[Address, ...] | None:
+    def _planned(self, planner: Planner, route: CompiledRoute, port: int) -> TargetGroup | None:
         self._follow_table()
         key = (planner, id(route), port)
         try:
             return self._plans[key]
         except KeyError:
-            plan = self._plans[key] = planner(route, port)
+            plan = self._plans[key] = planner(route, self.runtime.backends.group(route, port))
             return plan
 
     def terminates(self, port: int) -> bool:
@@ -112,15 +113,10 @@ class RelayLane(EpollSet):
         client: socket.socket,
         record: ConnectionRecord,
         route: CompiledRoute,
-        addresses: tuple[Address, ...],
+        group: TargetGroup,
     ) -> None:
-        """Relay ``client`` to the first of ``addresses`` that accepts (round-robin start)."""
-        if len(addresses) > 1:
-            action = route.action
-            assert isinstance(action, ForwardAction)
-            first = action.rotation.next() % len(addresses)
-            addresses = addresses[first:] + addresses[:first]
-        relay = SocketRelay(self, client, record, route.name, addresses)
+        """Relay ``client`` to the first target of ``group``'s order that accepts."""
+        relay = SocketRelay(self, client, record, route.name, group.order(record.client_ip), group)
         try:
             relay.connect()
         except Exception as exc:  # out of resources (epoll, memory) or a bug: this one ends

@@ -10,6 +10,7 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, Protocol
 
 from smartroute.routing.matcher import RouteTable, shortest_limit
+from smartroute.server.backends.book import Backends
 from smartroute.server.http.lane_pool import LanePool
 from smartroute.server.http.pool import BackendPool
 from smartroute.server.lane import RelayLane
@@ -39,6 +40,7 @@ class Runtime:
         self.stats = StatsBook(on_release=self.gate.release)
         self.tasks: set[asyncio.Task[Any]] = set()
         self.pool = BackendPool()
+        self.backends = Backends()  # target groups, target health
         self.lane = RelayLane(self)
         self.certificates = CertificateIndex()
         self.alpn_responder: TlsAlpnResponder | None = None  # pending TLS-ALPN-01 challenges

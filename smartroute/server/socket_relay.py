@@ -28,8 +28,8 @@ import os
 import socket
 from typing import TYPE_CHECKING, Protocol
 
+from smartroute.server.backends.group import Member, TargetGroup
 from smartroute.server.epoll_set import IN, OUT, TROUBLE
-from smartroute.server.relay_plan import Address
 from smartroute.server.stats import ConnectionRecord
 
 if TYPE_CHECKING:
@@ -240,7 +240,9 @@ class SocketRelay:
         "backend_mask",
         "record",
         "route_name",
-        "addresses",
+        "members",
+        "group",
+        "member",
         "next",
         "failures",
         "timer",
@@ -256,7 +258,8 @@ class SocketRelay:
         client: socket.socket,
         record: ConnectionRecord,
         route_name: str,
-        addresses: tuple[Address, ...],
+        members: tuple[Member, ...],
+        group: TargetGroup | None,
     ) -> None:
         self.lane = lane
         self.client = client
@@ -267,7 +270,9 @@ class SocketRelay:
         self.backend_mask = 0
         self.record = record
         self.route_name = route_name
-        self.addresses = addresses
+        self.members = members  # to try, in order (see TargetGroup.order)
+        self.group = group  # their group: its passive-health rule
+        self.member: Member | None = None  # the one connected to (counted as active)
         self.next = 0
         self.failures: list[str] = []
         self.timer: asyncio.TimerHandle | None = None
@@ -318,14 +323,20 @@ class SocketRelay:
     # -- connecting --------------------------------------------------------------------------
 
     def connect(self) -> None:
-        """Try the next address; after the last one fails, close the client."""
-        while self.next < len(self.addresses):
-            family, sockaddr, name = self.addresses[self.next]
+        """Try the next member; after the last one fails, close the client."""
+        members = self.members
+        while self.next < len(members):
+            member = members[self.next]
             self.next += 1
+            if not member.state.up and self.next > 1:
+                continue  # went down meanwhile (the first is up: it was picked so)
+            address = member.address
+            assert address is not None
+            family, sockaddr, name = address
             try:
                 backend = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
             except OSError as exc:  # out of descriptors, no IPv6 on this host, ...
-                self.failures.append(f"{name} {exc.strerror or exc}")
+                self._failed(member, exc.strerror or str(exc))
                 continue
             backend.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             code = backend.connect_ex(sockaddr)
@@ -341,9 +352,9 @@ class SocketRelay:
                 )
                 return
             backend.close()
-            self.failures.append(f"{name} {os.strerror(code)}")
+            self._failed(member, os.strerror(code))
         record = self.record
-        record.fail("backend-unreachable", "; ".join(self.failures))
+        record.fail("backend-unreachable", "; ".join(self.failures) or "no target is up")
         log.warning("route %r: %s; closing %s", self.route_name, record.error, record.id)
         self.finish()
 
@@ -358,9 +369,9 @@ class SocketRelay:
         # else: a stale event, the connect is still under way
 
     def join(self, backend: socket.socket, to_backend: bytes, to_client: bytes) -> None:
-        """Relay between the client and ``backend``, connected already to the only address;
+        """Relay between the client and ``backend``, connected already to the only member;
         ``to_backend`` and ``to_client`` were read from one side before, and go first."""
-        self.next = len(self.addresses)
+        self.next = len(self.members)
         self.backend, self.backend_fd = backend, backend.fileno()
         self._connected(to_backend, to_client)
 
@@ -370,7 +381,9 @@ class SocketRelay:
             self.timer = None
         backend = self.backend
         assert backend is not None
-        self.record.target = self.addresses[self.next - 1][2]
+        member = self.member = self.members[self.next - 1]
+        member.state.active += 1
+        self.record.target = member.state.key
         up = self.up
         down = self.down = _Direction(self, backend, inbound=False)
         up.dst, up.dst_fd = backend, self.backend_fd
@@ -387,8 +400,13 @@ class SocketRelay:
             self.timer.cancel()
             self.timer = None
         self._close_backend()
-        self.failures.append(f"{self.addresses[self.next - 1][2]} {why}")
+        self._failed(self.members[self.next - 1], why)
         self.connect()
+
+    def _failed(self, member: Member, why: str) -> None:
+        self.failures.append(f"{member.state.key} {why}")
+        group = self.group
+        member.state.failed(why, None if group is None else group.passive)
 
     def _close_backend(self) -> None:
         if self.backend_mask:
@@ -432,6 +450,9 @@ class SocketRelay:
             self.timer = None
         if self.backend is not None:
             self._close_backend()
+        if self.member is not None:
+            self.member.state.active -= 1
+            self.member = None
         if self.client_mask:
             self.lane.watch(self.client_fd, self.client_mask, 0, self)
             self.client_mask = 0

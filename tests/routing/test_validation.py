@@ -6,6 +6,8 @@ import asyncio
 import dataclasses
 import datetime
 import functools
+import json
+import tomllib
 from pathlib import Path
 from typing import Any, cast
 
@@ -19,12 +21,17 @@ from smartroute.context import RouteContext
 from smartroute.errors import ConfigError
 from smartroute.routing import schema
 from smartroute.routing.model import (
+    STRATEGIES,
     BlockAction,
     CertificatePair,
     ForwardAction,
+    HealthCheck,
+    PassiveHealth,
     RedirectAction,
+    RetryPolicy,
     SocketHandlerAction,
     StaticAction,
+    TargetSpec,
 )
 from smartroute.routing.patterns import parse_ip
 from smartroute.routing.schema import (
@@ -44,6 +51,7 @@ from smartroute.routing.schema import (
     Tls,
 )
 from smartroute.routing.validation import validate_route, validate_routes
+from smartroute.routing.validation.backends import forward_targets
 from smartroute.routing.validation.security import compile_security
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -151,11 +159,13 @@ def rich_dicts(root: Path) -> list[RouteDict]:
             "action": {
                 "type": "forward",
                 "targets": [
-                    {"host": ["10.0.0.5", "10.0.0.6"], "port": 8080},
+                    {"host": ["10.0.0.5", "10.0.0.6"], "port": 8080, "weight": 3},
                     {"host": pick_host, "port": pick_port},
-                    {"host": "backend", "port": "preserve"},
+                    {"host": "backend", "port": "preserve", "backup": True},
                 ],
                 "protocol": "http",
+                "load_balancing": "least-connections",
+                "retry": {"attempts": 2, "any_method": True},
                 "tls": {
                     "mode": "terminate-and-reencrypt",
                     "certificate": {"cert": cert, "key": key},
@@ -225,11 +235,13 @@ def rich_dataclasses(root: Path) -> list[Route]:
             ),
             action=Forward(
                 targets=[
-                    Target(host=["10.0.0.5", "10.0.0.6"], port=8080),
+                    Target(host=["10.0.0.5", "10.0.0.6"], port=8080, weight=3),
                     {"host": pick_host, "port": pick_port},  # dict form inside a dataclass
-                    Target("backend", "preserve"),
+                    Target("backend", "preserve", backup=True),
                 ],
                 protocol="http",
+                load_balancing="least-connections",
+                retry={"attempts": 2, "any_method": True},
                 tls=Tls(
                     mode="terminate-and-reencrypt",
                     certificate=Certificate(cert=cert, key=key),
@@ -300,6 +312,11 @@ def test_rich_route_contents(tmp_path: Path) -> None:
     hosts = [target.host for target in api.action.targets]
     assert hosts == [("10.0.0.5", "10.0.0.6"), pick_host, ("backend",)]
     assert [target.port for target in api.action.targets] == [8080, pick_port, "preserve"]
+    assert [target.weight for target in api.action.targets] == [3, 1, 1]
+    assert [target.backup for target in api.action.targets] == [False, False, True]
+    assert api.action.load_balancing == "least-connections"
+    assert api.action.retry == RetryPolicy(attempts=2, any_method=True)
+    assert api.action.health_check is None and api.action.passive_health is None
     assert api.tls is not None and api.terminates_tls
     assert api.tls.mode == "terminate-and-reencrypt"
     assert api.tls.certificate == CertificatePair(cert, key)
@@ -1085,6 +1102,389 @@ def test_bad_input(routes: object, message: str) -> None:
     assert error_of(routes) == message
 
 
+# -- backends: weights, backups, load balancing, health checks, retries --------------------------
+
+
+STATIC = {"type": "static", "static": {"content": "hi"}}
+SOCKET = {"type": "socket-handler", "socket_handler": echo_handler}
+
+
+def forward_action(action: object) -> ForwardAction:
+    (route,) = validate_routes([on(action)])
+    assert isinstance(route.action, ForwardAction)
+    return route.action
+
+
+def test_backend_defaults() -> None:
+    action = forward_action(forward())
+    assert action.targets == (TargetSpec(("127.0.0.1",), 9000),)
+    target = action.targets[0]
+    assert (target.weight, target.backup, target.initial, target.fixed) == (1, False, "up", True)
+    assert action.load_balancing == "round-robin"
+    assert (action.health_check, action.passive_health, action.retry) == (None, None, None)
+    # an empty block turns the feature on with its defaults; None is the same as leaving it out
+    action = forward_action(forward(health_check={}, passive_health={}, retry={}))
+    assert action.health_check == HealthCheck("tcp", 5.0, 2.0, 2, 3, "/", (200, 399), None)
+    assert action.passive_health == PassiveHealth(3, 10.0)
+    assert action.retry == RetryPolicy(3, 0.05, 1.0, 0.2, False)
+    action = forward_action(forward(load_balancing=None, health_check=None, retry=None))
+    assert (action.load_balancing, action.health_check, action.retry) == ("round-robin", None, None)
+
+
+def test_backend_settings_validate_to_model_objects() -> None:
+    action = forward_action(
+        forward(
+            targets=[
+                {"host": "10.0.0.5", "port": 8080, "weight": 256, "initial": "down"},
+                {"host": ["10.0.0.6", "10.0.0.7"], "port": 8080, "weight": 1, "initial": "up"},
+                {"host": "10.0.0.9", "port": 8080, "backup": True, "send_proxy_protocol": "v2"},
+            ],
+            load_balancing="ip-hash",
+            health_check={
+                "type": "http",
+                "interval": 10,  # ints are seconds too
+                "timeout": 10,  # as long as the interval is fine
+                "rise": 1,
+                "fall": 5,
+                "path": "/healthz?full=1",
+                "expect_status": (200, 204),
+                "host": "api.example.com:8443",
+            },
+            passive_health={"max_fails": 1, "fail_timeout": 2.5},
+            retry={
+                "attempts": 10,
+                "backoff": 0,
+                "max_backoff": 0,
+                "jitter": 1,
+                "any_method": False,
+            },
+        )
+    )
+    assert action.targets == (
+        TargetSpec(("10.0.0.5",), 8080, weight=256, initial="down"),
+        TargetSpec(("10.0.0.6", "10.0.0.7"), 8080),
+        TargetSpec(("10.0.0.9",), 8080, send_proxy_protocol="v2", backup=True),
+    )
+    assert action.load_balancing == "ip-hash"
+    assert action.health_check == HealthCheck(
+        "http", 10.0, 10.0, 1, 5, "/healthz?full=1", (200, 204), "api.example.com:8443"
+    )
+    assert action.passive_health == PassiveHealth(1, 2.5)
+    assert action.retry == RetryPolicy(10, 0.0, 0.0, 1.0, False)
+    assert action.health_check is not None and action.retry is not None
+    assert type(action.health_check.interval) is float and type(action.retry.jitter) is float
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_load_balancing_strategy(strategy: str) -> None:
+    assert forward_action(forward(load_balancing=strategy)).load_balancing == strategy
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        (204, (204, 204)),
+        ([200, 299], (200, 299)),
+        ((100, 599), (100, 599)),
+        ([302, 302], (302, 302)),
+    ],
+)
+def test_expect_status_forms(given: object, expected: tuple[int, int]) -> None:
+    check = forward_action(forward(health_check={"type": "http", "expect_status": given}))
+    assert check.health_check is not None and check.health_check.expect_status == expected
+
+
+def test_a_short_interval_shortens_the_default_timeout() -> None:
+    # the default timeout (2) never makes a shorter interval an error
+    short = forward_action(forward(health_check={"interval": 0.5})).health_check
+    assert short is not None and (short.interval, short.timeout) == (0.5, 0.5)
+    long = forward_action(forward(health_check={"interval": 30})).health_check
+    assert long is not None and (long.interval, long.timeout) == (30.0, 2.0)
+
+
+def test_backends_from_toml_and_json() -> None:
+    text = """
+[[routes]]
+name = "web"
+match = { ports = 8080 }
+
+[routes.action]
+type = "forward"
+load_balancing = "random"
+targets = [
+    { host = "10.0.0.5", port = 80, weight = 3 },
+    { host = "10.0.0.6", port = 80, backup = true, initial = "down" },
+]
+health_check = { type = "http", path = "/ping", expect_status = [200, 299], interval = 2 }
+passive_health = { max_fails = 2, fail_timeout = 30 }
+retry = { attempts = 2, backoff = 0.1, max_backoff = 0.5, jitter = 0.0 }
+"""
+    from_toml = tomllib.loads(text)["routes"]
+    from_json = json.loads(json.dumps(from_toml))  # lists stay lists
+    for routes in (from_toml, from_json):
+        (route,) = validate_routes(routes)
+        assert isinstance(route.action, ForwardAction)
+        assert route.action.load_balancing == "random"
+        assert [t.weight for t in route.action.targets] == [3, 1]
+        assert [(t.backup, t.initial) for t in route.action.targets] == [
+            (False, "up"),
+            (True, "down"),
+        ]
+        assert route.action.health_check == HealthCheck(
+            "http", interval=2.0, path="/ping", expect_status=(200, 299)
+        )
+        assert route.action.passive_health == PassiveHealth(2, 30.0)
+        assert route.action.retry == RetryPolicy(2, 0.1, 0.5, 0.0)
+
+
+def test_backend_dataclass_form() -> None:
+    route = validate_route(
+        Route(
+            Match(80),
+            schema.Forward(
+                targets=[schema.Target(host="127.0.0.1", port=1, weight=2)], load_balancing="first"
+            ),
+        ),
+        0,
+    )
+    assert isinstance(route.action, ForwardAction)
+    assert route.action.load_balancing == "first"
+    assert route.action.targets == (TargetSpec(("127.0.0.1",), 1, weight=2),)
+    # every field, against the dict form
+    health: schema.HealthCheckDict = {"type": "http", "expect_status": [200, 204]}
+    passive: schema.PassiveHealthDict = {"max_fails": 5}
+    retry: schema.RetryDict = {"attempts": 4, "jitter": 0}
+    dataclass_form = Route(
+        Match(80),
+        Forward(
+            [Target("a", 1, weight=5, initial="down"), Target("b", 2, backup=True)],
+            load_balancing="least-connections",
+            health_check=health,
+            passive_health=passive,
+            retry=retry,
+        ),
+    )
+    dict_form = block(
+        action={
+            "type": "forward",
+            "targets": [
+                {"host": "a", "port": 1, "weight": 5, "initial": "down"},
+                {"host": "b", "port": 2, "backup": True},
+            ],
+            "load_balancing": "least-connections",
+            "health_check": health,
+            "passive_health": passive,
+            "retry": retry,
+        }
+    )
+    assert validate_routes([dataclass_form]) == validate_routes([dict_form])
+    # a wrong type at its default value still reaches the validator
+    assert error_of([Route(Match(80), Forward([Target("a", 1, weight=cast(Any, True))]))]) == (
+        f"{R0}.action.targets[0].weight: expected an int (1-256), got True"
+    )
+    assert error_of([Route(Match(80), Forward([Target("a", 1, backup=cast(Any, 0))]))]) == (
+        f"{R0}.action.targets[0].backup: expected a bool, got 0"
+    )
+
+
+def test_forward_schema_mirrors_its_typed_dict() -> None:
+    fields = dataclasses.fields(Forward)
+    assert {f.name for f in fields} == set(schema.ForwardActionDict.__annotations__) - {"type"}
+    required = {f.name for f in fields if f.default is dataclasses.MISSING}
+    assert required == schema.ForwardActionDict.__required_keys__ - {"type"}
+    for typed_dict in (schema.HealthCheckDict, schema.PassiveHealthDict, schema.RetryDict):
+        assert not typed_dict.__required_keys__
+    defaults = {f.name: f.default for f in fields}
+    assert (
+        defaults["load_balancing"] == ForwardAction.__dataclass_fields__["load_balancing"].default
+    )
+
+
+def single(**target: object) -> Any:
+    """A forward route with one target on 127.0.0.1:9000, ``target`` added to it."""
+    return on(forward(targets=[{"host": "127.0.0.1", "port": 9000, **target}]))
+
+
+def two(first: object, second: object, **extra: object) -> Any:
+    """A forward action to ``first`` and ``second``."""
+    return forward(targets=[first, second], **extra)
+
+
+def http_check(**check: object) -> Any:
+    return on(forward(health_check={"type": "http", **check}))
+
+
+A = {"host": "10.0.0.1", "port": 80}
+T0, T1 = f"{R0}.action.targets[0]", f"{R0}.action.targets[1]"
+HC, PH, RT = f"{R0}.action.health_check", f"{R0}.action.passive_health", f"{R0}.action.retry"
+LISTED = '"round-robin", "least-connections", "ip-hash", "random" or "first"'
+BACKEND_BAD: list[tuple[str, Any, str]] = [
+    # targets
+    ("weight-zero", single(weight=0), f"{T0}.weight: 0 is not a weight (1-256)"),
+    ("weight-too-big", single(weight=257), f"{T0}.weight: 257 is not a weight (1-256)"),
+    ("weight-negative", single(weight=-1), f"{T0}.weight: -1 is not a weight (1-256)"),
+    ("weight-bool", single(weight=True), f"{T0}.weight: expected an int (1-256), got True"),
+    ("weight-float", single(weight=1.5), f"{T0}.weight: expected an int (1-256), got 1.5"),
+    ("weight-str", single(weight="2"), f"{T0}.weight: expected an int (1-256), got '2'"),
+    ("backup-str", on(two(A, {**A, "backup": "yes"})), f"{T1}.backup: expected a bool, got 'yes'"),
+    ("backup-int", single(backup=1), f"{T0}.backup: expected a bool, got 1"),
+    ("initial-typo", single(initial="dwn"), f'{T0}.initial: unknown initial state "dwn" (did you mean "down"?)'),
+    ("initial-bool", single(initial=False), f'{T0}.initial: unknown initial state False (expected "up" or "down")'),
+    # load balancing
+    ("strategy-typo", on(forward(load_balancing="round_robin")), f'{R0}.action.load_balancing: unknown load balancing strategy "round_robin" (did you mean "round-robin"?)'),
+    ("strategy-unknown", on(forward(load_balancing="weighted")), f'{R0}.action.load_balancing: unknown load balancing strategy "weighted" (expected {LISTED})'),
+    ("strategy-int", on(forward(load_balancing=1)), f"{R0}.action.load_balancing: unknown load balancing strategy 1 (expected {LISTED})"),
+    # health_check
+    ("check-bool", on(forward(health_check=True)), f"{HC}: expected a mapping, got True"),
+    ("check-type", on(forward(health_check={"type": "udp"})), f'{HC}.type: unknown health check type "udp" (expected "tcp" or "http")'),
+    ("check-type-case", on(forward(health_check={"type": "HTTP"})), f'{HC}.type: unknown health check type "HTTP" (did you mean "http"?)'),
+    ("interval-zero", on(forward(health_check={"interval": 0})), f"{HC}.interval: must be a finite number greater than 0, got 0"),
+    ("interval-str", on(forward(health_check={"interval": "5s"})), f"{HC}.interval: expected a number of seconds, got '5s'"),
+    ("interval-inf", on(forward(health_check={"interval": float("inf")})), f"{HC}.interval: must be a finite number greater than 0, got inf"),
+    ("timeout-negative", on(forward(health_check={"timeout": -1})), f"{HC}.timeout: must be a finite number greater than 0, got -1"),
+    ("timeout-over-default-interval", on(forward(health_check={"timeout": 6})), f"{HC}.timeout: must not exceed interval (5, the default), got 6"),
+    ("timeout-over-interval", on(forward(health_check={"interval": 2, "timeout": 2.5})), f"{HC}.timeout: must not exceed interval (2), got 2.5"),
+    ("rise-zero", on(forward(health_check={"rise": 0})), f"{HC}.rise: expected an int >= 1, got 0"),
+    ("rise-float", on(forward(health_check={"rise": 2.0})), f"{HC}.rise: expected an int >= 1, got 2.0"),
+    ("fall-bool", on(forward(health_check={"fall": True})), f"{HC}.fall: expected an int >= 1, got True"),
+    ("path-on-tcp", on(forward(health_check={"path": "/"})), f"{HC}.path: only for type 'http' (this check is 'tcp')"),
+    ("status-on-tcp", on(forward(health_check={"type": "tcp", "expect_status": 200})), f"{HC}.expect_status: only for type 'http' (this check is 'tcp')"),
+    ("host-on-tcp", on(forward(health_check={"host": "a"})), f"{HC}.host: only for type 'http' (this check is 'tcp')"),
+    ("path-relative", http_check(path="health"), f"""{HC}.path: 'health' is not a request path (it must start with "/")"""),
+    ("path-space", http_check(path="/a b"), f"{HC}.path: '/a b' is not a request path (printable ASCII without spaces)"),
+    ("path-newline", http_check(path="/a\r\nX: 1"), f"{HC}.path: '/a\\r\\nX: 1' is not a request path (printable ASCII without spaces)"),
+    ("path-empty", http_check(path=""), f"{HC}.path: expected a non-empty str, got ''"),
+    ("path-int", http_check(path=1), f"{HC}.path: expected a non-empty str, got 1"),
+    ("host-empty", http_check(host=""), f"{HC}.host: expected a non-empty str, got ''"),
+    ("host-header-injection", http_check(host="a\nb"), f"{HC}.host: 'a\\nb' is not a Host header (printable ASCII without spaces)"),
+    ("status-too-big", http_check(expect_status=600), f"{HC}.expect_status: 600 is not an HTTP status (100-599)"),
+    ("status-high-too-big", http_check(expect_status=[200, 600]), f"{HC}.expect_status[1]: 600 is not an HTTP status (100-599)"),
+    ("status-low-bool", http_check(expect_status=[True, 300]), f"{HC}.expect_status[0]: expected an int (100-599), got True"),
+    ("status-empty-range", http_check(expect_status=[399, 200]), f"{HC}.expect_status: [399, 200] is an empty range (low is greater than high)"),
+    ("status-one", http_check(expect_status=[200]), f"{HC}.expect_status: expected two statuses [low, high], got 1"),
+    ("status-three", http_check(expect_status=(200, 300, 400)), f"{HC}.expect_status: expected two statuses [low, high], got 3"),
+    ("status-str", http_check(expect_status="200-399"), f"{HC}.expect_status: expected a status or a [low, high] pair, got '200-399'"),
+    ("status-bool", http_check(expect_status=True), f"{HC}.expect_status: expected a status or a [low, high] pair, got True"),
+    # passive_health
+    ("passive-list", on(forward(passive_health=[3])), f"{PH}: expected a mapping, got list"),
+    ("max-fails-zero", on(forward(passive_health={"max_fails": 0})), f"{PH}.max_fails: expected an int >= 1, got 0"),
+    ("fail-timeout-zero", on(forward(passive_health={"fail_timeout": 0})), f"{PH}.fail_timeout: must be a finite number greater than 0, got 0"),
+    ("fail-timeout-str", on(forward(passive_health={"fail_timeout": "10"})), f"{PH}.fail_timeout: expected a number of seconds, got '10'"),
+    # retry
+    ("retry-int", on(forward(retry=3)), f"{RT}: expected a mapping, got 3"),
+    ("attempts-zero", on(forward(retry={"attempts": 0})), f"{RT}.attempts: 0 is not a number of attempts (1-10)"),
+    ("attempts-too-many", on(forward(retry={"attempts": 11})), f"{RT}.attempts: 11 is not a number of attempts (1-10)"),
+    ("attempts-bool", on(forward(retry={"attempts": True})), f"{RT}.attempts: expected an int (1-10), got True"),
+    ("backoff-negative", on(forward(retry={"backoff": -0.1})), f"{RT}.backoff: must be a finite number of at least 0, got -0.1"),
+    ("backoff-nan", on(forward(retry={"backoff": float("nan")})), f"{RT}.backoff: must be a finite number of at least 0, got nan"),
+    ("backoff-bool", on(forward(retry={"backoff": False})), f"{RT}.backoff: expected a number of seconds, got False"),
+    ("max-backoff-str", on(forward(retry={"max_backoff": "1"})), f"{RT}.max_backoff: expected a number of seconds, got '1'"),
+    ("max-backoff-below-backoff", on(forward(retry={"backoff": 0.5, "max_backoff": 0.25})), f"{RT}.max_backoff: must be at least backoff (0.5), got 0.25"),
+    ("backoff-above-default-max", on(forward(retry={"backoff": 2})), f"{RT}.backoff: 2 is more than max_backoff (1, the default): raise max_backoff too"),
+    ("jitter-too-big", on(forward(retry={"jitter": 1.5})), f"{RT}.jitter: 1.5 is not a fraction (0-1)"),
+    ("jitter-negative", on(forward(retry={"jitter": -0.1})), f"{RT}.jitter: -0.1 is not a fraction (0-1)"),
+    ("jitter-str", on(forward(retry={"jitter": "0.2"})), f"{RT}.jitter: expected a number from 0 to 1, got '0.2'"),
+    ("any-method-int", on(forward(retry={"any_method": 1})), f"{RT}.any_method: expected a bool, got 1"),
+    # the action as a whole
+    ("all-backup", on(two({**A, "backup": True}, {**A, "backup": True})), f"{R0}.action.targets: every target is a backup: at least one must be a primary"),
+    ("one-backup-alone", on(forward(targets={**A, "backup": True})), f"{R0}.action.targets: every target is a backup: at least one must be a primary"),
+    ("check-callable-host", on(two(A, {"host": pick_host, "port": 80}, health_check={})), f"{R0}.action.targets[1].host: the route has a health_check, which needs targets with a fixed host and port (this one has a callable host)"),
+    ("check-callable-port", on(two({"host": "a", "port": pick_port}, A, health_check={"type": "http"})), f"{R0}.action.targets[0].port: the route has a health_check, which needs targets with a fixed host and port (this one has a callable port)"),
+    ("passive-preserve", on(two(A, {"host": "a", "port": "preserve"}, passive_health={})), f'{R0}.action.targets[1].port: the route has a passive_health, which needs targets with a fixed host and port (this one has port "preserve")'),
+    ("check-before-passive", on(two({"host": pick_host, "port": 1}, A, passive_health={}, health_check={})), f"{R0}.action.targets[0].host: the route has a health_check, which needs targets with a fixed host and port (this one has a callable host)"),
+    ("initial-down-unchecked", on(two(A, {"host": "b", "port": 1, "initial": "down"})), f'{R0}.action.targets[1].initial: "down" needs a health_check on the route: nothing else would bring the target up'),
+    # forward-only keys on other actions
+    ("socket-handler-check", on({**SOCKET, "health_check": {}}), f"{R0}.action.health_check: health_check applies to forward actions only (this action is 'socket-handler')"),
+    ("redirect-retry", on({"type": "redirect", "redirect": {"to": "/"}, "retry": {}}), f"{R0}.action.retry: retry applies to forward actions only (this action is 'redirect')"),
+    ("static-load-balancing", on({**STATIC, "load_balancing": "first"}), f"{R0}.action.load_balancing: load_balancing applies to forward actions only (this action is 'static')"),
+    ("block-passive", on({"type": "block", "passive_health": None}), f"{R0}.action.passive_health: passive_health applies to forward actions only (this action is 'block')"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("routes", "message"), [c[1:] for c in BACKEND_BAD], ids=[c[0] for c in BACKEND_BAD]
+)
+def test_bad_backend_input(routes: Any, message: str) -> None:
+    path, problem = message.split(": ", 1)
+    with pytest.raises(ConfigError) as caught:
+        validate_routes([routes])
+    assert (caught.value.path, caught.value.problem) == (path, problem)
+
+
+def test_callable_targets_without_health_settings_are_fine() -> None:
+    action = forward_action(
+        two({"host": pick_host, "port": "preserve"}, {**A, "backup": True}, retry={})
+    )
+    assert [t.fixed for t in action.targets] == [False, True]
+
+
+WHERE = "set_targets('web').targets"
+
+
+def test_forward_targets_replaces_targets_only() -> None:
+    action = forward_action(forward(health_check={"type": "http"}, retry={"attempts": 2}))
+    changed = forward_targets(
+        action, [{"host": "10.0.0.2", "port": 81, "weight": 4}, {**A, "backup": True}], WHERE
+    )
+    assert changed.targets == (
+        TargetSpec(("10.0.0.2",), 81, weight=4),
+        TargetSpec(("10.0.0.1",), 80, backup=True),
+    )
+    assert changed == dataclasses.replace(action, targets=changed.targets)
+    assert changed.rotation is action.rotation
+    assert action.targets == (TargetSpec(("127.0.0.1",), 9000),)  # the original is untouched
+    # one target, not in a list, is fine too
+    assert forward_targets(action, Target("b", 2), WHERE).targets == (TargetSpec(("b",), 2),)
+    # without health settings, callables and "preserve" are fine
+    plain = forward_action(forward())
+    assert forward_targets(plain, [{"host": pick_host, "port": "preserve"}], WHERE).targets == (
+        TargetSpec(pick_host, "preserve"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("settings", "targets", "path", "problem"),
+    [
+        ({}, [{**A, "weight": 0}], f"{WHERE}[0].weight", "0 is not a weight (1-256)"),
+        ({}, [], WHERE, "empty list (give at least one target)"),
+        (
+            {},
+            [{**A, "backup": True}],
+            WHERE,
+            "every target is a backup: at least one must be a primary",
+        ),
+        (
+            {"health_check": {}},
+            [A, {"host": pick_host, "port": 80}],
+            f"{WHERE}[1].host",
+            "the route has a health_check, which needs targets with a fixed host and port "
+            "(this one has a callable host)",
+        ),
+        (
+            {"passive_health": {}},
+            {"host": "a", "port": "preserve"},
+            f"{WHERE}.port",
+            "the route has a passive_health, which needs targets with a fixed host and port "
+            '(this one has port "preserve")',
+        ),
+        (
+            {"passive_health": {}},
+            [A, A, {"host": "a", "port": pick_port}],
+            f"{WHERE}[2].port",
+            "the route has a passive_health, which needs targets with a fixed host and port "
+            "(this one has a callable port)",
+        ),
+    ],
+)
+def test_forward_targets_errors(
+    settings: dict[str, object], targets: object, path: str, problem: str
+) -> None:
+    action = forward_action(forward(**settings))
+    with pytest.raises(ConfigError) as caught:
+        forward_targets(action, targets, WHERE)
+    assert (caught.value.path, caught.value.problem) == (path, problem)
+
+
 # -- unknown keys: a near miss is compared with the keys of its own block only ------------------
 
 
@@ -1103,8 +1503,6 @@ def in_certificate(**extra: object) -> Any:
     )
 
 
-STATIC = {"type": "static", "static": {"content": "hi"}}
-SOCKET = {"type": "socket-handler", "socket_handler": echo_handler}
 # (id, route, path of the block, its TypedDict, the unknown key, the key of that block suggested)
 # Each "far" key is unlike every key of its block and of the blocks inside it, but close to a
 # key of another block: it once got that one ("client_ca" in tls -> "routes[0].match.client_ip").
@@ -1129,6 +1527,14 @@ UNKNOWN_KEYS: list[tuple[str, Any, str, Any, str, str | None]] = [
     ("socket-action-far", on({**SOCKET, "realms": 1}), f"{R0}.action", schema.SocketHandlerActionDict, "realms", None),
     ("target", on(forward(targets=[{"hots": "a", "port": 1}])), f"{R0}.action.targets[0]", schema.TargetDict, "hots", "host"),
     ("target-far", on(forward(targets=[{"host": "a", "port": 1, "contnet": 1}])), f"{R0}.action.targets[0]", schema.TargetDict, "contnet", None),
+    ("target-weight", on(forward(targets=[{"host": "a", "port": 1, "wieght": 2}])), f"{R0}.action.targets[0]", schema.TargetDict, "wieght", "weight"),
+    ("health-check", on(forward(health_check={"intervall": 1})), f"{R0}.action.health_check", schema.HealthCheckDict, "intervall", "interval"),
+    ("health-check-status", on(forward(health_check={"type": "http", "status": 200})), f"{R0}.action.health_check", schema.HealthCheckDict, "status", "expect_status"),
+    ("health-check-far", on(forward(health_check={"max_fails": 1})), f"{R0}.action.health_check", schema.HealthCheckDict, "max_fails", None),
+    ("passive-health", on(forward(passive_health={"max_fail": 1})), f"{R0}.action.passive_health", schema.PassiveHealthDict, "max_fail", "max_fails"),
+    ("passive-health-far", on(forward(passive_health={"interval": 1})), f"{R0}.action.passive_health", schema.PassiveHealthDict, "interval", None),
+    ("retry", on(forward(retry={"attempt": 2})), f"{R0}.action.retry", schema.RetryDict, "attempt", "attempts"),
+    ("retry-far", on(forward(retry={"rise": 2})), f"{R0}.action.retry", schema.RetryDict, "rise", None),
     ("redirect", on({"type": "redirect", "redirect": {"to": "/", "stats": 301}}), f"{R0}.action.redirect", schema.RedirectDict, "stats", "status"),
     ("redirect-far", on({"type": "redirect", "redirect": {"to": "/", "mod": 1}}), f"{R0}.action.redirect", schema.RedirectDict, "mod", None),
     ("static", on({"type": "static", "static": {"rot": "/"}}), f"{R0}.action.static", schema.StaticDict, "rot", "root"),

@@ -54,10 +54,12 @@ from smartroute.routing.model import CompiledRoute
 from smartroute.routing.validation import validate_route
 from smartroute.server import lane as lane_module
 from smartroute.server import port_manager, socket_relay
+from smartroute.server.backends.book import Backends
+from smartroute.server.backends.group import Address, TargetGroup, literal_address
 from smartroute.server.epoll_set import IN, OUT
 from smartroute.server.lane import RelayLane
 from smartroute.server.port_manager import Listener
-from smartroute.server.relay_plan import Address, literal_address, relay_plan
+from smartroute.server.relay_plan import relay_plan
 from smartroute.server.socket_relay import CHUNK, SocketRelay
 from smartroute.server.stats import ConnectionRecord
 
@@ -83,9 +85,17 @@ def forward(
     }
 
 
-def plan(route: dict[str, Any], port: int = 8000) -> tuple[Address, ...] | None:
-    """The lane's plan for a route validated the public way, on ``port``."""
-    return relay_plan(validate_route(route, 0), port)
+def addresses(group: TargetGroup | None) -> tuple[Address | None, ...] | None:
+    return None if group is None else tuple(member.address for member in group.members)
+
+
+def plan(route: dict[str, Any], port: int = 8000) -> tuple[Address | None, ...] | None:
+    """The lane's plan for a route validated the public way, on ``port``: its members'
+    addresses."""
+    compiled = validate_route(route, 0)
+    book = Backends()
+    book.prepare([compiled])
+    return addresses(relay_plan(compiled, book.group(compiled, port)))
 
 
 # -- spies -----------------------------------------------------------------------------------
@@ -382,17 +392,19 @@ def test_the_lane_plans_once_per_route_and_port_until_the_routes_change(
 ) -> None:
     computed: list[int] = []
 
-    def counting(route: CompiledRoute, port: int) -> tuple[Address, ...] | None:
-        computed.append(port)
-        return relay_plan(route, port)
+    def counting(route: CompiledRoute, group: TargetGroup | None) -> TargetGroup | None:
+        assert group is not None
+        computed.append(group.members[0].port)
+        return relay_plan(route, group)
 
     monkeypatch.setattr(lane_module, "relay_plan", counting)
-    runtime = SimpleNamespace(table=object())
+    runtime = SimpleNamespace(table=object(), backends=Backends())
     lane = RelayLane(cast(Any, runtime))
     route = validate_route(forward(8000, target("preserve")), 0)
-    assert lane.plan(route, 8000) == ((V4, ("127.0.0.1", 8000), "127.0.0.1:8000"),)
-    assert lane.plan(route, 8000) == lane.plan(route, 8000)
-    assert lane.plan(route, 8001) == ((V4, ("127.0.0.1", 8001), "127.0.0.1:8001"),)
+    runtime.backends.prepare([route])
+    assert addresses(lane.plan(route, 8000)) == ((V4, ("127.0.0.1", 8000), "127.0.0.1:8000"),)
+    assert lane.plan(route, 8000) is lane.plan(route, 8000)
+    assert addresses(lane.plan(route, 8001)) == ((V4, ("127.0.0.1", 8001), "127.0.0.1:8001"),)
     assert computed == [8000, 8001]
     runtime.table = object()  # a route update: plans are keyed by id(route), which may be reused
     lane.plan(route, 8000)
@@ -408,12 +420,13 @@ def test_the_lane_serves_a_port_only_when_some_route_there_can_be_relayed() -> N
     passthrough["action"]["tls"] = {"mode": "passthrough"}
     named = forward(80, target(8080, "localhost"))
     routes = [validate_route(r, i) for i, r in enumerate([terminate, named])]
-    runtime = SimpleNamespace(table=RouteTable(routes))
+    backends = Backends()
+    runtime = SimpleNamespace(table=RouteTable(routes, backends.prepare(routes)), backends=backends)
     lane = RelayLane(cast(Any, runtime))
     # Nothing on these ports could be relayed: no peeking, the pipeline takes them at once.
     assert (lane.serves(443), lane.serves(80), lane.serves(81)) == (False, False, False)
     routes.append(validate_route(passthrough, 2))
-    runtime.table = RouteTable(routes)  # a route update
+    runtime.table = RouteTable(routes, backends.prepare(routes))  # a route update
     assert (lane.serves(443), lane.serves(80)) == (True, False)
 
 
@@ -458,8 +471,12 @@ async def test_ipv6_literal_target_is_relayed_on_the_lane(
                 writer.write_eof()
                 assert await read_to_end(reader) == (payload, False)
             record = await finished.next()
-    assert len(relays) == 1 and relays[0].addresses[0][0] == socket.AF_INET6
-    assert (record.target, record.outcome) == (f"::1:{echo}", "ok")
+    assert (
+        len(relays) == 1
+        and relays[0].members[0].address is not None
+        and relays[0].members[0].address[0] == socket.AF_INET6
+    )
+    assert (record.target, record.outcome) == (f"[::1]:{echo}", "ok")
 
 
 @async_test(timeout=10)

@@ -37,6 +37,9 @@ ROUTE_KEYS = _keys(schema.RouteDict)
 MATCH_KEYS = _keys(schema.MatchDict)
 RANGE_KEYS = _keys(schema.PortRangeDict)
 TARGET_KEYS = _keys(schema.TargetDict)
+HEALTH_CHECK_KEYS = _keys(schema.HealthCheckDict)
+PASSIVE_HEALTH_KEYS = _keys(schema.PassiveHealthDict)
+RETRY_KEYS = _keys(schema.RetryDict)
 TLS_KEYS = _keys(schema.TlsDict)
 CERT_KEYS = _keys(schema.CertificateDict)
 REDIRECT_KEYS = _keys(schema.RedirectDict)
@@ -53,6 +56,8 @@ ACTION_KEYS: Final = {
     "socket-handler": _keys(schema.SocketHandlerActionDict),
 }
 ANY_ACTION_KEY = frozenset().union(*ACTION_KEYS.values())
+# Keys only a forward action has, beyond the ones every action has (its targets excepted).
+BACKEND_KEYS = frozenset({"load_balancing", "health_check", "passive_health", "retry"})
 
 # Where each key of a route's blocks belongs, relative to the route ("status" belongs in two
 # places). Only an exact key is placed: "tls" at route level -> "action.tls". A near-miss is only
@@ -188,6 +193,15 @@ def expect_int(value: object, path: str, minimum: int | None = None) -> int:
     return value
 
 
+def expect_int_between(value: object, path: str, low: int, high: int, what: str) -> int:
+    """An int from ``low`` to ``high``: ``0 is not a weight (1-256)``."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(path, f"expected an int ({low}-{high}), got {got(value)}")
+    if not low <= value <= high:
+        raise ConfigError(path, f"{value} is not {what} ({low}-{high})")
+    return value
+
+
 def expect_seconds(value: object, path: str, *, can_be_off: bool = False) -> float | None:
     """A duration in seconds (int or float, > 0); with ``can_be_off``, None or 0 mean "off"."""
     if can_be_off and (value is None or (value == 0 and not isinstance(value, bool))):
@@ -197,6 +211,24 @@ def expect_seconds(value: object, path: str, *, can_be_off: bool = False) -> flo
         raise ConfigError(path, f"expected a number of seconds{off}, got {got(value)}")
     if not value > 0 or value == float("inf"):
         raise ConfigError(path, f"must be a finite number greater than 0, got {value!r}")
+    return float(value)
+
+
+def expect_delay(value: object, path: str) -> float:
+    """A wait in seconds (int or float) that may be 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(path, f"expected a number of seconds, got {got(value)}")
+    if not value >= 0 or value == float("inf"):
+        raise ConfigError(path, f"must be a finite number of at least 0, got {value!r}")
+    return float(value)
+
+
+def expect_fraction(value: object, path: str) -> float:
+    """A number from 0 to 1 (int or float)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(path, f"expected a number from 0 to 1, got {got(value)}")
+    if not 0 <= value <= 1:
+        raise ConfigError(path, f"{value!r} is not a fraction (0-1)")
     return float(value)
 
 
@@ -218,6 +250,33 @@ def expect_text(value: object, path: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(path, f"expected a non-empty str, got {got(value)}")
     return value
+
+
+def expect_request_text(value: object, path: str, what: str) -> str:
+    """Text that goes into a request as it is (a path, a Host header): printable ASCII
+    without spaces, so that it can neither break nor extend the request."""
+    text = expect_text(value, path)
+    if not text.isascii() or not text.isprintable() or " " in text:
+        raise ConfigError(path, f"{text!r} is not {what} (printable ASCII without spaces)")
+    return text
+
+
+def expect_status_range(value: object, path: str) -> tuple[int, int]:
+    """HTTP statuses ``[low, high]`` (inclusive; a list or a tuple), or ``n`` for ``[n, n]``."""
+
+    def status(item: object, where: str) -> int:
+        return expect_int_between(item, where, 100, 599, "an HTTP status")
+
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (status(value, path),) * 2
+    if not isinstance(value, list | tuple):
+        raise ConfigError(path, f"expected a status or a [low, high] pair, got {got(value)}")
+    if len(value) != 2:
+        raise ConfigError(path, f"expected two statuses [low, high], got {len(value)}")
+    low, high = status(value[0], f"{path}[0]"), status(value[1], f"{path}[1]")
+    if low > high:
+        raise ConfigError(path, f"[{low}, {high}] is an empty range (low is greater than high)")
+    return (low, high)
 
 
 def expect_choice(value: object, path: str, choices: tuple[str, ...], what: str) -> str:

@@ -1,5 +1,6 @@
-"""The ``action`` block of a route: forward targets, redirect, static, socket handlers (imported
-from "package.module:function" strings), and the dispatch on the action type."""
+"""The ``action`` block of a route: forward targets and their backend settings (load balancing,
+health checks, retries), redirect, static, socket handlers (imported from
+"package.module:function" strings), and the dispatch on the action type."""
 
 from __future__ import annotations
 
@@ -8,37 +9,31 @@ import importlib
 import inspect
 import os
 import re
-from collections.abc import Mapping
-from typing import Literal, cast
+from typing import cast
 
 from smartroute.errors import ConfigError
-from smartroute.routing import schema
 from smartroute.routing.model import (
     REDIRECT_STATUSES,
     Action,
     BlockAction,
     ForwardAction,
     ForwardProtocol,
-    HostFunction,
-    PortFunction,
     RedirectAction,
     SocketHandler,
     SocketHandlerAction,
     StaticAction,
-    TargetSpec,
 )
 from smartroute.routing.validation._fields import (
     ACTION_KEYS,
     ANY_ACTION_KEY,
+    BACKEND_KEYS,
     REDIRECT_KEYS,
     STATIC_KEYS,
-    TARGET_KEYS,
     Raw,
     action_mapping,
     check_keys,
     expect_choice,
     expect_int,
-    expect_port,
     expect_strings,
     expect_text,
     got,
@@ -47,72 +42,12 @@ from smartroute.routing.validation._fields import (
     quoted,
     require,
 )
+from smartroute.routing.validation.backends import forward_action, validate_targets
 
 _ACTION_TYPES = tuple(ACTION_KEYS)
 _PROTOCOLS: tuple[ForwardProtocol, ...] = ("auto", "tcp", "http")
 _TEMPLATE_NAMES = ("domain", "port", "path", "query")
 _TEMPLATE_VAR = re.compile(r"\{([^{}]*)\}")
-
-
-def _host(value: object, path: str) -> tuple[str, ...] | HostFunction:
-    if type(value) is str and value and value == value.strip() and " " not in value:
-        return (value,)
-    if isinstance(value, str | list | tuple):
-        if not value and not isinstance(value, str):
-            raise ConfigError(path, "empty list (give at least one host)")
-        hosts = expect_strings(value, path, expect_text)
-        for i, host in enumerate(hosts):
-            if host != host.strip() or " " in host:
-                where = path if isinstance(value, str) else f"{path}[{i}]"
-                raise ConfigError(where, f"{host!r} is not a host name (it contains spaces)")
-        return hosts
-    if callable(value):
-        return cast(HostFunction, value)
-    raise ConfigError(
-        path, f"expected a host name, a list of host names or a callable, got {got(value)}"
-    )
-
-
-def _target_port(value: object, path: str) -> int | Literal["preserve"] | PortFunction:
-    if type(value) is int and 1 <= value <= 65535:
-        return value
-    if isinstance(value, int) and not isinstance(value, bool):
-        return expect_port(value, path)
-    if value == "preserve":
-        return "preserve"
-    if callable(value):
-        return cast(PortFunction, value)
-    raise ConfigError(
-        path, f'expected a port (1-65535), "preserve" or a callable, got {got(value)}'
-    )
-
-
-def _target(value: object, path: str) -> TargetSpec:
-    raw = mapping(value, path, schema.Target)
-    check_keys(raw, TARGET_KEYS, path)
-    host, port = raw.get("host"), raw.get("port")
-    if host is None or port is None:
-        require(raw, path, "host", "port")
-    version = raw.get("send_proxy_protocol")
-    if version not in (None, "v1", "v2"):
-        raise ConfigError(f"{path}.send_proxy_protocol", f"expected 'v1' or 'v2', got {version!r}")
-    return TargetSpec(
-        _host(host, f"{path}.host"),
-        _target_port(port, f"{path}.port"),
-        version,
-    )
-
-
-def validate_targets(value: object, where: str) -> tuple[TargetSpec, ...]:
-    """A forward action's ``targets`` (a list of targets, or one), checked; errors name
-    ``where`` and the item."""
-    if type(value) is list or isinstance(value, tuple):
-        if not value:
-            raise ConfigError(where, "empty list (give at least one target)")
-        return tuple([_target(item, f"{where}[{i}]") for i, item in enumerate(value)])
-    if isinstance(value, Mapping | schema.Target):
-        return (_target(value, where),)
-    raise ConfigError(where, f"expected a list of targets, got {got(value)}")
 
 
 def _forward(raw: Raw, path: str) -> ForwardAction:
@@ -121,7 +56,7 @@ def _forward(raw: Raw, path: str) -> ForwardAction:
     protocol = raw.get("protocol")
     if protocol is not None:
         protocol = expect_choice(protocol, f"{path}.protocol", _PROTOCOLS, "protocol")
-    return ForwardAction(targets, cast(ForwardProtocol, protocol or "auto"))
+    return forward_action(targets, cast(ForwardProtocol, protocol or "auto"), raw, path)
 
 
 def _redirect(raw: Raw, path: str, route: str) -> RedirectAction:
@@ -250,6 +185,11 @@ def compile_action(value: object, path: str, route: str) -> tuple[Action, object
     allowed = ACTION_KEYS[kind]
     if not raw.keys() <= allowed:
         for key in raw:
+            if key not in allowed and key in BACKEND_KEYS:
+                raise ConfigError(
+                    f"{path}.{key}",
+                    f"{key} applies to forward actions only (this action is {kind!r})",
+                )
             if key not in allowed and key in ANY_ACTION_KEY:
                 listed = quoted(sorted(allowed))
                 raise ConfigError(

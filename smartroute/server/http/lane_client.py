@@ -222,12 +222,14 @@ class LaneClient(LaneExchange):
             return True
         to_client = (self.out or b"") + head + bytes(backend.inbox)
         to_backend = (self.to_backend or b"") + bytes(self.inbox)
+        member = self.member
+        assert member is not None
         self._give_up()
         if backend.mask:
             self.lane.forget(backend.fd)
             backend.mask = 0
         self.backend = None
-        relay = SocketRelay(self.lane, self.sock, record, found.route.name, (backend.address,))
+        relay = SocketRelay(self.lane, self.sock, record, found.route.name, (member,), self.group)
         relay.join(backend.sock, to_backend, to_client)
         return False
 
@@ -301,6 +303,7 @@ class LaneClient(LaneExchange):
     def _give_up(self) -> None:
         """Stop serving the client's connection: no more events, no timer, no stop notice."""
         self.done = True
+        self._settle()
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None

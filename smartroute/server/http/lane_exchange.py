@@ -32,6 +32,7 @@ from smartroute.protocols.http_response import (
 )
 from smartroute.routing.matcher import RouteMatch
 from smartroute.routing.model import CompiledRoute
+from smartroute.server.backends.group import Member, TargetGroup
 from smartroute.server.decision import FirstRequest, TlsInfo
 from smartroute.server.epoll_set import IN, OUT, TROUBLE
 from smartroute.server.http.headers import connection_tokens
@@ -46,7 +47,6 @@ from smartroute.server.http.rewrite import (
     upgraded_head,
 )
 from smartroute.server.http.session import log_request
-from smartroute.server.relay_plan import Address
 from smartroute.server.socket_relay import established
 from smartroute.server.stats import ConnectionRecord
 from smartroute.server.tls import backend_context, backend_server_name, tls_reason
@@ -82,7 +82,8 @@ class LaneExchange:
     __slots__ = (
         "runtime", "lane", "sock", "fd", "mask", "record", "inbox", "eof", "out", "first", "phase",
         "closing", "done", "head", "facts", "found", "framing", "tokens", "keep_alive", "upgrade",
-        "started", "backend", "to_backend", "reused", "addresses", "next_address", "failures",
+        "started", "backend", "to_backend", "reused", "members", "next_member", "failures",
+        "group", "member",
         "prefix", "left", "decoder", "plan", "answer", "waiting", "deadline",
         "timer", "loop", "tls", "tls_info", "shut", "planned",
     )
@@ -124,8 +125,10 @@ class LaneExchange:
         self.backend: LaneBackend | None = None  # kept between requests while it is clean
         self.to_backend: bytes | None = None  # for the backend, not taken by its socket yet
         self.reused = False
-        self.addresses: tuple[Address, ...] = ()
-        self.next_address = 0
+        self.group: TargetGroup | None = None  # the request's route's targets
+        self.members: tuple[Member, ...] = ()  # to try, in order (see TargetGroup.order)
+        self.next_member = 0
+        self.member: Member | None = None  # the one this request went to (counted as active)
         self.failures: list[str] = []
         self.prefix = b""  # a head to send before the body bytes that follow it
         self.left = 0  # body bytes still to come (Content-Length framing)
@@ -140,8 +143,8 @@ class LaneExchange:
         self.tls = tls  # the client's TLS, when the lane terminates it
         self.tls_info: TlsInfo | None = None  # what the handshake settled
         self.shut = False  # TUNNEL: the client's end was passed on to the backend
-        # The last request's route and its addresses (http_plan), reused while it repeats.
-        self.planned: tuple[CompiledRoute | None, tuple[Address, ...] | None] = (None, None)
+        # The last request's route and its group (http_plan), reused while it repeats.
+        self.planned: tuple[CompiledRoute | None, TargetGroup | None] = (None, None)
         record.closer = self.abort
 
     def _read_backend(self, backend: LaneBackend) -> None:
@@ -166,7 +169,7 @@ class LaneExchange:
     # -- the backend connection --------------------------------------------------------------
 
     def _open_backend(self, *, reuse: bool) -> bool:
-        """Use the kept, a pooled or a new connection to the next address that takes one."""
+        """Use the kept, a pooled or a new connection to the next member that takes one."""
         pooled = reuse and self.upgrade is None
         record = self.record
         found = self.found
@@ -178,10 +181,18 @@ class LaneExchange:
                 context = backend_context(tls, alpn=HTTP_ALPN)
             except CertificateLoadError as exc:  # a backend_ca that does not load
                 return self._fail(502, f"backend unreachable: {exc}", unread=True)
-        while self.next_address < len(self.addresses):
-            address = self.addresses[self.next_address]
-            self.next_address += 1
-            record.target = address[2]
+        members = self.members
+        while self.next_member < len(members):
+            member = members[self.next_member]
+            self.next_member += 1
+            if not member.state.up and self.next_member > 1:
+                continue  # went down meanwhile (the first is up: it was picked so)
+            address = member.address
+            assert address is not None
+            record.target = member.state.key
+            self._settle()
+            self.member = member
+            member.state.active += 1
             sni = None
             if context is not None:
                 assert tls is not None
@@ -202,7 +213,7 @@ class LaneExchange:
             try:
                 backend, up = connect(address, context, sni)
             except OSError as exc:
-                self.failures.append(f"{address[2]} {exc.strerror or exc}")
+                self._target_failed(exc.strerror or str(exc))
                 continue
             self.backend, self.reused = backend, False
             if up and backend.ready:
@@ -211,6 +222,9 @@ class LaneExchange:
             self._wait("connect", record.timeouts.connect)
             return self._set_up(backend) if up else False
         self.phase = HEAD  # no exchange: the answer is the proxy's own
+        self._settle()
+        if not self.failures:  # every target went down since the route was chosen
+            return self._fail(503, "no target is up", unread=True)
         return self._fail(502, "backend unreachable: " + "; ".join(self.failures), unread=True)
 
     def _connect_reported(self, backend: LaneBackend, events: int) -> bool:
@@ -248,9 +262,26 @@ class LaneExchange:
         return self._begin()
 
     def _connect_failed(self, backend: LaneBackend, why: str) -> bool:
-        self.failures.append(f"{backend.address[2]} {why}")
+        self._target_failed(why)
         self._close_backend()
         return self._open_backend(reuse=False)
+
+    def _target_failed(self, why: str) -> None:
+        """The request's member failed it (connect, reset, 5xx, timeout): noted for passive
+        health and in the failures a 502 lists."""
+        member = self.member
+        if member is None:
+            return
+        self.failures.append(f"{member.state.key} {why}")
+        group = self.group
+        member.state.failed(why, None if group is None else group.passive)
+
+    def _settle(self) -> None:
+        """The request is done with its member (or moves to another): no longer active."""
+        member = self.member
+        if member is not None:
+            self.member = None
+            member.state.active -= 1
 
     def _begin(self) -> bool:
         """The backend connection is ready: send the request's head (and body) to it."""
@@ -325,6 +356,7 @@ class LaneExchange:
         try:
             response = parse_response_head(inbox) if inbox else None
         except HttpParseError as exc:
+            self._target_failed(f"invalid response: {exc}")
             return self._fail(502, f"the backend sent an invalid response: {exc}")
         if response is None:
             if backend.eof:
@@ -339,6 +371,8 @@ class LaneExchange:
             self._wait("backend", self.record.timeouts.backend)
             return True
         self.waiting = ""
+        if status >= 500:
+            self._target_failed(f"HTTP {status}")
         tokens = connection_tokens(response.headers)
         if status == 101:
             if self.upgrade is None:
@@ -360,11 +394,12 @@ class LaneExchange:
         if self.reused and self.framing.kind == "none" and not backend.inbox:
             # A kept connection the backend had closed meanwhile: once more, on a new one.
             self._close_backend()
-            self.next_address -= 1
+            self.next_member -= 1
             return self._open_backend(reuse=False)
         why = "closed the connection without answering"
         if backend.error is not None:
             why = f"connection failed: {backend.error.strerror or backend.error}"
+        self._target_failed(why)
         return self._fail(502, f"the backend {why}", broken=self.phase == SEND)
 
     def _body_piece(
@@ -442,6 +477,7 @@ class LaneExchange:
     def _exchange_done(self) -> bool:
         plan, head = self.plan, self.head
         assert plan is not None and head is not None
+        self._settle()
         found = self.found
         log_request(
             self.record, head, found.route.name if found else None, plan.status, self.started

@@ -22,10 +22,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from smartroute.server.backends.group import Address
 from smartroute.server.epoll_set import IN
 from smartroute.server.http.lane_tls import decrypt
 from smartroute.server.http.pool import TargetFilter
-from smartroute.server.relay_plan import Address
 from smartroute.server.socket_relay import established
 from smartroute.server.stats import ConnectionRecord
 

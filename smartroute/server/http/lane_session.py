@@ -33,7 +33,6 @@ from smartroute.errors import HttpParseError
 from smartroute.protocols.http import RequestHead, parse_request_head
 from smartroute.protocols.http_response import BodyFraming, request_framing
 from smartroute.routing.matcher import RouteMatch
-from smartroute.routing.model import ForwardAction
 from smartroute.server.actions import serve_http
 from smartroute.server.decision import (
     FirstRequest,
@@ -158,20 +157,20 @@ class LaneSession(LaneClient):
         runtime, record = self.runtime, self.record
         port = record.port
         if found is None:
-            addresses = None
+            group = None
         elif found.route is self.planned[0]:  # as for the last request: the usual case
-            addresses = self.planned[1]
+            group = self.planned[1]
         else:
-            addresses = self.lane.http_plan(found.route, port)
-            self.planned = (found.route, addresses)
+            group = self.lane.http_plan(found.route, port)
+            self.planned = (found.route, group)
         try:
             framing = request_framing(head)
         except HttpParseError as exc:
-            addresses, framing = None, None  # answered 400, and the connection closes
+            group, framing = None, None  # answered 400, and the connection closes
             error: HttpParseError | None = exc
         else:
             error = None
-        if addresses is None or head.method == "CONNECT":
+        if group is None or head.method == "CONNECT":
             if self.tls is not None:  # a terminated connection stays here: answer it
                 return self._refuse(head, facts, found, None, framing, error)
             if found is None:
@@ -190,12 +189,7 @@ class LaneSession(LaneClient):
         self._take(head, facts, found)
         self.framing = framing
         self.upgrade = head.header("upgrade") if "upgrade" in self.tokens else None
-        if len(addresses) > 1:
-            action = found.route.action
-            assert isinstance(action, ForwardAction)
-            start = action.rotation.next() % len(addresses)
-            addresses = addresses[start:] + addresses[:start]
-        self.addresses, self.next_address = addresses, 0
+        self.group, self.members, self.next_member = group, group.order(record.client_ip), 0
         if self.failures:
             self.failures = []
         if framing.kind != "none" and (head.header("expect") or "").lower() == "100-continue":
@@ -251,6 +245,7 @@ class LaneSession(LaneClient):
         dropped if small); ``broken``: the client's connection cannot carry another request."""
         self.record.fail("backend-error", message)
         self._close_backend()
+        self._settle()
         return self._reply(text_response(status, message), unread=unread, broken=broken)
 
     def _reply(self, response: Response, *, unread: bool = False, broken: bool = False) -> bool:
@@ -335,6 +330,7 @@ class LaneSession(LaneClient):
         if what == "connect" and backend is not None:
             self._connect_failed(backend, f"timed out after {timeouts.connect:g}s")
         elif what == "backend" and self.phase == WAIT:
+            self._target_failed(f"no answer within {timeouts.backend:g}s")
             self._fail(504, f"the backend did not answer within {timeouts.backend:g}s")
         if not self.done:
             self._advance()

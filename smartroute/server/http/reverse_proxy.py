@@ -29,8 +29,9 @@ from smartroute.protocols.http_response import (
 )
 from smartroute.routing.matcher import ConnectionFacts, RouteMatch
 from smartroute.routing.model import ForwardAction
+from smartroute.server.backends.group import Member
 from smartroute.server.decision import TlsInfo
-from smartroute.server.forward import Candidate, resolve_targets, tunnel
+from smartroute.server.forward import Tries, resolve_targets, tunnel
 from smartroute.server.http.body import CHUNK, copy_body
 from smartroute.server.http.headers import connection_tokens
 from smartroute.server.http.messages import Response, text_response
@@ -101,6 +102,19 @@ class _Stale(Exception):
     """A pooled connection turned out closed before it answered; the request can be resent."""
 
 
+class _Retry(Exception):
+    """The member failed the request before answering, in a way another member may not:
+    try the next one if the route's retry policy allows, else answer ``failure``."""
+
+    def __init__(self, failure: _Failed) -> None:
+        super().__init__(str(failure))
+        self.failure = failure
+
+
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+REPLAY_LIMIT = 64 * 1024  # the largest request body held for a retry
+
+
 async def forward_request(
     session: Requester,
     head: RequestHead,
@@ -121,34 +135,25 @@ async def forward_request(
         return await session.answer_locally(CONNECT_REFUSED, head, framing, False)
     exchange = _Exchange(session, head, framing, keep_alive, found, action, facts, tokens)
     try:
-        try:
-            return await exchange.run(reuse=True)
-        except _Stale:
-            return await exchange.run(reuse=False)
+        reuse = True
+        while True:
+            try:
+                return await exchange.run(reuse=reuse)
+            except _Stale:
+                reuse = False  # the same member, on a new connection
+                exchange.again()
+            except _Retry as retry:
+                reuse = False
+                if not exchange.again(retry.failure):
+                    raise retry.failure from None
     except _Failed as failure:
+        if exchange.replay is not None:
+            failure.body_consumed = True  # held by the exchange: no longer the client's
         session.record.fail("backend-error", str(failure))
         response = text_response(failure.status, str(failure))
         left = NO_BODY if failure.body_consumed else framing
         keep = keep_alive and not failure.broken_request
         return await session.answer_locally(response, head, left, keep)
-
-
-def _fixed_candidates(action: ForwardAction, port: int) -> list[Candidate] | None:
-    """What :func:`resolve_targets` gives when no target is a callable (else None), without
-    awaiting it."""
-    candidates = []
-    for target in action.targets:
-        hosts, target_port = target.host, target.port
-        if callable(hosts) or callable(target_port):
-            return None
-        if target_port == "preserve":
-            target_port = port
-        for host in hosts:
-            candidates.append(Candidate(host, target_port, target.send_proxy_protocol))
-    if not candidates:
-        return None  # resolve_targets says why
-    start = action.rotation.next() % len(candidates)
-    return candidates[start:] + candidates[:start] if start else candidates
 
 
 class _Exchange:
@@ -176,6 +181,51 @@ class _Exchange:
         self._ctx: RouteContext | None = None
         self.private = False  # True: the backend connection must not be pooled
         self.upgrade = head.header("upgrade") if "upgrade" in tokens else None
+        self.tries: Tries | None = None  # made by the first connect
+        self.member: Member | None = None  # the one the request is with (counted as active)
+        # A request the backend dropped unanswered may go to another member when the route
+        # retries and the method allows it; its body, if any, must be held whole (``replay``).
+        retry = action.retry
+        self.retryable = (
+            retry is not None
+            and self.upgrade is None
+            and (head.method in IDEMPOTENT or retry.any_method)
+        )
+        self.replay: bytes | None = None
+        if self.retryable and framing.kind != "none":
+            buffered = session.client.buffer
+            expects = (head.header("expect") or "").lower() == "100-continue"
+            if framing.kind == "length" and not expects and len(buffered) >= framing.length:
+                if framing.length <= REPLAY_LIMIT:
+                    self.replay = session.client.consume(framing.length)
+            if self.replay is None:
+                self.retryable = False
+
+    def again(self, failure: _Failed | None = None) -> bool:
+        """After a failed try: whether to try once more. A stale pooled connection (no
+        ``failure``) is replaced by a new one to the same member, not counted as a try."""
+        tries = self.tries
+        assert tries is not None
+        if failure is None:
+            tries.next -= 1
+            tries.count -= 1
+            return True
+        return self.retryable
+
+    def _hold(self, member: Member) -> None:
+        self.member = member
+        member.state.active += 1
+
+    def _release(self) -> None:
+        member = self.member
+        if member is not None:
+            self.member = None
+            member.state.active -= 1
+
+    def _member_failed(self, why: str) -> None:
+        member, tries = self.member, self.tries
+        if member is not None and tries is not None:
+            tries.failed(member, why)
 
     @property
     def ctx(self) -> RouteContext:
@@ -186,19 +236,24 @@ class _Exchange:
     async def connect(self, reuse: bool) -> tuple[Stream, PoolKey, bool]:
         """A backend connection (pooled if possible) to the first target that answers."""
         session = self.session
-        candidates = _fixed_candidates(self.action, session.port)
-        if candidates is None:
-            try:
-                candidates = await resolve_targets(self.action, self.ctx)
-            except Exception as exc:  # a user callable must not take the proxy down
-                raise _Failed(502, f"no usable target: {exc}") from None
+        record = session.record
+        tries = self.tries
+        if tries is None:
+            group = session.runtime.backends.group(self.found.route, session.port)
+            if group is not None:
+                members = group.order(record.client_ip)
+            else:
+                try:
+                    members = await resolve_targets(self.action, self.ctx)
+                except Exception as exc:  # a user callable must not take the proxy down
+                    raise _Failed(502, f"no usable target: {exc}") from None
+            tries = self.tries = Tries(members, self.action, record.timeouts.connect)
         tls = self.found.route.tls
         reencrypt = tls is not None and tls.mode == "terminate-and-reencrypt"
         pool = session.runtime.pool
-        failures = []
-        for candidate in candidates:
-            host, port = candidate.host, candidate.port
-            header = b"" if candidate.proxy_protocol is None else candidate.proxy_header(self.ctx)
+        while (member := await tries.another()) is not None:
+            host, port = member.host, member.port
+            header = b"" if member.proxy_protocol is None else member.proxy_header(self.ctx)
             context: ssl.SSLContext | None = None
             sni = None
             if reencrypt:
@@ -206,29 +261,34 @@ class _Exchange:
                 context = backend_context(tls, alpn=("http/1.1",))
                 sni = backend_server_name(tls, self.facts.domain, host)
             key = pool.key(host, port, context, sni)
-            session.record.target = f"{host}:{port}"
+            record.target = member.state.key
             # A connection that announced one client by PROXY header serves that client only.
             if header and context is not None:
-                failures.append(f"{host}:{port} send_proxy_protocol cannot precede re-encryption")
+                tries.failures.append(
+                    f"{host}:{port} send_proxy_protocol cannot precede re-encryption"
+                )
                 continue
             pooled = reuse and self.upgrade is None and not header
             stream = pool.take(key) if pooled else None
             if stream is not None:
+                self._hold(member)
                 return stream, key, True
+            timeout = tries.left(record.timeouts.connect)
             try:
-                stream = await pool.connect(
-                    host, port, timeout=session.record.timeouts.connect, context=context, sni=sni
-                )
+                stream = await pool.connect(host, port, timeout=timeout, context=context, sni=sni)
             except TimeoutError:
-                failures.append(f"{host}:{port} timed out")
+                tries.failed(member, f"timed out after {timeout:g}s")
             except (OSError, ssl.SSLError) as exc:
-                failures.append(f"{host}:{port} {getattr(exc, 'strerror', None) or exc}")
+                tries.failed(member, str(getattr(exc, "strerror", None) or exc))
             else:
                 if header:
                     stream.write(header)
                     self.private = True
+                self._hold(member)
                 return stream, key, False
-        raise _Failed(502, "backend unreachable: " + "; ".join(failures))
+        if not tries.failures:
+            raise _Failed(503, "no target is up")
+        raise _Failed(502, "backend unreachable: " + tries.why())
 
     def request_head(self, target_host: str, target_port: int) -> bytes:
         return backend_request_head(
@@ -251,6 +311,8 @@ class _Exchange:
             request_head = self.request_head(key[0], key[1])
             if framing.kind == "none":
                 backend.write(request_head)
+            elif self.replay is not None:
+                backend.write(request_head + self.replay)
             else:
                 if (head.header("expect") or "").lower() == "100-continue":
                     client.write(CONTINUE)
@@ -271,6 +333,8 @@ class _Exchange:
                     backend.abort()
                     raise _Failed(exc.status, str(exc), broken_request=True) from None
             response = await self.response(backend, reused)
+            if response.status >= 500:
+                self._member_failed(f"HTTP {response.status}")
             response_tokens = connection_tokens(response.headers)
             if response.status == 101:
                 if self.upgrade is None:
@@ -293,6 +357,7 @@ class _Exchange:
             raise
         finally:
             backend.serve(None)
+            self._release()
         if backend_keep and not self.private:
             session.runtime.pool.release(key, backend)
         else:
@@ -322,9 +387,13 @@ class _Exchange:
                 except HttpParseError as exc:
                     raise _Failed(502, f"the backend sent an invalid response: {exc}") from None
             except _Failed as failure:
-                if reused and self.framing.kind == "none" and backend.eof and not backend.buffer:
+                dropped = backend.eof and not backend.buffer  # closed or reset, nothing said
+                if reused and self.framing.kind == "none" and dropped:
                     raise _Stale from None
                 failure.body_consumed = True
+                self._member_failed(str(failure))
+                if dropped and self.retryable:
+                    raise _Retry(failure) from None
                 raise
             backend.skip(response.length)
             if response.status >= 200 or response.status == 101:

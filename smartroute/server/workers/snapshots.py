@@ -33,7 +33,10 @@ def merge_snapshots(snapshots: Iterable[Mapping[str, Any]], top_clients: int) ->
     ips: dict[str, dict[str, int]] = {}
     tracked = 0
     throughput: dict[str, dict[str, float]] = {}
+    targets: dict[str, dict[str, Any]] = {}
     for snapshot in snapshots:
+        for key, state in snapshot.get("targets", {}).items():
+            _add_target(targets, key, state)
         _add(connections, snapshot["connections"])
         _add(moved, snapshot["bytes"])
         for name, totals in snapshot["routes"].items():
@@ -54,7 +57,20 @@ def merge_snapshots(snapshots: Iterable[Mapping[str, Any]], top_clients: int) ->
         "client_ips": dict(busiest[:top_clients]),
         "client_ips_tracked": tracked,
         "throughput": throughput,
+        "targets": dict(sorted(targets.items())),
     }
+
+
+def _add_target(targets: dict[str, dict[str, Any]], key: str, state: Mapping[str, Any]) -> None:
+    """One process's view of a target: up only if up for every process that knows it."""
+    known = targets.get(key)
+    if known is None:
+        targets[key] = dict(state)
+        return
+    known["up"] = known["up"] and state["up"]
+    known["active"] += state["active"]
+    known["fails"] += state["fails"]
+    known["last_error"] = state["last_error"] or known["last_error"]
 
 
 def retired(snapshot: Mapping[str, Any]) -> Snapshot:
@@ -70,4 +86,5 @@ def retired(snapshot: Mapping[str, Any]) -> Snapshot:
         "client_ips": {ip: settled(t) for ip, t in snapshot["client_ips"].items()},
         "client_ips_tracked": snapshot["client_ips_tracked"],
         "throughput": {},
+        "targets": {key: settled(t) for key, t in snapshot.get("targets", {}).items()},
     }

@@ -1,0 +1,1 @@
+"""Backends: target groups and strategies, target health (active and passive), retries."""

@@ -1,0 +1,289 @@
+"""Choosing a route's target: the strategies, backups, and the order to try targets in.
+
+A :class:`TargetGroup` is one route's targets (on one port, when a target preserves the port)
+as :class:`Member` objects, each with the shared :class:`~.state.TargetState` of its
+``host:port``. :meth:`TargetGroup.order` gives, per connection (raw forwards) or per request
+(HTTP), the members to try: the strategy's pick first, then the other up members as
+fallbacks, then the up backups (which take traffic only when every primary failed or is down).
+
+While every primary is up (the usual case) an order is a precomputed tuple picked in O(1)
+(round-robin, random, first), O(log n) (ip-hash) or O(n) (least-connections), with no
+allocation; only a group with a target down builds its order per call.
+
+- round-robin: a smooth weighted schedule (each member spread evenly over one cycle of
+  ``sum(weights)`` picks), walked by a counter;
+- random: a uniform position in the same schedule (weighted);
+- least-connections: the fewest requests or connections under way, ties taken in turn;
+- ip-hash: a consistent-hash ring (``VNODES`` points per member, placed by its
+  ``host:port``): removing or adding one target moves only the clients that were, or will
+  be, its own;
+- first: the first member in the route's order (ordered failover).
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import ipaddress
+import itertools
+import math
+import random
+import socket
+from collections.abc import Callable, Sequence
+
+from smartroute.context import RouteContext
+from smartroute.protocols.proxy_protocol import encode_v1, encode_v2, encode_v2_local
+from smartroute.routing.model import PassiveHealth, RetryPolicy, Strategy
+from smartroute.server.backends.state import TargetState
+
+VNODES = 100  # ring points per member (ip-hash)
+
+# One target address: (family, socket address, "host:port" for records and errors).
+Address = tuple[int, tuple[str, int], str]
+
+
+def literal_address(host: str, port: int) -> Address | None:
+    """The address of an IP-literal host, or None for a name (names need a resolver)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    return family, (str(ip), port), f"{host}:{port}"
+
+
+class Member:
+    """One place to connect to: a target's host and port, its shared state, and how the
+    route uses it."""
+
+    __slots__ = (
+        "host", "port", "proxy_protocol", "state", "weight", "backup", "initial_up", "address",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        proxy_protocol: str | None = None,
+        state: TargetState | None = None,
+        weight: int = 1,
+        backup: bool = False,
+        initial_up: bool = True,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.proxy_protocol = proxy_protocol
+        self.state = state if state is not None else TargetState(host, port)
+        self.weight = weight
+        self.backup = backup
+        self.initial_up = initial_up  # False: not up before a health check passed
+        # The socket address of an IP-literal host (the fast lane needs no resolver), else None.
+        self.address: Address | None = literal_address(host, port)
+
+    def proxy_header(self, ctx: RouteContext) -> bytes:
+        """The PROXY header naming the client of ``ctx`` (empty when not asked for).
+
+        The header is in the client's address family whatever the proxy's own address is (an
+        IPv6 client announced by a load balancer reaching us over IPv4, say): the encoders
+        convert the destination to the client's family.
+        """
+        if self.proxy_protocol is None:
+            return b""
+        source = (ctx.client_ip, ctx.client_port)
+        destination = (ctx.server_ip or "0.0.0.0", ctx.port)
+        try:
+            if self.proxy_protocol == "v1":
+                return encode_v1(source, destination)
+            return encode_v2(source, destination)
+        except ValueError:  # not IP addresses (never for a TCP client): name no one
+            return b"PROXY UNKNOWN\r\n" if self.proxy_protocol == "v1" else encode_v2_local()
+
+    def __repr__(self) -> str:
+        return f"Member({self.state.key}, weight={self.weight}, backup={self.backup})"
+
+
+def _hash(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+def smooth_schedule(weights: Sequence[int]) -> tuple[int, ...]:
+    """One cycle of weighted picks, each index spread evenly over it: index ``i`` appears
+    ``weights[i]`` times (divided by their common divisor), at positions as far apart as
+    possible (stride scheduling)."""
+    divisor = math.gcd(*weights)
+    slots = []
+    for index, weight in enumerate(weights):
+        share = weight // divisor
+        slots += [((k + 0.5) / share, index) for k in range(share)]
+    slots.sort()
+    return tuple(index for _, index in slots)
+
+
+class _Set:
+    """The primaries or the backups of a group, with what each strategy needs of them."""
+
+    __slots__ = ("members", "schedule", "rotations", "points", "owners")
+
+    def __init__(self, members: tuple[Member, ...], strategy: Strategy, tail: tuple[Member, ...]):
+        self.members = members
+        self.schedule = smooth_schedule([m.weight for m in members]) if members else ()
+        # Per member: the order that starts with it (the rest in turn, then ``tail``).
+        self.rotations = tuple(members[i:] + members[:i] + tail for i in range(len(members)))
+        self.points: list[int] = []
+        self.owners: list[int] = []
+        if strategy == "ip-hash" and members:
+            ring = sorted(
+                (_hash(f"{member.state.key}#{v}".encode()), i)
+                for i, member in enumerate(members)
+                for v in range(VNODES)
+            )
+            self.points = [point for point, _ in ring]
+            self.owners = [owner for _, owner in ring]
+
+    def pick(
+        self, strategy: Strategy, counter: itertools.count[int], client: str, up_only: bool
+    ) -> int | None:
+        """The strategy's member index (among the up ones when ``up_only``), None if none."""
+        members = self.members
+        if strategy == "round-robin":
+            schedule = self.schedule
+            size = len(schedule)
+            if not up_only:
+                return schedule[next(counter) % size]
+            for _ in range(size):
+                index = schedule[next(counter) % size]
+                if members[index].state.up:
+                    return index
+            return None
+        if strategy == "random":
+            schedule = self.schedule
+            if not up_only:
+                return schedule[int(random.random() * len(schedule))]
+            for _ in range(8):
+                index = schedule[int(random.random() * len(schedule))]
+                if members[index].state.up:
+                    return index
+            return self._first_up()
+        if strategy == "least-connections":
+            count = len(members)
+            start = next(counter) % count
+            best, fewest = None, -1
+            for step in range(count):
+                index = (start + step) % count
+                state = members[index].state
+                if (not up_only or state.up) and (best is None or state.active < fewest):
+                    best, fewest = index, state.active
+            return best
+        if strategy == "ip-hash":
+            points = self.points
+            spot = bisect.bisect(points, _hash(client.encode()))
+            if not up_only:
+                return self.owners[spot % len(points)]
+            for step in range(len(points)):
+                index = self.owners[(spot + step) % len(points)]
+                if members[index].state.up:
+                    return index
+            return None
+        return self._first_up() if up_only else 0  # "first"
+
+    def _first_up(self) -> int | None:
+        for index, member in enumerate(self.members):
+            if member.state.up:
+                return index
+        return None
+
+
+class TargetGroup:
+    """One route's targets and the state its strategy keeps (see the module's docstring).
+
+    ``up`` is False while no member is up: the route then stops matching (the matcher reads
+    the flag) and the next matching route takes the connection.
+    """
+
+    __slots__ = (
+        "members", "strategy", "passive", "retry", "literal", "up", "retry_after", "_primaries",
+        "_backups", "_healthy", "_counter", "_downs", "_key",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        members: Sequence[Member],
+        strategy: Strategy = "round-robin",
+        passive: PassiveHealth | None = None,
+        retry: RetryPolicy | None = None,
+        *,
+        retry_after: int = 1,
+        downs: dict[int, TargetGroup] | None = None,
+        key: int = 0,
+    ) -> None:
+        """``downs``: where the group files itself (under ``key``) while it is down;
+        ``retry_after``: the seconds a client told "no target is up" should wait."""
+        self.members = tuple(members)
+        self.strategy = strategy
+        self.passive = passive
+        self.retry = retry
+        # Every member can be reached on the fast lane: IP literals, no PROXY header.
+        self.literal = all(m.address is not None and m.proxy_protocol is None for m in members)
+        backups = tuple(m for m in members if m.backup)
+        self._backups = _Set(backups, strategy, ())
+        self._primaries = _Set(tuple(m for m in members if not m.backup), strategy, backups)
+        self._counter = itertools.count()
+        self.retry_after = retry_after
+        self._downs, self._key = downs, key
+        self.up = True
+        self._healthy = True  # every primary is up: orders come precomputed
+        self.target_changed()
+
+    def target_changed(self) -> None:
+        """A member's state changed: recompute the group's flags."""
+        members = self.members
+        self.up = any(m.state.up for m in members)
+        self._healthy = all(m.state.up for m in self._primaries.members)
+        downs = self._downs
+        if downs is not None:
+            if self.up:
+                downs.pop(self._key, None)
+            else:
+                downs[self._key] = self
+
+    def order(self, client: str) -> tuple[Member, ...]:
+        """The members to try for one connection or request from ``client`` (its IP), best
+        first; empty when none is up."""
+        primaries = self._primaries
+        if self._healthy and primaries.members:
+            index = primaries.pick(self.strategy, self._counter, client, False)
+            assert index is not None
+            return primaries.rotations[index]
+        return self._order_degraded(client)
+
+    def _order_degraded(self, client: str) -> tuple[Member, ...]:
+        up_backups = tuple(m for m in self._backups.members if m.state.up)
+        for which in (self._primaries, self._backups):
+            index = which.pick(self.strategy, self._counter, client, True)
+            if index is None:
+                continue
+            rotation = which.rotations[index]
+            ahead = tuple(m for m in rotation if m.state.up and not m.backup)
+            if which is self._backups:
+                return (rotation[0], *(m for m in up_backups if m is not rotation[0]))
+            return ahead + up_backups
+        return ()
+
+    def close(self) -> None:
+        if self._downs is not None:
+            self._downs.pop(self._key, None)
+        for member in self.members:
+            groups = member.state.groups
+            if self in groups:
+                groups.remove(self)
+
+
+def retry_delay(
+    policy: RetryPolicy, attempt: int, draw: Callable[[], float] = random.random
+) -> float:
+    """Seconds to wait before try number ``attempt + 1`` (``attempt`` >= 1 tries failed):
+    ``backoff`` doubled per failed try, at most ``max_backoff``, spread by ``jitter``."""
+    delay = min(policy.max_backoff, policy.backoff * (2 ** (attempt - 1)))
+    if policy.jitter:
+        delay *= 1 + policy.jitter * (2 * draw() - 1)
+    return max(0.0, float(delay))
