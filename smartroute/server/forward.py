@@ -133,7 +133,11 @@ async def connect_relay(
 
     def ended() -> None:
         if chosen:
-            chosen.pop().state.active -= 1
+            member = chosen.pop()
+            member.state.active -= 1
+            error = record.error
+            if error is not None and error.startswith("backend:") and not record.bytes_out:
+                tries.failed(member, error)  # reset before its first byte: a failure too
         done()
 
     client_side = RelaySide(record, inbound=True, done=ended)

@@ -336,7 +336,7 @@ class InboundConnection(asyncio.Protocol):
             )
         kind = detection.kind if detection is not None else "none"
         if isinstance(verdict, Refusal):
-            answer = closing_answer(verdict.status, verdict.reason)
+            answer = closing_answer(verdict.status, verdict.reason, list(verdict.headers))
             refusing = verdict.found
             if refusing is not None and kind == "none" and needs_http(refusing.route.action):
                 # The request is still unread: closing now would reset the connection and

@@ -427,6 +427,11 @@ class SocketRelay:
             return
         side = "client" if direction.inbound else "backend"
         self.record.fail("error", f"{side}: {exc.strerror or exc}")
+        member = self.member
+        if member is not None and not direction.inbound and not self.record.bytes_out:
+            # The backend failed before its first byte: a failure of the target too.
+            passive = None if self.group is None else self.group.passive
+            member.state.failed(self.record.error or side, passive)
         self.closing = True
         # What the failed side sent and the other could not take yet is still delivered;
         # what was on its way to the failed side is dropped with it.

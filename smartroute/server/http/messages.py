@@ -74,9 +74,11 @@ def response_head(response: Response, *, keep_alive: bool) -> bytes:
     return render_head(response.status, headers)
 
 
-def closing_answer(status: int, message: str) -> bytes:
+def closing_answer(
+    status: int, message: str, headers: list[tuple[str, str]] | None = None
+) -> bytes:
     """A whole short text answer, after which the connection closes."""
-    response = text_response(status, message)
+    response = text_response(status, message, headers)
     return response_head(response, keep_alive=False) + response.body
 
 
