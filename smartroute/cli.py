@@ -261,8 +261,17 @@ def _explain(route: CompiledRoute) -> str:
         for t in action.targets:
             host = ",".join(t.host) if isinstance(t.host, tuple) else "<callable>"
             port = t.port if isinstance(t.port, int | str) else "<callable>"
-            hosts.append(f"{host}:{port}")
-        target = f" {action.protocol} " + " ".join(hosts)
+            extra = (f" weight={t.weight}" if t.weight != 1 else "") + (
+                " backup" if t.backup else ""
+            )
+            hosts.append(f"{host}:{port}{extra}")
+        target = f" {action.protocol} " + ", ".join(hosts)
+        if len(hosts) > 1 or action.load_balancing != "round-robin":
+            target += f" ({action.load_balancing})"
+        check = action.health_check
+        if check is not None:
+            what = check.type if check.type == "tcp" else f"http {check.path}"
+            target += f" health={what} every {check.interval:g}s"
     tls = f" tls={route.tls.mode}" if route.tls else ""
     return " ".join(parts) + f" -> {action.type}{target}{tls}"
 

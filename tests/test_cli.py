@@ -246,3 +246,26 @@ async def test_sighup_reloads_the_config_and_a_broken_file_keeps_the_running_rou
         code, err = await _stop(proc)
     assert code == 0
     assert b"reloaded" in err and b"rejected, the running routes stay" in err
+
+
+def test_check_explains_a_route_s_backends(tmp_path: Path, capsys: object) -> None:
+    config = tmp_path / "backends.json"
+    targets = [
+        {"host": "10.0.0.5", "port": 8080, "weight": 3},
+        {"host": "10.0.0.6", "port": 8080, "backup": True},
+    ]
+    action = {
+        "type": "forward",
+        "protocol": "http",
+        "targets": targets,
+        "load_balancing": "least-connections",
+        "health_check": {"type": "http", "path": "/healthz", "interval": 2},
+    }
+    route = {"name": "app", "match": {"ports": 8080}, "action": action}
+    config.write_text(json.dumps({"routes": [route]}))
+    assert main(["check", str(config)]) == 0
+    out = capsys.readouterr().out  # type: ignore[attr-defined]
+    assert (
+        "app -> forward http 10.0.0.5:8080 weight=3, 10.0.0.6:8080 backup (least-connections)"
+        " health=http /healthz every 2s"
+    ) in out
