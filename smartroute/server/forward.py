@@ -15,7 +15,7 @@ from collections.abc import Callable
 from smartroute.context import RouteContext
 from smartroute.errors import TargetError as TargetError  # lives in smartroute.errors now
 from smartroute.routing.model import ForwardAction, TlsSettings
-from smartroute.server.backends.group import Member, retry_delay
+from smartroute.server.backends.group import Member, next_to_try, retry_delay
 from smartroute.server.http.stream import Stream
 from smartroute.server.relay import RelaySide
 from smartroute.server.stats import ConnectionRecord
@@ -82,11 +82,10 @@ class Tries:
     async def another(self) -> Member | None:
         """The member to try next (after the backoff), or None when the tries are over."""
         members, retry = self.members, self.retry
-        while self.next < len(members):
-            member = members[self.next]
-            self.next += 1
-            if self.count and not member.state.up:
-                continue
+        index = next_to_try(members, self.next)
+        if index < len(members):
+            member = members[index]
+            self.next = index + 1
             if retry is not None and self.count:
                 if self.count >= retry.attempts:
                     return None

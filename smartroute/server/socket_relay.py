@@ -28,7 +28,7 @@ import os
 import socket
 from typing import TYPE_CHECKING, Protocol
 
-from smartroute.server.backends.group import Member, TargetGroup
+from smartroute.server.backends.group import Member, TargetGroup, next_to_try
 from smartroute.server.epoll_set import IN, OUT, TROUBLE
 from smartroute.server.stats import ConnectionRecord
 
@@ -325,11 +325,9 @@ class SocketRelay:
     def connect(self) -> None:
         """Try the next member; after the last one fails, close the client."""
         members = self.members
-        while self.next < len(members):
-            member = members[self.next]
-            self.next += 1
-            if not member.state.up and self.next > 1:
-                continue  # went down meanwhile (the first is up: it was picked so)
+        while (index := next_to_try(members, self.next)) < len(members):
+            member = members[index]
+            self.next = index + 1
             address = member.address
             assert address is not None
             family, sockaddr, name = address

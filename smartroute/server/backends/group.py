@@ -165,15 +165,27 @@ class _Set:
                     return index
             return self._first_up()
         if strategy == "least-connections":
-            count = len(members)
-            start = next(counter) % count
-            best, fewest = None, -1
-            for step in range(count):
-                index = (start + step) % count
-                state = members[index].state
-                if (not up_only or state.up) and (best is None or state.active < fewest):
-                    best, fewest = index, state.active
-            return best
+            # Two passes, no allocation: the fewest and how many have it, then the tie whose
+            # turn it is (rotating from the busiest member would favour the one after it).
+            fewest, ties = 0, 0
+            for member in members:
+                state = member.state
+                if up_only and not state.up:
+                    continue
+                if not ties or state.active < fewest:
+                    fewest, ties = state.active, 1
+                elif state.active == fewest:
+                    ties += 1
+            if not ties:
+                return None
+            turn = next(counter) % ties
+            for index, member in enumerate(members):
+                state = member.state
+                if state.active == fewest and (not up_only or state.up):
+                    if not turn:
+                        return index
+                    turn -= 1
+            return None  # pragma: no cover - one of the ties is found above
         if strategy == "ip-hash":
             points = self.points
             spot = bisect.bisect(points, _hash(client.encode()))
@@ -259,6 +271,8 @@ class TargetGroup:
     def _order_degraded(self, client: str) -> tuple[Member, ...]:
         up_backups = tuple(m for m in self._backups.members if m.state.up)
         for which in (self._primaries, self._backups):
+            if not which.members:  # no backups (or, built by hand, no primaries)
+                continue
             index = which.pick(self.strategy, self._counter, client, True)
             if index is None:
                 continue
@@ -276,6 +290,16 @@ class TargetGroup:
             groups = member.state.groups
             if self in groups:
                 groups.remove(self)
+
+
+def next_to_try(members: tuple[Member, ...], start: int) -> int:
+    """The index of the member to try from ``start`` on: the next one still up (the first of
+    an order was up when it was picked, and is tried whatever); ``len(members)`` when no
+    member is left. Every path that connects walks an order with this."""
+    for index in range(start, len(members)):
+        if index == 0 or members[index].state.up:
+            return index
+    return len(members)
 
 
 def retry_delay(

@@ -32,7 +32,7 @@ from smartroute.protocols.http_response import (
 )
 from smartroute.routing.matcher import RouteMatch
 from smartroute.routing.model import CompiledRoute
-from smartroute.server.backends.group import Member, TargetGroup
+from smartroute.server.backends.group import Member, TargetGroup, next_to_try
 from smartroute.server.decision import FirstRequest, TlsInfo
 from smartroute.server.epoll_set import IN, OUT, TROUBLE
 from smartroute.server.http.headers import connection_tokens
@@ -182,11 +182,9 @@ class LaneExchange:
             except CertificateLoadError as exc:  # a backend_ca that does not load
                 return self._fail(502, f"backend unreachable: {exc}", unread=True)
         members = self.members
-        while self.next_member < len(members):
-            member = members[self.next_member]
-            self.next_member += 1
-            if not member.state.up and self.next_member > 1:
-                continue  # went down meanwhile (the first is up: it was picked so)
+        while (index := next_to_try(members, self.next_member)) < len(members):
+            member = members[index]
+            self.next_member = index + 1
             address = member.address
             assert address is not None
             record.target = member.state.key
