@@ -55,6 +55,7 @@ class Backends:
         self._groups: dict[int, _Entry] = {}
         self._states: dict[str, TargetState] = {}
         self._checkers: dict[tuple[str, HealthCheck], HealthChecker] = {}
+        self._stopping: set[asyncio.Task[None]] = set()  # checkers of dropped routes stopping
         # The groups with no target up, by ``id(action)``: empty (and so free to test) while
         # every route has a target up.
         self.down: dict[int, TargetGroup] = {}
@@ -152,6 +153,8 @@ class Backends:
     def start(self) -> None:
         """The proxy started: run the health checks its routes ask for."""
         self.running = True
+        for state in self._states.values():
+            state.resume()  # a target taken out when the proxy last stopped
         self._sync_checkers()
 
     def _sync_checkers(self) -> None:
@@ -167,8 +170,9 @@ class Backends:
                     wanted[key] = (member.state, initially_up)
         for key in list(self._checkers):
             if key not in wanted:
-                checker = self._checkers.pop(key)
-                asyncio.get_running_loop().create_task(checker.stop())
+                task = asyncio.get_running_loop().create_task(self._checkers.pop(key).stop())
+                self._stopping.add(task)
+                task.add_done_callback(self._stopping.discard)
         for key, (state, initially_up) in wanted.items():
             if key not in self._checkers:
                 checker = self._checkers[key] = HealthChecker(
@@ -200,7 +204,7 @@ class Backends:
         """The proxy stopped: stop every health check."""
         self.running = False
         checkers, self._checkers = list(self._checkers.values()), {}
-        await asyncio.gather(*(c.stop() for c in checkers))
+        await asyncio.gather(*(c.stop() for c in checkers), *self._stopping)
         for state in self._states.values():
             state.close()
 

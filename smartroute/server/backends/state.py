@@ -102,6 +102,13 @@ class TargetState:
         for group in self.groups:
             group.target_changed()
 
+    def resume(self) -> None:
+        """The proxy started again: a target still taken out comes back when its time out
+        ends (:meth:`close` cancelled the timer that would have brought it back)."""
+        if self.out_until and self._back is None:
+            delay = max(0.0, self.out_until - time.monotonic())
+            self._back = asyncio.get_running_loop().call_later(delay, self._return)
+
     def close(self) -> None:
         if self._back is not None:
             self._back.cancel()
