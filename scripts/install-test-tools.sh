@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the programs the test suite drives besides Python packages: openssl (s_client),
-# curl, nc, nginx (a real backend), pebble (a real ACME CA, with pebble-challtestsrv) and
-# testssl (testssl.sh: scans the proxy's TLS termination).
+# curl, nc, nginx (a real backend), wrk (an HTTP load generator), pebble (a real ACME CA, with
+# pebble-challtestsrv) and testssl (testssl.sh: scans the proxy's TLS termination).
 # Uses Debian's packages; does nothing for tools already present. Services are not started:
 # the tests run their own nginx and pebble.
 set -euo pipefail
@@ -11,6 +11,7 @@ command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v nc >/dev/null 2>&1 || need+=(netcat-openbsd)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
+command -v wrk >/dev/null 2>&1 || need+=(wrk)
 [ -x /usr/bin/pebble ] || need+=(pebble)
 [ -x /usr/bin/testssl ] || need+=(testssl.sh)
 if [ "${#need[@]}" -gt 0 ]; then

@@ -405,20 +405,27 @@ async def read_to_end(reader: asyncio.StreamReader, timeout: float = 10) -> tupl
     return bytes(data), False
 
 
-@contextlib.asynccontextmanager
-async def nginx_server(folder: Path, server_block: str) -> AsyncIterator[int]:
-    """A real nginx on a free loopback port for the block, configured with ``server_block``
-    (the lines inside ``server { }`` after ``listen``); yields its port."""
+async def start_nginx(
+    folder: Path, server_block: str, port: int, http_block: str = ""
+) -> asyncio.subprocess.Process:
+    """Start a real nginx on loopback ``port``, configured with ``server_block`` (the lines
+    inside ``server { }`` after ``listen``) and ``http_block`` (lines of the ``http { }``
+    block, such as a ``limit_req_zone``), and return it once the port accepts.
+
+    nginx runs as one process (``master_process off``): killing it takes the server down at
+    once, and it may be started again on the same port. ``folder`` holds its files: one folder
+    per nginx running at the same time.
+    """
     nginx = require_tool("nginx")
-    port = free_port()
     conf = folder / "nginx.conf"
     conf.write_text(
         f"""
 daemon off;
+master_process off;
 user root;
 pid {folder}/nginx.pid;
 error_log {folder}/error.log;
-events {{ worker_connections 64; }}
+events {{ worker_connections 256; }}
 http {{
   access_log off;
   client_body_temp_path {folder}/body;
@@ -426,6 +433,7 @@ http {{
   fastcgi_temp_path {folder}/fastcgi;
   uwsgi_temp_path {folder}/uwsgi;
   scgi_temp_path {folder}/scgi;
+  {http_block}
   server {{
     listen {LOOPBACK}:{port};
     {server_block}
@@ -447,14 +455,32 @@ http {{
                 await asyncio.sleep(0.05)
                 continue
             writer.close()
-            break
-        else:
-            raise RuntimeError(f"nginx did not listen on port {port}")
+            return proc
+        raise RuntimeError(f"nginx did not listen on port {port}")
+    except BaseException:
+        await stop_process(proc)
+        raise
+
+
+async def stop_process(proc: asyncio.subprocess.Process) -> None:
+    """Terminate ``proc`` (if it still runs) and reap it."""
+    if proc.returncode is None:
+        proc.terminate()
+    await proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def nginx_server(
+    folder: Path, server_block: str, port: int | None = None
+) -> AsyncIterator[int]:
+    """A real nginx (see :func:`start_nginx`) on ``port`` (a free one if None) for the block;
+    yields its port."""
+    port = free_port() if port is None else port
+    proc = await start_nginx(folder, server_block, port)
+    try:
         yield port
     finally:
-        if proc.returncode is None:
-            proc.terminate()
-        await proc.wait()
+        await stop_process(proc)
 
 
 class Finished:

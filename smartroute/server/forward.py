@@ -16,6 +16,7 @@ from smartroute.context import RouteContext
 from smartroute.errors import TargetError as TargetError  # lives in smartroute.errors now
 from smartroute.routing.model import ForwardAction, TlsSettings
 from smartroute.server.backends.group import Member, next_to_try, retry_delay
+from smartroute.server.backends.state import connect_reason
 from smartroute.server.http.stream import Stream
 from smartroute.server.relay import RelaySide
 from smartroute.server.stats import ConnectionRecord
@@ -164,7 +165,7 @@ async def connect_relay(
         except TimeoutError:
             tries.failed(member, f"timed out after {timeout:g}s")
         except (OSError, ssl.SSLError) as exc:
-            tries.failed(member, str(getattr(exc, "strerror", None) or exc))
+            tries.failed(member, connect_reason(exc))
         else:
             record.target = member.state.key
             member.state.active += 1

@@ -17,10 +17,19 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from smartroute.routing.model import CompiledRoute, ForwardAction, HealthCheck, TargetSpec
+from smartroute.routing.model import (
+    CompiledRoute,
+    ForwardAction,
+    HealthCheck,
+    TargetSpec,
+    TlsSettings,
+)
 from smartroute.server.backends.group import Member, TargetGroup
 from smartroute.server.backends.health import HealthChecker
 from smartroute.server.backends.state import TargetState
+
+# One health checker per target, check and TLS: (target "host:port", check, TLS or None).
+_CheckKey = tuple[str, HealthCheck, "TlsSettings | None"]
 
 
 class _PerPort:
@@ -44,7 +53,9 @@ class _PerPort:
             group.close()
 
 
-_Entry = tuple[ForwardAction, "TargetGroup | _PerPort | None"]
+# A forward action, its group(s), and the TLS its targets speak (re-encrypting routes): the
+# health checks speak it too.
+_Entry = tuple[ForwardAction, "TargetGroup | _PerPort | None", TlsSettings | None]
 
 
 class Backends:
@@ -54,7 +65,7 @@ class Backends:
         self.running = False  # health checks run while the proxy does
         self._groups: dict[int, _Entry] = {}
         self._states: dict[str, TargetState] = {}
-        self._checkers: dict[tuple[str, HealthCheck], HealthChecker] = {}
+        self._checkers: dict[_CheckKey, HealthChecker] = {}
         self._stopping: set[asyncio.Task[None]] = set()  # checkers of dropped routes stopping
         # The groups with no target up, by ``id(action)``: empty (and so free to test) while
         # every route has a target up.
@@ -76,7 +87,9 @@ class Backends:
             if entry is None or entry[0] is not action:
                 if entry is not None and entry[1] is not None:
                     entry[1].close()  # an action gone and its id reused
-                entry = groups[id(action)] = (action, self._build(action))
+                tls = route.tls
+                speaks = tls if tls is not None and tls.mode == "terminate-and-reencrypt" else None
+                entry = groups[id(action)] = (action, self._build(action), speaks)
             if type(entry[1]) is TargetGroup:
                 gates[id(action)] = entry[1]
         return gates
@@ -145,7 +158,7 @@ class Backends:
         """The groups that can go down (a fixed group per action), by ``id(action)``: the
         route table skips a route whose group is not up."""
         return {
-            key: group for key, (_, group) in self._groups.items() if type(group) is TargetGroup
+            key: group for key, (_, group, _) in self._groups.items() if type(group) is TargetGroup
         }
 
     # -- health checks ---------------------------------------------------------------------
@@ -158,13 +171,13 @@ class Backends:
         self._sync_checkers()
 
     def _sync_checkers(self) -> None:
-        wanted: dict[tuple[str, HealthCheck], tuple[TargetState, bool]] = {}
-        for action, group in self._groups.values() if self.running else ():
+        wanted: dict[_CheckKey, tuple[TargetState, bool]] = {}
+        for action, group, tls in self._groups.values() if self.running else ():
             spec = action.health_check
             if spec is None or type(group) is not TargetGroup:
                 continue
             for member in group.members:
-                key = (member.state.key, spec)
+                key = (member.state.key, spec, tls)
                 initially_up = member.initial_up
                 if key not in wanted or not initially_up:
                     wanted[key] = (member.state, initially_up)
@@ -176,7 +189,7 @@ class Backends:
         for key, (state, initially_up) in wanted.items():
             if key not in self._checkers:
                 checker = self._checkers[key] = HealthChecker(
-                    state, key[1], initially_up=initially_up
+                    state, key[1], initially_up=initially_up, tls=key[2]
                 )
                 checker.start()
         referenced = {m.state.key for g in self._fixed_groups() for m in g.members}
@@ -185,7 +198,7 @@ class Backends:
                 self._states.pop(name).close()
 
     def _fixed_groups(self) -> Iterable[TargetGroup]:
-        for _, group in self._groups.values():
+        for _, group, _ in self._groups.values():
             if type(group) is TargetGroup:
                 yield group
             elif type(group) is _PerPort:
@@ -204,7 +217,7 @@ class Backends:
         """The proxy stopped: stop every health check."""
         self.running = False
         checkers, self._checkers = list(self._checkers.values()), {}
-        await asyncio.gather(*(c.stop() for c in checkers), *self._stopping)
+        await asyncio.gather(*(c.stop(quiet=True) for c in checkers), *self._stopping)
         for state in self._states.values():
             state.close()
 

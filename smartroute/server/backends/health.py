@@ -1,7 +1,8 @@
 """Active health checks: one task per checked target and check, however many routes share it.
 
 A check is a TCP connect, or an HTTP/1.1 ``GET`` whose status must fall in the
-``expect_status`` range; either must finish within ``timeout``. ``fall`` failures in a row take
+``expect_status`` range (over TLS, verified as the route verifies its targets, when the route
+re-encrypts); either must finish within ``timeout``. ``fall`` failures in a row take
 the target out of rotation, ``rise`` passes in a row bring it back. A check is a few
 non-blocking socket operations per ``interval``: it never holds the event loop, and it never
 touches the hot path (traffic reads the target's ``up`` flag).
@@ -13,9 +14,12 @@ import asyncio
 import logging
 import random
 import re
+import ssl
 
-from smartroute.routing.model import HealthCheck
-from smartroute.server.backends.state import TargetState
+from smartroute.errors import CertificateLoadError
+from smartroute.routing.model import HealthCheck, TlsSettings
+from smartroute.server.backends.state import TargetState, connect_reason
+from smartroute.server.tls import backend_context, backend_server_name
 
 log = logging.getLogger("smartroute")
 
@@ -26,9 +30,17 @@ _MOST = 8192  # bytes of a health response read for its status line
 class HealthChecker:
     """Checks one target by one :class:`HealthCheck` until stopped."""
 
-    def __init__(self, state: TargetState, spec: HealthCheck, *, initially_up: bool) -> None:
+    def __init__(
+        self,
+        state: TargetState,
+        spec: HealthCheck,
+        *,
+        initially_up: bool,
+        tls: TlsSettings | None = None,
+    ) -> None:
         self.state = state
         self.spec = spec
+        self.tls = tls  # the target speaks TLS (a re-encrypting route): so does the check
         self.ok = initially_up
         self.streak = 0  # results in a row that disagree with ``ok``
         self.checks = 0  # checks run (for tests and status)
@@ -39,9 +51,10 @@ class HealthChecker:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
-    async def stop(self) -> None:
+    async def stop(self, *, quiet: bool = False) -> None:
+        """Stop checking; the verdict is forgotten (``quiet``: without a log line)."""
         task, self._task = self._task, None
-        self.state.forget(self)
+        self.state.forget(self, quiet=quiet)
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
@@ -61,7 +74,15 @@ class HealthChecker:
         spec, state = self.spec, self.state
         try:
             async with asyncio.timeout(spec.timeout):
-                reader, writer = await asyncio.open_connection(state.host, state.port)
+                tls = self.tls
+                reader, writer = await asyncio.open_connection(
+                    state.host,
+                    state.port,
+                    ssl=None if tls is None else backend_context(tls, alpn=("http/1.1",)),
+                    server_hostname=None
+                    if tls is None
+                    else backend_server_name(tls, self.spec.host, state.host),
+                )
                 try:
                     if spec.type == "tcp":
                         return None
@@ -70,12 +91,18 @@ class HealthChecker:
                     writer.close()
         except TimeoutError:
             return f"health check timed out after {spec.timeout:g}s"
-        except OSError as exc:
-            return f"health check: {exc.strerror or exc}"
+        except (OSError, ssl.SSLError) as exc:  # SSLError: an OSError, said as TLS
+            return f"health check: {connect_reason(exc)}"
+        except CertificateLoadError as exc:  # a backend_ca that does not load
+            return f"health check: {exc}"
 
     async def _http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str | None:
         spec, state = self.spec, self.state
-        host = spec.host or (f"[{state.host}]" if ":" in state.host else state.host)
+        host = spec.host
+        if host is None:
+            host = f"[{state.host}]" if ":" in state.host else state.host
+            if state.port != (80 if self.tls is None else 443):
+                host += f":{state.port}"
         writer.write(
             f"GET {spec.path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: smartroute-health-check\r\n"
             "Connection: close\r\n\r\n".encode("latin-1")

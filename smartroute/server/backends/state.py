@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import ssl
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -21,6 +23,16 @@ if TYPE_CHECKING:
     from smartroute.server.backends.group import TargetGroup
 
 log = logging.getLogger("smartroute")
+
+
+def connect_reason(exc: OSError | ssl.SSLError) -> str:
+    """Why a connect to a target failed, worded the same on every path and event loop
+    (asyncio says "Connect call failed (...)" where the system says "Connection refused")."""
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS: {exc.reason or exc}"
+    if exc.errno:
+        return os.strerror(exc.errno)
+    return str(exc.strerror or exc)
 
 
 class TargetState:
@@ -85,17 +97,20 @@ class TargetState:
             self.last_error = why
         self._update(why)
 
-    def forget(self, checker: object) -> None:
-        """A checker stopped (its last route went): its verdict no longer counts."""
+    def forget(self, checker: object, *, quiet: bool = False) -> None:
+        """A checker stopped (its last route went; ``quiet``: the proxy stops, which is no
+        news of the target): its verdict no longer counts."""
         if self.checks.pop(checker, None) is not None:
-            self._update("its health check was removed")
+            self._update("its health check was removed", quiet=quiet)
 
-    def _update(self, why: str) -> None:
+    def _update(self, why: str, *, quiet: bool = False) -> None:
         up = not self.out_until and all(self.checks.values())
         if up == self.up:
             return
         self.up = up
-        if up:
+        if quiet:
+            pass
+        elif up:
             log.warning("target %s is up again (%s)", self.key, why)
         else:
             log.warning("target %s is down: %s", self.key, why)

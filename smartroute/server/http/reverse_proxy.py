@@ -30,6 +30,7 @@ from smartroute.protocols.http_response import (
 from smartroute.routing.matcher import ConnectionFacts, RouteMatch
 from smartroute.routing.model import ForwardAction
 from smartroute.server.backends.group import Member
+from smartroute.server.backends.state import connect_reason
 from smartroute.server.decision import TlsInfo
 from smartroute.server.forward import Tries, resolve_targets, tunnel
 from smartroute.server.http.body import CHUNK, copy_body
@@ -279,7 +280,7 @@ class _Exchange:
             except TimeoutError:
                 tries.failed(member, f"timed out after {timeout:g}s")
             except (OSError, ssl.SSLError) as exc:
-                tries.failed(member, str(getattr(exc, "strerror", None) or exc))
+                tries.failed(member, connect_reason(exc))
             else:
                 if header:
                     stream.write(header)

@@ -249,3 +249,29 @@ async def test_a_target_that_starts_down_takes_traffic_once_its_check_passes() -
         await until(lambda: group.up)
         assert book.down == {} and group.order(CLIENT) == group.members
         await book.close()
+
+
+@async_test()
+async def test_the_checks_of_a_re_encrypting_route_speak_its_tls() -> None:
+    port = free_port()
+    plain = route(0, target(port), health_check=CHECK)
+    tls = {"mode": "terminate-and-reencrypt", "certificate": "auto", "backend_verify": False}
+    reencrypting = validate_route(
+        {
+            "match": {"ports": 8443},
+            "action": {
+                "type": "forward",
+                "targets": [target(port)],
+                "health_check": CHECK,
+                "tls": tls,
+            },
+        },
+        1,
+    )
+    book = Backends()
+    book.prepare([plain, reencrypting])
+    book.start()
+    by_tls = {checker.tls is not None: checker for checker in book.checkers()}
+    assert set(by_tls) == {False, True}  # the same target and check, spoken two ways
+    assert by_tls[True].tls == reencrypting.tls
+    await book.close()

@@ -6,12 +6,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
+import tempfile
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
-from support import LOOPBACK, Handler, async_test, echo_handler, free_port, serve
+from support import LOOPBACK, Handler, TestCA, async_test, echo_handler, free_port, serve
 
-from smartroute.routing.model import HealthCheck
+from smartroute.routing.model import HealthCheck, TlsSettings
 from smartroute.server.backends.health import HealthChecker
 from smartroute.server.backends.state import TargetState
 
@@ -170,8 +173,7 @@ async def test_http_check_asks_for_its_path_with_the_targets_host() -> None:
     first, second = (head.decode("latin-1").split("\r\n") for head in heads)
     assert first[0] == "GET /healthz?deep=1 HTTP/1.1"
     assert second[0] == "GET / HTTP/1.1"
-    host = next(line for line in first if line.lower().startswith("host:"))
-    assert host.split(":", 1)[1].strip().rsplit(":", 1)[0] == LOOPBACK
+    assert f"Host: {LOOPBACK}:{port}" in first  # a port that is not the default is named
     assert "Host: status.example" in second
     assert "Connection: close" in first
 
@@ -183,7 +185,41 @@ async def test_http_check_of_an_ipv6_target_brackets_the_host() -> None:
         checker = HealthChecker(TargetState("::1", port), http(), initially_up=True)
         assert await checker.probe() is None
     host = next(line for line in heads[0].decode().split("\r\n") if line.startswith("Host:"))
-    assert host.removeprefix("Host: ").startswith("[::1]")
+    assert host == f"Host: [::1]:{port}"
+
+
+@async_test()
+async def test_the_checks_of_a_re_encrypting_route_speak_tls_and_verify_the_target(
+    ca: TestCA,
+) -> None:
+    pair = ca.issue("backend.test")
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    with tempfile.TemporaryDirectory() as folder:
+        cert, key = pair.write(Path(folder), "backend")
+        server.load_cert_chain(cert, key)
+    heads: list[bytes] = []
+    trusted = TlsSettings("terminate-and-reencrypt", backend_ca=ca.pem)
+    named = TlsSettings(
+        "terminate-and-reencrypt", backend_ca=ca.pem, backend_server_name="backend.test"
+    )
+    strange = TlsSettings("terminate-and-reencrypt", backend_ca=TestCA().pem)
+    async with serve(answering(OK, heads=heads), ssl_context=server) as port:
+        state = TargetState(LOOPBACK, port)
+        # Verified by the route's backend_ca, under the check's Host (else the route's name).
+        spec = http(host="backend.test", timeout=2, interval=2)
+        assert await HealthChecker(state, spec, initially_up=True, tls=trusted).probe() is None
+        assert (
+            await HealthChecker(
+                state, http(timeout=2, interval=2), initially_up=True, tls=named
+            ).probe()
+            is None
+        )
+        assert f"Host: {LOOPBACK}:{port}".encode() in heads[-1]
+        # A certificate the route would not accept fails the check, and says why.
+        why = await HealthChecker(state, spec, initially_up=True, tls=strange).probe()
+        assert why is not None and "CERTIFICATE_VERIFY_FAILED" in why
+        # Plain HTTP to a TLS port is no answer either.
+        assert await HealthChecker(state, spec, initially_up=True).probe() is not None
 
 
 # -- running checks: fall, rise, stop ----------------------------------------------------------
