@@ -30,6 +30,9 @@ HTTP_METHODS: frozenset[str] = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE", "CONNECT", "PRI"}
 )
 
+# Methods a client (or a proxy) may send again without changing what one request did
+# (RFC 9110, 9.2.2): a proxy retries nothing else on its own (RFC 9112, 9.3.1).
+IDEMPOTENT_METHODS: frozenset[str] = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 _METHOD_PREFIXES = tuple(method.encode("ascii") + b" " for method in sorted(HTTP_METHODS))
 _PROBE_SIZE = max(len(prefix) for prefix in _METHOD_PREFIXES)
 

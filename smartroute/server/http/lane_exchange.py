@@ -8,7 +8,8 @@ carries a routed request out: it reuses the session's kept connection, takes one
 addresses in turn), sends the head rewritten by :mod:`smartroute.server.http.rewrite` and the
 body (by Content-Length, or decoded and re-chunked), reads the response head (passing interim
 answers on), and sends the response on, re-framed as the transport path would. A kept
-connection the backend had closed meanwhile is replaced once, for requests without a body; an
+connection the backend had closed meanwhile is replaced once, for idempotent requests without
+a body; an
 upgrade (``101``) turns a plain connection into a byte relay
 (:class:`~smartroute.server.socket_relay.SocketRelay`) and a terminated one into a tunnel
 through the session.
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from smartroute.errors import CertificateLoadError, HttpParseError
 from smartroute.protocols.chunked import LAST_CHUNK, ChunkedDecoder, encode_chunk
-from smartroute.protocols.http import RequestHead
+from smartroute.protocols.http import IDEMPOTENT_METHODS, RequestHead
 from smartroute.protocols.http_response import (
     BodyFraming,
     parse_response_head,
@@ -389,8 +390,16 @@ class LaneExchange:
 
     def _backend_gone(self, backend: LaneBackend) -> bool:
         """The backend closed or lost the connection before its response head."""
-        if self.reused and self.framing.kind == "none" and not backend.inbox:
-            # A kept connection the backend had closed meanwhile: once more, on a new one.
+        head = self.head
+        assert head is not None
+        if (
+            self.reused
+            and self.framing.kind == "none"
+            and not backend.inbox
+            and head.method in IDEMPOTENT_METHODS
+        ):
+            # A kept connection the backend had closed meanwhile: once more, on a new one
+            # (never a request that must not happen twice: RFC 9112, 9.3.1).
             self._close_backend()
             self.next_member -= 1
             return self._open_backend(reuse=False)

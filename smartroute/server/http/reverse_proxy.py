@@ -1,8 +1,9 @@
 """The HTTP ``forward`` action: one request to a backend and its response back.
 
 Backend connections come from a pool per target and go back to it when the exchange ended
-cleanly; a pooled connection the backend closed meanwhile is replaced once, for requests
-without a body. Bodies stream both ways with backpressure. ``Upgrade`` requests (WebSocket)
+cleanly; a pooled connection the backend closed meanwhile is replaced once, for idempotent
+requests without a body (and others the route's ``retry`` allows); with a ``retry`` policy a
+request the backend dropped unanswered goes on to another target. Bodies stream both ways with backpressure. ``Upgrade`` requests (WebSocket)
 become a two-way byte tunnel after the backend's 101; a connection whose protocol changed is
 never pooled, and a 101 nobody asked for is a 502. ``CONNECT`` is refused (405): this is a
 reverse proxy, not a tunnel to anywhere. A response whose framing is broken or ambiguous gets
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from smartroute.context import RouteContext
 from smartroute.errors import BodyCut, HttpParseError
-from smartroute.protocols.http import RequestHead
+from smartroute.protocols.http import IDEMPOTENT_METHODS, RequestHead
 from smartroute.protocols.http_response import (
     BodyFraming,
     ResponseHead,
@@ -112,7 +113,6 @@ class _Retry(Exception):
         self.failure = failure
 
 
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 REPLAY_LIMIT = 64 * 1024  # the largest request body held for a retry
 
 
@@ -187,11 +187,12 @@ class _Exchange:
         # A request the backend dropped unanswered may go to another member when the route
         # retries and the method allows it; its body, if any, must be held whole (``replay``).
         retry = action.retry
-        self.retryable = (
-            retry is not None
-            and self.upgrade is None
-            and (head.method in IDEMPOTENT or retry.any_method)
+        # Sent again at all (a pooled connection found closed, another target) only when
+        # that cannot do twice what the client asked once.
+        self.idempotent = head.method in IDEMPOTENT_METHODS or (
+            retry is not None and retry.any_method
         )
+        self.retryable = retry is not None and self.upgrade is None and self.idempotent
         self.replay: bytes | None = None
         if self.retryable and framing.kind != "none":
             buffered = session.client.buffer
@@ -389,7 +390,7 @@ class _Exchange:
                     raise _Failed(502, f"the backend sent an invalid response: {exc}") from None
             except _Failed as failure:
                 dropped = backend.eof and not backend.buffer  # closed or reset, nothing said
-                if reused and self.framing.kind == "none" and dropped:
+                if reused and self.framing.kind == "none" and dropped and self.idempotent:
                     raise _Stale from None
                 failure.body_consumed = True
                 self._member_failed(str(failure))

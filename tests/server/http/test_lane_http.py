@@ -589,6 +589,39 @@ async def test_a_backend_that_keeps_no_connection_alive_serves_every_request(dro
     assert backend.accepted == 5
 
 
+@pytest.mark.parametrize("host", [LOOPBACK, "localhost"], ids=["fast-lane", "transport"])
+@async_test()
+async def test_a_request_that_must_not_happen_twice_is_not_sent_again_on_a_new_connection(
+    host: str,
+) -> None:
+    # As above, the backend closes each connection when the next request arrives on it; a
+    # bodyless POST may have been acted on, so it is not sent again (RFC 9112, 9.3.1): 502.
+    answered: list[bytes] = []
+
+    async def one_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        answered.append((await read_head(reader)).split(b" ")[0])
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        answered.append((await read_head(reader)).split(b" ")[0])  # then closed unanswered
+
+    async with Backend(one_answer) as backend:
+        port = free_port()
+        config = route(port, backend.port)
+        config["action"]["targets"][0]["host"] = host
+        async with proxy([config]):
+            client = await RawClient.connect(port)
+            try:
+                assert (await exchange(client, get("/1"))).status == 200
+                post = b"POST /2 HTTP/1.1\r\nHost: a.test\r\nContent-Length: 0\r\n\r\n"
+                response = await exchange(client, post)
+                assert response.status == 502
+                assert b"without answering" in response.body
+            finally:
+                client.close()
+    assert answered == [b"GET", b"POST"]  # the POST reached the backend once
+    assert backend.accepted == 1
+
+
 @async_test()
 async def test_a_graceful_stop_closes_idle_clients_and_lets_a_request_under_way_finish() -> None:
     # Request 1 (the busy client's) is answered only once the test sets backend.resume.
