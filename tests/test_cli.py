@@ -173,6 +173,12 @@ def test_examples_run_and_show_what_they_promise() -> None:
             "/index.html  200 <h1>home</h1>",
             '/api         200 {"users": []}',
         ],
+        "load_balancing.py": [
+            "weights 3:1:        blue=6 green=2",
+            "green unhealthy:    blue=4",
+            "blue stopped:       spare=4",
+            "targets up:         ['spare']",
+        ],
         "runtime_updates.py": [
             "echo:     before any update",
             "added:    {9501: 1, 9502: 1}",
