@@ -353,7 +353,8 @@ class SmartRoute:
             *apply_all(self._internal.values(), runtime.timeouts, None),
             *apply_all(routes, runtime.timeouts, self.settings.security),
         ]
-        table = RouteTable(effective, gates=runtime.backends.prepare(effective))
+        backends = runtime.backends
+        table = RouteTable(effective, backends.prepare(effective), backends.down)
         provided = [
             r.tls.certificate
             for r in routes

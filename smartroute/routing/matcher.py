@@ -287,16 +287,19 @@ def shortest_limit(timeouts: Timeouts, so_far: float | None) -> float | None:
 class RouteTable:
     """The enabled routes, indexed for matching; disabled routes are ignored entirely."""
 
-    __slots__ = ("_ports", "shortest_limit", "_gated")
+    __slots__ = ("_ports", "shortest_limit", "_down")
 
     def __init__(
-        self, routes: Sequence[CompiledRoute], gates: Mapping[int, Gate] | None = None
+        self,
+        routes: Sequence[CompiledRoute],
+        gates: Mapping[int, Gate] | None = None,
+        down: Mapping[int, Gate] | None = None,
     ) -> None:
         """``gates``: by ``id(route.action)``, what takes a route out of matching while it is
-        down (its targets' group, see :mod:`smartroute.server.backends`)."""
+        down (its targets' group, see :mod:`smartroute.server.backends`); ``down``: a live
+        view of the gates that are down now (empty while every route is up)."""
         ports: dict[int, _PortIndex] = {}
         gates = gates or {}
-        gated = False
         shortest: float | None = None  # the shortest idle/half-close/lifetime limit
         for route in routes:
             if not route.enabled:
@@ -314,7 +317,6 @@ class RouteTable:
                 _ANY_LAYER if tls is None else _TLS if tls.mode == "passthrough" else _TERMINATED
             )
             gate = gates.get(id(route.action))
-            gated = gated or gate is not None
             # One entry per bucket, keyed ("exact" or "wildcard", name): with several domains,
             # the pattern that matched a connection decides the route's specificity.
             entries: dict[tuple[int, str], _Entry] = {}
@@ -356,7 +358,7 @@ class RouteTable:
             index.finish()
         self._ports = ports
         self.shortest_limit = shortest
-        self._gated = gated
+        self._down: Mapping[int, Gate] = {} if down is None else down
 
     @property
     def port_counts(self) -> dict[int, int]:
@@ -386,19 +388,14 @@ class RouteTable:
         index = self._ports.get(port)
         return None if index is None else index.waits
 
-    def match(self, facts: ConnectionFacts) -> RouteMatch | None:
+    def match(self, facts: ConnectionFacts, live: bool = True) -> RouteMatch | None:
         """The winning route for ``facts``, or None when no route matches.
 
         A route whose gate is down (no target up) is passed over for the next matching route;
-        when no other route matches, it is the answer all the same, so that the caller can
-        tell "no target up" (503) from "no route" (404).
+        when no other route matches, it is the answer all the same (``live`` False: the
+        second look, made only while some gate is down), so that the caller can tell "no
+        target up" (503) from "no route" (404).
         """
-        found = self._match(facts, True)
-        if found is None and self._gated:
-            return self._match(facts, False)
-        return found
-
-    def _match(self, facts: ConnectionFacts, live: bool) -> RouteMatch | None:
         index = self._ports.get(facts.port)
         if index is None:
             return None
@@ -432,7 +429,11 @@ class RouteTable:
             found = _first(index.no_domain, facts, None if best is None else best[0], live)
             if found is not None:
                 best = found
-        return None if best is None else best[1]
+        if best is None:
+            if live and self._down:
+                return self.match(facts, False)
+            return None
+        return best[1]
 
     def ordered(self, port: int) -> list[CompiledRoute]:
         """Every route on ``port`` in match order, each at its most specific domain."""

@@ -666,3 +666,39 @@ def test_tls_blocks_decide_which_layer_a_route_serves() -> None:
     assert winner(is_tls=True, terminated=True) == "term"  # inside a terminated session
     only_tls = RouteTable([passthrough, terminate])
     assert only_tls.match(ConnectionFacts(port=443, client_ip=client)) is None
+
+
+class Gate:
+    """Stands in for a route's target group: ``up`` while some target is."""
+
+    def __init__(self) -> None:
+        self.up = True
+
+
+def test_a_route_whose_gate_is_down_is_passed_over_for_the_next_match() -> None:
+    routes = build(
+        [
+            R("primary", domains=["app.example.com"], priority=10),
+            R("fallback", domains=["*.example.com"]),
+            R("other", domains=["other.test"]),
+        ]
+    )
+    gate = Gate()
+    down: dict[int, Gate] = {}
+    gates = {id(routes[0].action): gate}
+    table = RouteTable(routes, gates, down)
+    app = facts(domain="app.example.com")
+    assert winner(table.match(app)) == "primary"
+    gate.up, down[0] = False, gate
+    assert winner(table.match(app)) == "fallback"
+    # With no other route left, the route that is down is the answer (the caller says 503).
+    alone = RouteTable(routes[:1], gates, down)
+    assert winner(alone.match(app)) == "primary"
+    assert alone.match(facts(domain="other.test")) is None  # no route at all: still none
+    gate.up = True
+    del down[0]
+    assert winner(table.match(app)) == "primary"
+
+
+def winner(found: RouteMatch | None) -> str | None:
+    return None if found is None else found.route.name

@@ -6,9 +6,9 @@ as :class:`Member` objects, each with the shared :class:`~.state.TargetState` of
 (HTTP), the members to try: the strategy's pick first, then the other up members as
 fallbacks, then the up backups (which take traffic only when every primary failed or is down).
 
-While every primary is up (the usual case) an order is a precomputed tuple picked in O(1)
-(round-robin, random, first), O(log n) (ip-hash) or O(n) (least-connections), with no
-allocation; only a group with a target down builds its order per call.
+An order is a precomputed tuple picked in O(1) (round-robin, random, first), O(log n)
+(ip-hash) or O(n) (least-connections), with no allocation. While a target is down the same
+is done over a set of the members still up, built once per change of a target's state.
 
 - round-robin: a smooth weighted schedule (each member spread evenly over one cycle of
   ``sum(weights)`` picks), walked by a counter;
@@ -140,69 +140,36 @@ class _Set:
             self.points = [point for point, _ in ring]
             self.owners = [owner for _, owner in ring]
 
-    def pick(
-        self, strategy: Strategy, counter: itertools.count[int], client: str, up_only: bool
-    ) -> int | None:
-        """The strategy's member index (among the up ones when ``up_only``), None if none."""
-        members = self.members
+    def pick(self, strategy: Strategy, counter: itertools.count[int], client: str) -> int:
+        """The index of the member ``strategy`` picks for ``client`` (the set has members)."""
         if strategy == "round-robin":
             schedule = self.schedule
-            size = len(schedule)
-            if not up_only:
-                return schedule[next(counter) % size]
-            for _ in range(size):
-                index = schedule[next(counter) % size]
-                if members[index].state.up:
-                    return index
-            return None
+            return schedule[next(counter) % len(schedule)]
         if strategy == "random":
             schedule = self.schedule
-            if not up_only:
-                return schedule[int(random.random() * len(schedule))]
-            for _ in range(8):
-                index = schedule[int(random.random() * len(schedule))]
-                if members[index].state.up:
-                    return index
-            return self._first_up()
+            return schedule[int(random.random() * len(schedule))]
         if strategy == "least-connections":
             # Two passes, no allocation: the fewest and how many have it, then the tie whose
             # turn it is (rotating from the busiest member would favour the one after it).
-            fewest, ties = 0, 0
+            members = self.members
+            fewest, ties = members[0].state.active, 0
             for member in members:
-                state = member.state
-                if up_only and not state.up:
-                    continue
-                if not ties or state.active < fewest:
-                    fewest, ties = state.active, 1
-                elif state.active == fewest:
+                active = member.state.active
+                if active < fewest:
+                    fewest, ties = active, 1
+                elif active == fewest:
                     ties += 1
-            if not ties:
-                return None
             turn = next(counter) % ties
             for index, member in enumerate(members):
-                state = member.state
-                if state.active == fewest and (not up_only or state.up):
+                if member.state.active == fewest:
                     if not turn:
                         return index
                     turn -= 1
-            return None  # pragma: no cover - one of the ties is found above
+            raise AssertionError("unreachable: one of the ties is found above")
         if strategy == "ip-hash":
             points = self.points
-            spot = bisect.bisect(points, _hash(client.encode()))
-            if not up_only:
-                return self.owners[spot % len(points)]
-            for step in range(len(points)):
-                index = self.owners[(spot + step) % len(points)]
-                if members[index].state.up:
-                    return index
-            return None
-        return self._first_up() if up_only else 0  # "first"
-
-    def _first_up(self) -> int | None:
-        for index, member in enumerate(self.members):
-            if member.state.up:
-                return index
-        return None
+            return self.owners[bisect.bisect(points, _hash(client.encode())) % len(points)]
+        return 0  # "first"
 
 
 class TargetGroup:
@@ -214,7 +181,7 @@ class TargetGroup:
 
     __slots__ = (
         "members", "strategy", "passive", "retry", "literal", "up", "retry_after", "_primaries",
-        "_backups", "_healthy", "_counter", "_downs", "_key",
+        "_backups", "_healthy", "_degraded", "_counter", "_downs", "_key",
     )  # fmt: skip
 
     def __init__(
@@ -244,6 +211,7 @@ class TargetGroup:
         self._downs, self._key = downs, key
         self.up = True
         self._healthy = True  # every primary is up: orders come precomputed
+        self._degraded: _Set | None = None  # else: the up members, as their own set
         self.target_changed()
 
     def target_changed(self) -> None:
@@ -251,6 +219,7 @@ class TargetGroup:
         members = self.members
         self.up = any(m.state.up for m in members)
         self._healthy = all(m.state.up for m in self._primaries.members)
+        self._degraded = None  # built again when next needed
         downs = self._downs
         if downs is not None:
             if self.up:
@@ -261,27 +230,25 @@ class TargetGroup:
     def order(self, client: str) -> tuple[Member, ...]:
         """The members to try for one connection or request from ``client`` (its IP), best
         first; empty when none is up."""
-        primaries = self._primaries
-        if self._healthy and primaries.members:
-            index = primaries.pick(self.strategy, self._counter, client, False)
-            assert index is not None
-            return primaries.rotations[index]
-        return self._order_degraded(client)
+        which = self._primaries if self._healthy else self._degraded or self._up_members()
+        if not which.members:
+            return ()
+        return which.rotations[which.pick(self.strategy, self._counter, client)]
 
-    def _order_degraded(self, client: str) -> tuple[Member, ...]:
+    def _up_members(self) -> _Set:
+        """While a primary is down: the up primaries (then the up backups), or, with no
+        primary up, the up backups, as a set of their own (kept until a member's state
+        changes again). Each strategy picks among them as among all: a down target's
+        share goes to the others by their weights, and on the ip-hash ring its clients
+        go to the next point, so nobody else's client moves."""
         up_backups = tuple(m for m in self._backups.members if m.state.up)
-        for which in (self._primaries, self._backups):
-            if not which.members:  # no backups (or, built by hand, no primaries)
-                continue
-            index = which.pick(self.strategy, self._counter, client, True)
-            if index is None:
-                continue
-            rotation = which.rotations[index]
-            ahead = tuple(m for m in rotation if m.state.up and not m.backup)
-            if which is self._backups:
-                return (rotation[0], *(m for m in up_backups if m is not rotation[0]))
-            return ahead + up_backups
-        return ()
+        up_primaries = tuple(m for m in self._primaries.members if m.state.up)
+        if up_primaries:
+            degraded = _Set(up_primaries, self.strategy, up_backups)
+        else:
+            degraded = _Set(up_backups, self.strategy, ())
+        self._degraded = degraded
+        return degraded
 
     def close(self) -> None:
         if self._downs is not None:

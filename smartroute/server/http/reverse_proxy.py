@@ -3,11 +3,12 @@
 Backend connections come from a pool per target and go back to it when the exchange ended
 cleanly; a pooled connection the backend closed meanwhile is replaced once, for idempotent
 requests without a body (and others the route's ``retry`` allows); with a ``retry`` policy a
-request the backend dropped unanswered goes on to another target. Bodies stream both ways with backpressure. ``Upgrade`` requests (WebSocket)
-become a two-way byte tunnel after the backend's 101; a connection whose protocol changed is
-never pooled, and a 101 nobody asked for is a 502. ``CONNECT`` is refused (405): this is a
-reverse proxy, not a tunnel to anywhere. A response whose framing is broken or ambiguous gets
-502 while nothing of it has reached the client yet.
+request the backend dropped unanswered goes on to another target. Bodies stream both ways
+with backpressure. ``Upgrade`` requests (WebSocket) become a two-way byte tunnel after the
+backend's 101; a connection whose protocol changed is never pooled, and a 101 nobody asked
+for is a 502. ``CONNECT`` is refused (405): this is a reverse proxy, not a tunnel to anywhere.
+A response whose framing is broken or ambiguous gets 502 while nothing of it has reached the
+client yet.
 
 This runs once per proxied request, so it keeps to one pass over each message's headers, one
 write per head (with the body bytes already there) and no work for what a request does not
