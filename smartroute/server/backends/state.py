@@ -15,12 +15,16 @@ import os
 import ssl
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from smartroute.routing.model import PassiveHealth
 
-if TYPE_CHECKING:
-    from smartroute.server.backends.group import TargetGroup
+
+class Listener(Protocol):
+    """Told when a target's ``up`` changes: the groups that list it."""
+
+    def target_changed(self) -> None: ...
+
 
 log = logging.getLogger("smartroute")
 
@@ -55,7 +59,7 @@ class TargetState:
         self.checks: dict[object, bool] = {}
         self.out_until = 0.0  # taken out by passive health until then (monotonic)
         self.recent: deque[float] = deque()  # times of recent failures (passive health)
-        self.groups: list[TargetGroup] = []  # the groups listing it, told of changes
+        self.groups: list[Listener] = []  # the groups listing it, told of changes
         self._back: asyncio.TimerHandle | None = None
 
     def failed(self, why: str, passive: PassiveHealth | None) -> None:

@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING
 
 from smartroute.server.backends.group import Address
 from smartroute.server.epoll_set import IN
-from smartroute.server.http.lane_tls import decrypt
 from smartroute.server.http.pool import TargetFilter
 from smartroute.server.socket_relay import established
 from smartroute.server.stats import ConnectionRecord
+from smartroute.server.tls import decrypt
 
 if TYPE_CHECKING:
     from smartroute.server.lane import RelayLane

@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING
 from smartroute.protocols.tls import ClientHello
 from smartroute.routing.model import CompiledRoute
 from smartroute.server.decision import TlsInfo
+from smartroute.server.tls import decrypt
 
 if TYPE_CHECKING:
     from smartroute.server.runtime import Runtime
 
-READ = 256 * 1024  # the most plaintext taken from the SSL object at a time
 HTTP_ALPN = ("http/1.1",)
 
 
@@ -42,26 +42,6 @@ def lane_context(
         return runtime.certificates.server_context(pair, alpn=HTTP_ALPN)
     except Exception:  # noqa: BLE001 - reported by the transport path, which tries again
         return None
-
-
-def decrypt(obj: ssl.SSLObject, incoming: ssl.MemoryBIO) -> tuple[bytes, bool]:
-    """The plaintext of the whole records ``incoming`` holds, and whether the peer ended the
-    connection (``close_notify``, or its end without one); a broken record raises
-    ``ssl.SSLError``. Shared by the client's TLS and re-encrypted backend connections."""
-    parts: list[bytes] = []
-    # Read while a record may be complete: a read that finds none raises, which costs more
-    # than asking the BIO whether bytes are left.
-    while incoming.pending or obj.pending() or incoming.eof:
-        try:
-            chunk = obj.read(READ)
-        except ssl.SSLWantReadError:
-            break
-        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-            return b"".join(parts), True
-        if not chunk:
-            return b"".join(parts), True
-        parts.append(chunk)
-    return (parts[0] if len(parts) == 1 else b"".join(parts)), False
 
 
 class LaneTls:
