@@ -30,7 +30,7 @@ def route(index: int, *targets: dict[str, Any], **action: Any) -> CompiledRoute:
     )
 
 
-def target(port: int | str, host: Any = LOOPBACK, **options: Any) -> dict[str, Any]:
+def target(port: Any, host: Any = LOOPBACK, **options: Any) -> dict[str, Any]:
     return {"host": host, "port": port, **options}
 
 

@@ -37,7 +37,7 @@ class Watch:
         self.checker = checker
         self.seen: list[tuple[bool, int]] = []
         self._told = asyncio.Event()
-        checker.state.groups.append(self)  # type: ignore[arg-type]
+        checker.state.groups.append(self)
 
     def target_changed(self) -> None:
         self.seen.append((self.checker.state.up, self.checker.checks))

@@ -25,7 +25,7 @@ class Watch:
         self.state = state
         self.seen: list[bool] = []
         self._told = asyncio.Event()
-        state.groups.append(self)  # type: ignore[arg-type]
+        state.groups.append(self)
 
     def target_changed(self) -> None:
         self.seen.append(self.state.up)
