@@ -351,7 +351,13 @@ class SmartRoute:
         # security block (an IP allow list, say) is for user routes only.
         effective = [
             *apply_all(self._internal.values(), runtime.timeouts, None),
-            *apply_all(routes, runtime.timeouts, self.settings.security),
+            *apply_all(
+                routes,
+                runtime.timeouts,
+                self.settings.security,
+                self.settings.hooks,
+                self.settings.hook_timeout,
+            ),
         ]
         backends = runtime.backends
         table = RouteTable(effective, backends.prepare(effective), backends.down)

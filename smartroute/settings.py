@@ -13,6 +13,7 @@ from typing import Any
 from smartroute.errors import ConfigError
 from smartroute.routing.model import OPTIONAL_TIMEOUTS, SecurityPolicy, Timeouts
 from smartroute.routing.validation._fields import expect_seconds
+from smartroute.routing.validation.hooks import compile_hooks
 from smartroute.routing.validation.security import compile_security
 
 _DEFAULT = Timeouts()
@@ -45,6 +46,8 @@ class Settings:
     certificate_provider: Any = None
     # processes serving the ports: 1 is this one; N > 1 forks N - 1 workers (SO_REUSEPORT)
     workers: int = 1
+    hooks: tuple[object, ...] = ()  # hooks of every route, run before each route's own
+    hook_timeout: float = 1.0  # seconds a hook call may take
 
     @property
     def timeouts(self) -> Timeouts:
@@ -123,6 +126,10 @@ def validate_settings(raw: Mapping[str, object]) -> Settings:
             values[name] = value
         elif name == "workers":
             values[name] = _check_workers(value)
+        elif name == "hooks":
+            values[name] = compile_hooks(value, "settings.hooks")
+        elif name == "hook_timeout":
+            values[name] = expect_seconds(value, "settings.hook_timeout")
     if values.get("workers", 1) > 1:
         for shared in ("acme", "certificate_provider"):
             if values.get(shared) is not None:

@@ -1,4 +1,5 @@
-"""Proxy-wide defaults applied to routes: the timeouts and the default ``security`` block.
+"""Proxy-wide defaults applied to routes: the timeouts, the default ``security`` block and the
+proxy-wide hooks.
 
 A validated route only carries what its author wrote. When the proxy installs a route set it
 passes every route through :func:`apply`, which gives the route its effective time limits
@@ -13,6 +14,7 @@ from collections.abc import Iterable
 from typing import Any, TypeVar, cast
 
 from smartroute.routing.model import CompiledRoute, SecurityPolicy, Timeouts
+from smartroute.routing.validation.hooks import hook_chain
 from smartroute.routing.validation.security import http_blocker
 
 _T = TypeVar("_T")
@@ -48,9 +50,14 @@ def _first(value: _T | None, default: _T | None) -> _T | None:
 
 
 def apply(
-    route: CompiledRoute, timeouts: Timeouts, security: SecurityPolicy | None
+    route: CompiledRoute,
+    timeouts: Timeouts,
+    security: SecurityPolicy | None,
+    hooks: tuple[object, ...] = (),
+    hook_timeout: float = 1.0,
 ) -> CompiledRoute:
-    """``route`` with its effective timeouts and security policy filled in."""
+    """``route`` with its effective timeouts, security policy and hooks (``hooks``, the
+    proxy-wide ones, run first) filled in."""
     effective = (
         dataclasses.replace(timeouts, **cast(dict[str, Any], route.timeout_overrides))
         if route.timeout_overrides
@@ -60,10 +67,19 @@ def apply(
     if security is not None:
         serves_http = http_blocker(route.action, route.tls) is None
         policy = merge_security(security, route.security, serves_http=serves_http)
-    return dataclasses.replace(route, timeouts=effective, security=policy)
+    chain = (
+        hook_chain((*hooks, *route.hooks), route.hooks_fail, hook_timeout)
+        if hooks or route.hooks
+        else None
+    )
+    return dataclasses.replace(route, timeouts=effective, security=policy, chain=chain)
 
 
 def apply_all(
-    routes: Iterable[CompiledRoute], timeouts: Timeouts, security: SecurityPolicy | None
+    routes: Iterable[CompiledRoute],
+    timeouts: Timeouts,
+    security: SecurityPolicy | None,
+    hooks: tuple[object, ...] = (),
+    hook_timeout: float = 1.0,
 ) -> list[CompiledRoute]:
-    return [apply(route, timeouts, security) for route in routes]
+    return [apply(route, timeouts, security, hooks, hook_timeout) for route in routes]

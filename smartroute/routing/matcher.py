@@ -11,7 +11,7 @@ path and headers are checked: a match costs about the same with 10 routes or 10,
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
 from types import MappingProxyType
@@ -434,6 +434,40 @@ class RouteTable:
                 return self.match(facts, False)
             return None
         return best[1]
+
+    def match_without(
+        self, facts: ConnectionFacts, declined: Collection[CompiledRoute]
+    ) -> RouteMatch | None:
+        """The winner for ``facts`` once the ``declined`` routes are out (a hook's fallback):
+        each bucket that applies is scanned without them. Slower than :meth:`match`, and only
+        for connections and requests a route declined."""
+        index = self._ports.get(facts.port)
+        if index is None:
+            return None
+        out = {id(route) for route in declined}
+        buckets: list[list[_Entry] | _IndexedBucket] = []
+        domain = facts.domain
+        if domain is not None:
+            exact = index.exact.get(domain)
+            if exact is not None:
+                buckets.append(exact)
+            dot = domain.find(".")
+            while True:
+                wildcard = index.wildcard.get(domain[dot + 1 :] if dot >= 0 else "")
+                if wildcard is not None:
+                    buckets.append(wildcard)
+                if dot < 0:
+                    break
+                dot = domain.find(".", dot + 1)
+        buckets.append(index.no_domain)
+        best: _Found | None = None
+        for bucket in buckets:
+            entries = bucket.candidates(facts) if isinstance(bucket, _IndexedBucket) else bucket
+            kept = [entry for entry in entries if id(entry[1].route) not in out]
+            found = _first(kept, facts, None, True)
+            if found is not None and (best is None or found[0] < best[0]):
+                best = found
+        return None if best is None else best[1]
 
     def ordered(self, port: int) -> list[CompiledRoute]:
         """Every route on ``port`` in match order, each at its most specific domain."""

@@ -210,6 +210,31 @@ def needs_http(action: Action) -> bool:
     return action.type in ("redirect", "static")
 
 
+HOOK_METHODS: tuple[str, ...] = (
+    "on_connect",
+    "on_request",
+    "on_response",
+    "on_disconnect",
+    "on_data",
+)
+HooksFail: TypeAlias = Literal["closed", "open"]
+AsyncHook: TypeAlias = Callable[..., Awaitable[object]]
+
+
+@dataclass(frozen=True, slots=True)
+class Hooks:
+    """The hooks in force on a route, by kind, in the order they run (the proxy-wide ones
+    first); built when the proxy installs the route (None on a route without any)."""
+
+    on_connect: tuple[AsyncHook, ...] = ()
+    on_request: tuple[AsyncHook, ...] = ()
+    on_response: tuple[AsyncHook, ...] = ()
+    on_disconnect: tuple[AsyncHook, ...] = ()
+    on_data: tuple[Callable[..., object], ...] = ()
+    fail: HooksFail = "closed"  # a hook that raises or times out: refuse, or skip ("open")
+    timeout: float = 1.0  # seconds each call may take
+
+
 @dataclass(frozen=True, slots=True)
 class RateLimitPolicy:
     connections_per_minute: int
@@ -271,6 +296,11 @@ class CompiledRoute:
     # Every limit in force for the route, settings and overrides combined; the proxy fills it
     # in when it installs the route (None on a route that was only validated).
     timeouts: Timeouts | None = field(default=None, compare=False)
+    # The route's own hook objects and what a failing hook does; the proxy adds its
+    # proxy-wide hooks when it installs the route, into ``chain`` (None: no hook at all).
+    hooks: tuple[object, ...] = ()
+    hooks_fail: HooksFail = "closed"
+    chain: Hooks | None = field(default=None, compare=False)
 
     @property
     def terminates_tls(self) -> bool:

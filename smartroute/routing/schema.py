@@ -343,6 +343,8 @@ class RouteDict(TypedDict, total=False):
     action: Required[ActionInput]
     security: SecurityInput
     timeouts: TimeoutsInput
+    hooks: Sequence[object]  # objects with on_connect/on_request/... or "module:attr" paths
+    hooks_fail: Literal["closed", "open"]
 
 
 @dataclass(slots=True)
@@ -356,6 +358,8 @@ class Route:
     enabled: bool = True
     security: SecurityInput | None = None
     timeouts: TimeoutsInput | None = None
+    hooks: Sequence[object] | None = None
+    hooks_fail: Literal["closed", "open"] = "closed"
 
 
 # Routes built at run time (by a helper factory, from a config file) are plain mappings that

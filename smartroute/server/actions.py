@@ -30,6 +30,7 @@ from smartroute.routing.model import (
     speaks_http,
 )
 from smartroute.routing.patterns import client_address
+from smartroute.server.backends.group import Member
 from smartroute.server.decision import FirstRequest, TlsInfo
 from smartroute.server.forward import Tries, connect_relay, resolve_targets, splice
 from smartroute.server.handler import start_handler
@@ -107,7 +108,7 @@ class Connection:
     """A routed client connection and what the actions need to take it over."""
 
     # Its ``finish`` stays referenced by a relay for the connection's whole life.
-    __slots__ = ("runtime", "transport", "record", "port", "server_ip", "unchecked")
+    __slots__ = ("runtime", "transport", "record", "port", "server_ip", "unchecked", "target")
 
     def __init__(
         self,
@@ -118,6 +119,7 @@ class Connection:
         port: int,
         server_ip: str,
         unchecked: bytes | None = None,
+        target: tuple[str, int] | None = None,
     ) -> None:
         self.runtime = runtime
         self.transport = transport
@@ -127,6 +129,7 @@ class Connection:
         # The client's first bytes, held back from the action until they show they are not a
         # PROXY header (possibly none yet); None when there is nothing to check.
         self.unchecked = unchecked
+        self.target = target  # where an on_connect hook sent the connection, if it did
 
     def finish(self) -> None:
         self.runtime.stats.finished(self.record)
@@ -155,7 +158,10 @@ class Connection:
         transport = transport or self.transport
         record = self.record
         group = self.runtime.backends.group(route, ctx.port)
-        if group is not None:
+        members: tuple[Member, ...]
+        if self.target is not None:
+            members = (Member(*self.target),)
+        elif group is not None:
             members = group.order(record.client_ip)
         else:
             try:
@@ -219,6 +225,7 @@ class Connection:
             server_ip=self.server_ip,
             tls=tls,
             first=first,
+            target=self.target,
         )
         session.connection = self
         task = self.runtime.spawn(session.run())

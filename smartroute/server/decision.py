@@ -10,16 +10,21 @@ connection or a request belong here too, between the match and the verdict.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Literal, TypeAlias
 
+from smartroute.context import RouteContext
 from smartroute.errors import HttpParseError
 from smartroute.protocols.detect import Detection
 from smartroute.protocols.http import RequestHead
 from smartroute.protocols.tls import ClientHello
 from smartroute.routing.matcher import ConnectionFacts, RouteMatch
-from smartroute.routing.model import speaks_http
+from smartroute.routing.model import CompiledRoute, speaks_http
 from smartroute.routing.patterns import IPAddress
+from smartroute.server.hooks import CONNECT_KEYS, REQUEST_KEYS, HookRequest, run_hooks
+from smartroute.server.hooks import Verdict as HookVerdict
+from smartroute.server.http.messages import Response, text_response
 from smartroute.server.security import basic_auth_refusal, challenge_header, ip_refusal
 from smartroute.server.stats import ConnectionRecord
 
@@ -40,13 +45,23 @@ class TlsInfo:
 @dataclass(frozen=True, slots=True)
 class Refusal:
     """A connection or request that goes no further: answer ``status`` with ``reason`` (and
-    extra response ``headers``). ``found`` is the route whose security refused it, None for
-    a malformed request."""
+    extra response ``headers``; ``body`` instead of the reason when a hook gave one).
+    ``found`` is the route that refused it, None for a malformed request."""
 
     found: RouteMatch | None
     status: int
     reason: str
     headers: tuple[tuple[str, str], ...] = ()
+    body: bytes | None = None
+
+    def response(self) -> Response:
+        """The answer to send (an HTTP client's)."""
+        if self.body is None:
+            return text_response(self.status, self.reason, list(self.headers))
+        headers = list(self.headers)
+        if not any(name.lower() == "content-type" for name, _ in headers):
+            headers.append(("Content-Type", "text/plain; charset=utf-8"))
+        return Response(self.status, [*headers, ("Cache-Control", "no-store")], self.body)
 
 
 # What a decision says: the route to act on (the matcher's own object: a connection that goes
@@ -148,6 +163,13 @@ def decide_connection(
     if error is not None and (found is None or speaks_http(found.route.action)):
         record.fail("bad-request", str(error))
         return Refusal(None, error.status, str(error))
+    return _admit(runtime, record, facts, found)
+
+
+def _admit(
+    runtime: Runtime, record: ConnectionRecord, facts: ConnectionFacts, found: RouteMatch | None
+) -> Verdict:
+    """The connection goes to ``found``'s route if its targets and its security allow."""
     if found is None:
         record.fail("no-route", "no route matches")
         return None
@@ -208,3 +230,90 @@ def _no_target(record: ConnectionRecord, found: RouteMatch, retry_after: int) ->
     reason = f"no target of route {found.route.name!r} is up"
     record.fail("no-target", reason)
     return Refusal(found, 503, reason, (("Retry-After", str(retry_after)),))
+
+
+# -- hooks -------------------------------------------------------------------------------------
+
+# A connection or request a hook dropped: closed without an answer.
+DROP: Literal["drop"] = "drop"
+Consulted: TypeAlias = "tuple[Verdict | Literal['drop'], RouteContext | None, HookVerdict | None]"
+
+
+async def consult_connection(
+    runtime: Runtime,
+    record: ConnectionRecord,
+    facts: ConnectionFacts,
+    found: RouteMatch,
+    context: Callable[[RouteMatch], RouteContext],
+) -> Consulted:
+    """Run the route's ``on_connect`` hooks (a route that declines passes the connection to
+    the next matching route, whose hooks run in turn). Returns the verdict (or ``DROP``), the
+    context of the route that took the connection, and what its hooks said."""
+    declined: list[CompiledRoute] = []
+    while True:
+        ctx = context(found)
+        chain = found.route.chain
+        said = None
+        if chain is not None and chain.on_connect:
+            said = await run_hooks(chain, "on_connect", CONNECT_KEYS, ctx)
+        if said is None:
+            return found, ctx, None
+        if not said.fallback or said.stops:
+            return _heard(record, found, said), ctx, said
+        declined.append(found.route)
+        if record.admitted is not None:  # the declining route let it in: it no longer holds it
+            runtime.gate.release(record.admitted, record.client_ip)
+            record.admitted = None
+        verdict = _admit(runtime, record, facts, runtime.table.match_without(facts, declined))
+        if not isinstance(verdict, RouteMatch):
+            return verdict, None, None
+        found = verdict
+
+
+async def consult_request(
+    runtime: Runtime,
+    record: ConnectionRecord,
+    facts: ConnectionFacts,
+    head: RequestHead,
+    found: RouteMatch,
+    context: Callable[[RouteMatch], RouteContext],
+) -> Consulted:
+    """Run the ``on_request`` hooks of the request's route (declining routes pass it on, as
+    for :func:`consult_connection`); the same three answers."""
+    declined: list[CompiledRoute] = []
+    request: HookRequest | None = None
+    while True:
+        chain = found.route.chain
+        if chain is None or not chain.on_request:
+            return found, None, None
+        ctx = context(found)
+        if request is None:
+            request = HookRequest(head.method, head.path, head.query, head.header_map())
+        said = await run_hooks(chain, "on_request", REQUEST_KEYS, ctx, request)
+        if said is None:
+            return found, ctx, None
+        if not said.fallback or said.stops:
+            return _heard(record, found, said), ctx, said
+        declined.append(found.route)
+        match = runtime.table.match_without(facts, declined)
+        verdict = None if match is None else decide_request(runtime, record, facts, head, match)
+        if not isinstance(verdict, RouteMatch):
+            return verdict, None, None
+        found = verdict
+
+
+def _heard(
+    record: ConnectionRecord, found: RouteMatch, said: HookVerdict
+) -> Verdict | Literal["drop"]:
+    """What a stopping verdict means for the connection or request, else ``found``."""
+    if said.drop:
+        record.fail("refused", "dropped by a hook")
+        return DROP
+    if said.failed is not None:
+        record.fail("refused", said.failed)
+        return Refusal(found, said.status or 503, "refused: a hook failed", tuple(said.headers))
+    if not said.allow:
+        record.fail("refused", "refused by a hook")
+        status = said.status or 403
+        return Refusal(found, status, "refused", tuple(said.headers), said.body)
+    return found

@@ -38,13 +38,15 @@ from smartroute.routing.model import (
 from smartroute.routing.patterns import client_address
 from smartroute.server.actions import UNTRUSTED_HEADER, Connection
 from smartroute.server.decision import (
+    DROP,
     FirstRequest,
     Peeked,
     Refusal,
+    consult_connection,
     decide_connection,
     detected_facts,
 )
-from smartroute.server.http.messages import closing_answer
+from smartroute.server.http.messages import closing_answer, response_head
 from smartroute.server.stats import ConnectionRecord
 
 if TYPE_CHECKING:
@@ -335,8 +337,23 @@ class InboundConnection(asyncio.Protocol):
                 self.runtime, record, facts, error if isinstance(error, HttpParseError) else None
             )
         kind = detection.kind if detection is not None else "none"
+        if not isinstance(verdict, RouteMatch):
+            self._turn_away(verdict, kind)
+            return
+        chain = verdict.route.chain
+        if chain is not None and chain.on_connect:
+            # The route's hooks have their say first; reading stays paused meanwhile.
+            self.task = self.runtime.spawn(self._consult(verdict, facts, detection, unchecked))
+            return
+        self._act(verdict, facts, self._context(facts, verdict, detection), detection, unchecked)
+
+    def _turn_away(self, verdict: Refusal | None, kind: str) -> None:
+        """No route, or a refusal: an HTTP client is told, any other connection closed."""
+        transport = self.transport
+        assert transport is not None
         if isinstance(verdict, Refusal):
-            answer = closing_answer(verdict.status, verdict.reason, list(verdict.headers))
+            response = verdict.response()
+            answer = response_head(response, keep_alive=False) + response.body
             refusing = verdict.found
             if refusing is not None and kind == "none" and needs_http(refusing.route.action):
                 # The request is still unread: closing now would reset the connection and
@@ -347,15 +364,55 @@ class InboundConnection(asyncio.Protocol):
                 self._answer(answer)
             transport.close()
             return
-        if verdict is None:
-            if kind == "http":  # bytes that looked like HTTP get an HTTP answer
-                self._answer(NOT_FOUND)
-            transport.close()
-            return
-        found = verdict
+        if kind == "http":  # bytes that looked like HTTP get an HTTP answer
+            self._answer(NOT_FOUND)
+        transport.close()
+
+    async def _consult(
+        self,
+        found: RouteMatch,
+        facts: ConnectionFacts,
+        detection: Detection | None,
+        unchecked: bytes | None,
+    ) -> None:
+        """Run the connection's ``on_connect`` hooks, then act as they say."""
+        transport = self.transport
+        assert transport is not None
+        verdict, ctx, said = await consult_connection(
+            self.runtime,
+            self.record,
+            facts,
+            found,
+            lambda match: self._context(facts, match, detection),
+        )
+        if transport.is_closing():
+            return  # the client left (or a limit closed it) while the hooks ran
+        if verdict == DROP:
+            transport.abort()
+        elif not isinstance(verdict, RouteMatch):
+            self._turn_away(verdict, detection.kind if detection is not None else "none")
+        else:
+            assert ctx is not None
+            target = None if said is None else said.target
+            self._act(verdict, facts, ctx, detection, unchecked, target)
+
+    def _act(
+        self,
+        found: RouteMatch,
+        facts: ConnectionFacts,
+        ctx: RouteContext,
+        detection: Detection | None,
+        unchecked: bytes | None,
+        target: tuple[str, int] | None = None,
+    ) -> None:
+        """Start the route's action on the connection (``target``: a hook's choice)."""
+        transport, record = self.transport, self.record
+        assert transport is not None
+        kind = detection.kind if detection is not None else "none"
         route = found.route
         action = route.action
-        ctx = self._context(facts, found, detection)
+        if route.chain is not None and route.chain.on_disconnect:
+            record.hooks, record.context = route.chain, ctx
         connection = Connection(
             self.runtime,
             transport,
@@ -363,6 +420,7 @@ class InboundConnection(asyncio.Protocol):
             port=self.port,
             server_ip=ctx.server_ip,
             unchecked=unchecked,
+            target=target,
         )
         initial = bytes(self.buffer) if unchecked is None else b""
         eof = self.eof

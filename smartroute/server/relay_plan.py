@@ -15,11 +15,12 @@ from smartroute.server.backends.group import TargetGroup
 def relay_plan(route: CompiledRoute, group: TargetGroup | None) -> TargetGroup | None:
     """The group a route pipes bytes to, or None when it needs more than the lane does.
 
-    None for anything but a plain byte forward (HTTP, TLS termination or re-encryption) and for
-    groups the lane cannot reach (:func:`lane_group`).
+    None for anything but a plain byte forward (HTTP, TLS termination or re-encryption), for
+    routes with hooks (they await them) and for groups the lane cannot reach
+    (:func:`lane_group`).
     """
     action = route.action
-    if not isinstance(action, ForwardAction) or action.protocol == "http":
+    if not isinstance(action, ForwardAction) or action.protocol == "http" or route.chain:
         return None
     if route.tls is not None and route.tls.mode != "passthrough":
         return None
@@ -28,11 +29,11 @@ def relay_plan(route: CompiledRoute, group: TargetGroup | None) -> TargetGroup |
 
 def http_plan(route: CompiledRoute, group: TargetGroup | None) -> TargetGroup | None:
     """The group an HTTP reverse-proxy route sends requests to, or None when its requests
-    need the transport path (see :func:`lane_group`) or it is no HTTP forward. A route that
-    terminates TLS (and perhaps re-encrypts to its targets) qualifies when it forwards HTTP
-    only (``protocol: "http"``)."""
+    need the transport path (hooks, see also :func:`lane_group`) or it is no HTTP forward. A
+    route that terminates TLS (and perhaps re-encrypts to its targets) qualifies when it
+    forwards HTTP only (``protocol: "http"``)."""
     action = route.action
-    if not isinstance(action, ForwardAction) or action.protocol == "tcp":
+    if not isinstance(action, ForwardAction) or action.protocol == "tcp" or route.chain:
         return None
     tls = route.tls
     if tls is not None and (tls.mode == "passthrough" or action.protocol != "http"):

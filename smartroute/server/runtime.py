@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from smartroute.routing.matcher import RouteTable, shortest_limit
 from smartroute.server.backends.book import Backends
+from smartroute.server.hooks import run_disconnect_hooks
 from smartroute.server.http.lane_pool import LanePool
 from smartroute.server.http.pool import BackendPool
 from smartroute.server.lane import RelayLane
@@ -37,7 +38,7 @@ class Runtime:
         self.timeouts = settings.timeouts  # proxy-wide; routes carry their own
         self.table = RouteTable(())
         self.gate = SecurityGate()
-        self.stats = StatsBook(on_release=self.gate.release)
+        self.stats = StatsBook(on_release=self.gate.release, on_end=self._ended)
         self.tasks: set[asyncio.Task[Any]] = set()
         self.pool = BackendPool()
         self.backends = Backends()  # target groups, target health
@@ -64,6 +65,21 @@ class Runtime:
         """True when ``client_ip`` is a proxy allowed to send PROXY protocol headers."""
         address = ipaddress.ip_address(client_ip)
         return any(address in network for network in self._proxies)
+
+    def _ended(self, record: ConnectionRecord) -> None:
+        """A connection whose route has ``on_disconnect`` hooks ended: tell them, off the
+        connection's own path."""
+        hooks, ctx = record.hooks, record.context
+        assert hooks is not None and ctx is not None
+        record.hooks = None
+        info = {
+            "bytes_in": record.bytes_in,
+            "bytes_out": record.bytes_out,
+            "duration": time.monotonic() - record.started,
+            "target": record.target,
+            "error": record.error,
+        }
+        self.spawn(run_disconnect_hooks(hooks, ctx, info))
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run a connection task, keeping a strong reference until it ends."""

@@ -16,7 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from smartroute.routing.model import Timeouts
+from smartroute.context import RouteContext
+from smartroute.routing.model import Hooks, Timeouts
 
 access_log = logging.getLogger("smartroute.access")
 
@@ -52,6 +53,8 @@ class ConnectionRecord:
         "admitted",
         "timeouts",
         "half_closed",
+        "hooks",
+        "context",
     )
 
     def __init__(self, client_ip: str, client_port: int, port: int, timeouts: Timeouts) -> None:
@@ -73,6 +76,9 @@ class ConnectionRecord:
         self.admitted: str | None = None  # the route whose security limits count it
         self.timeouts = timeouts  # the limits in force: the settings', then the route's
         self.half_closed = False  # one side sent EOF: the half_close limit applies
+        # The hooks to tell when the connection ends (``on_disconnect``), with its context.
+        self.hooks: Hooks | None = None
+        self.context: RouteContext | None = None
 
     def fail(self, outcome: str, error: str) -> None:
         """Remember the first failure only, so each connection's error is logged once."""
@@ -111,6 +117,7 @@ class StatsBook:
     routes: defaultdict[str, _Totals] = field(default_factory=lambda: defaultdict(_Totals))
     ips: defaultdict[str, _Totals] = field(default_factory=lambda: defaultdict(_Totals))
     on_release: Callable[[str, str], None] | None = None  # gives back a security admission
+    on_end: Callable[[ConnectionRecord], None] | None = None  # runs on_disconnect hooks
     # (monotonic time, connections, bytes in, bytes out), one per second, oldest first
     samples: deque[tuple[float, int, int, int]] = field(
         default_factory=lambda: deque(maxlen=WINDOWS[-1] + 2)
@@ -147,6 +154,8 @@ class StatsBook:
             record.admitted = None
         if record.outcome == "open":
             record.outcome = "ok"
+        if record.hooks is not None and self.on_end is not None:
+            self.on_end(record)
         for totals in self._buckets(record):
             totals.bytes_in += record.bytes_in
             totals.bytes_out += record.bytes_out

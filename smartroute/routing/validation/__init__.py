@@ -31,6 +31,7 @@ from smartroute.routing.validation._fields import (
     require,
 )
 from smartroute.routing.validation.actions import compile_action
+from smartroute.routing.validation.hooks import compile_hooks, hooks_fail
 from smartroute.routing.validation.match import compile_match
 from smartroute.routing.validation.security import compile_security
 from smartroute.routing.validation.timeouts import compile_timeouts
@@ -63,6 +64,7 @@ def _compile_route(raw: Raw, index: int, path: str, resolve_name: _NameResolver)
     action, tls_value = compile_action(raw["action"], f"{path}.action", path)
     tls = None if tls_value is None else compile_tls(tls_value, f"{path}.action.tls", action, path)
     security, timeouts = raw.get("security"), raw.get("timeouts")
+    hooks, fail = raw.get("hooks"), raw.get("hooks_fail")
     return CompiledRoute(
         name=name,
         match=match,
@@ -78,6 +80,8 @@ def _compile_route(raw: Raw, index: int, path: str, resolve_name: _NameResolver)
         timeout_overrides=_NO_OVERRIDES
         if timeouts is None
         else compile_timeouts(timeouts, f"{path}.timeouts", path),
+        hooks=() if hooks is None else compile_hooks(hooks, f"{path}.hooks"),
+        hooks_fail="closed" if fail is None else hooks_fail(fail, f"{path}.hooks_fail"),
     )
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import importlib
+import inspect
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any, Final, TypeVar
 
@@ -380,3 +382,31 @@ def action_mapping(value: object, path: str) -> Raw:
     if tls is not None:
         shape["tls"] = tls
     return shape
+
+
+def import_object(spec: str, path: str) -> object:
+    """The object ``"package.module:attribute"`` names (attributes may be dotted)."""
+    module_name, colon, attribute = spec.partition(":")
+    if not colon or not module_name.strip() or not attribute.strip():
+        raise ConfigError(
+            path, f'{spec!r} is not an import path (expected "package.module:function")'
+        )
+    try:
+        found: object = importlib.import_module(module_name.strip())
+        for part in attribute.strip().split("."):
+            found = getattr(found, part)
+    except Exception as exc:  # whatever importing user code raises, report it at this field
+        raise ConfigError(path, f"cannot import {spec!r} ({type(exc).__name__}: {exc})") from exc
+    return found
+
+
+def is_async(handler: object) -> bool:
+    """True for a coroutine function, a partial of one, or an object with ``async __call__``."""
+    while isinstance(handler, functools.partial):
+        handler = handler.func
+    if inspect.iscoroutinefunction(handler):
+        return True
+    if inspect.isroutine(handler) or inspect.isclass(handler):
+        return False
+    # an object whose class defines ``async def __call__``
+    return inspect.iscoroutinefunction(type(handler).__call__)

@@ -4,9 +4,6 @@ health checks, retries), redirect, static, socket handlers (imported from
 
 from __future__ import annotations
 
-import functools
-import importlib
-import inspect
 import os
 import re
 from typing import cast
@@ -37,6 +34,8 @@ from smartroute.routing.validation._fields import (
     expect_strings,
     expect_text,
     got,
+    import_object,
+    is_async,
     mapping,
     one_of,
     quoted,
@@ -125,38 +124,12 @@ def _static(raw: Raw, path: str, route: str) -> StaticAction:
     return StaticAction(root, index, body, content_type, status)
 
 
-def _import(spec: str, path: str) -> object:
-    module_name, colon, attribute = spec.partition(":")
-    if not colon or not module_name.strip() or not attribute.strip():
-        raise ConfigError(
-            path, f'{spec!r} is not an import path (expected "package.module:function")'
-        )
-    try:
-        found: object = importlib.import_module(module_name.strip())
-        for part in attribute.strip().split("."):
-            found = getattr(found, part)
-    except Exception as exc:  # whatever importing user code raises, report it at this field
-        raise ConfigError(path, f"cannot import {spec!r} ({type(exc).__name__}: {exc})") from exc
-    return found
-
-
-def _is_async(handler: object) -> bool:
-    while isinstance(handler, functools.partial):
-        handler = handler.func
-    if inspect.iscoroutinefunction(handler):
-        return True
-    if inspect.isroutine(handler) or inspect.isclass(handler):
-        return False
-    # an object whose class defines ``async def __call__``
-    return inspect.iscoroutinefunction(type(handler).__call__)
-
-
 def _socket_handler(raw: Raw, path: str) -> SocketHandlerAction:
     require(raw, path, "socket_handler")
     where = f"{path}.socket_handler"
     handler = raw["socket_handler"]
     if isinstance(handler, str):
-        handler = _import(handler, where)
+        handler = import_object(handler, where)
         if not callable(handler):
             raise ConfigError(
                 where, f"{raw['socket_handler']!r} is not callable (got {got(handler)})"
@@ -166,7 +139,7 @@ def _socket_handler(raw: Raw, path: str) -> SocketHandlerAction:
             where,
             f'expected an async function or a "package.module:function" string, got {got(handler)}',
         )
-    if not _is_async(handler):
+    if not is_async(handler):
         name = getattr(handler, "__qualname__", type(handler).__name__)
         raise ConfigError(
             where,

@@ -35,6 +35,7 @@ from smartroute.server.backends.group import Member
 from smartroute.server.backends.state import connect_reason
 from smartroute.server.decision import TlsInfo
 from smartroute.server.forward import Tries, resolve_targets, tunnel
+from smartroute.server.hooks import HookFailed, consult_response
 from smartroute.server.http.body import CHUNK, copy_body
 from smartroute.server.http.headers import connection_tokens
 from smartroute.server.http.messages import Response, text_response
@@ -125,10 +126,12 @@ async def forward_request(
     found: RouteMatch,
     facts: ConnectionFacts,
     tokens: set[str],
+    target: tuple[str, int] | None = None,
 ) -> tuple[int | str, bool]:
     """Proxy one request; returns the status for the log and whether the client stays.
 
-    ``tokens`` are the request's ``Connection`` options.
+    ``tokens`` are the request's ``Connection`` options; ``target``: where a hook sent the
+    request (instead of the route's targets).
     """
     action = found.route.action
     assert isinstance(action, ForwardAction)
@@ -136,6 +139,8 @@ async def forward_request(
         session.record.fail("refused", "CONNECT is not served by a reverse proxy route")
         return await session.answer_locally(CONNECT_REFUSED, head, framing, False)
     exchange = _Exchange(session, head, framing, keep_alive, found, action, facts, tokens)
+    if target is not None:
+        exchange.tries = Tries((Member(*target),), action, session.record.timeouts.connect)
     try:
         reuse = True
         while True:
@@ -338,6 +343,12 @@ class _Exchange:
             response = await self.response(backend, reused)
             if response.status >= 500:
                 self._member_failed(f"HTTP {response.status}")
+            chain = self.found.route.chain
+            if chain is not None and chain.on_response and response.status != 101:
+                try:
+                    response = await consult_response(chain, self.ctx, head, response)
+                except HookFailed as exc:
+                    raise _Failed(502, f"refused: {exc}", sent=True) from None
             response_tokens = connection_tokens(response.headers)
             if response.status == 101:
                 if self.upgrade is None:

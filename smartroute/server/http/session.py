@@ -29,12 +29,15 @@ from smartroute.routing.model import (
 )
 from smartroute.routing.patterns import parse_ip
 from smartroute.server.decision import (
+    DROP,
     FirstRequest,
     Refusal,
     TlsInfo,
+    consult_request,
     decide_request,
     request_facts,
 )
+from smartroute.server.hooks import rewrite_request
 from smartroute.server.http.body import copy_body
 from smartroute.server.http.headers import connection_tokens
 from smartroute.server.http.messages import RequestInfo, Response, response_head, text_response
@@ -95,6 +98,7 @@ class HttpSession:
         server_ip: str,
         tls: TlsInfo | None,
         first: FirstRequest | None = None,
+        target: tuple[str, int] | None = None,
     ) -> None:
         self.runtime = runtime
         # The first request as the pipeline already parsed and routed it (its head starts
@@ -109,6 +113,7 @@ class HttpSession:
         self.loop = asyncio.get_running_loop()
         self.requests = 0
         self.connection: Takeover | None = None  # set by whoever starts the session
+        self.target = target  # where an on_connect hook sent the connection, if it did
 
     def finish(self) -> None:
         """Account for the connection once it is gone (used after an upgrade)."""
@@ -251,6 +256,28 @@ class HttpSession:
                 if first.found is None
                 else decide_request(self.runtime, self.record, facts, head, first.found)
             )
+        target = self.target
+        if isinstance(verdict, RouteMatch):
+            chain = verdict.route.chain
+            if chain is not None and chain.on_disconnect and self.record.hooks is None:
+                self.record.hooks = chain
+                self.record.context = self.context(head, facts, verdict)
+            if chain is not None and chain.on_request:
+                consulted, _, said = await consult_request(
+                    self.runtime,
+                    self.record,
+                    facts,
+                    head,
+                    verdict,
+                    lambda match: self.context(head, facts, match),
+                )
+                if consulted == DROP:
+                    self._log(head, None, "dropped", started)
+                    return False
+                verdict = consulted
+                if said is not None and isinstance(verdict, RouteMatch):
+                    head = rewrite_request(head, said)
+                    target = said.target or target
         found = verdict.found if isinstance(verdict, Refusal) else verdict
         route_name = found.route.name if found else None
         status: int | str
@@ -261,7 +288,7 @@ class HttpSession:
         else:
             action = found.route.action
             if isinstance(verdict, Refusal):
-                refusal = text_response(verdict.status, verdict.reason, list(verdict.headers))
+                refusal = verdict.response()
                 status, keep = await self.answer_locally(refusal, head, framing, keep_alive)
             elif action.type == "block":
                 self.record.outcome = "blocked"
@@ -281,7 +308,7 @@ class HttpSession:
                 raise Handover
             else:
                 status, keep = await forward_request(
-                    self, head, framing, keep_alive, found, facts, tokens
+                    self, head, framing, keep_alive, found, facts, tokens, target
                 )
         self._log(head, route_name, status, started)
         return keep
