@@ -255,6 +255,7 @@ class SmartRoute:
             await asyncio.gather(*runtime.tasks, return_exceptions=True)
             await runtime.stop_sweeper()
             await runtime.backends.close()
+            await asyncio.to_thread(runtime.observers.close)
             runtime.pool.close()
             runtime.lane_pool.close()
             runtime.lane.close()

@@ -47,6 +47,7 @@ from smartroute.server.decision import (
     detected_facts,
 )
 from smartroute.server.http.messages import closing_answer, response_head
+from smartroute.server.observe import Observation
 from smartroute.server.stats import ConnectionRecord
 
 if TYPE_CHECKING:
@@ -411,8 +412,12 @@ class InboundConnection(asyncio.Protocol):
         kind = detection.kind if detection is not None else "none"
         route = found.route
         action = route.action
-        if route.chain is not None and route.chain.on_disconnect:
-            record.hooks, record.context = route.chain, ctx
+        chain = route.chain
+        if chain is not None:
+            if chain.on_disconnect:
+                record.hooks, record.context = chain, ctx
+            if chain.on_data:
+                record.observation = Observation(self.runtime.observers, chain.on_data, ctx)
         connection = Connection(
             self.runtime,
             transport,
@@ -424,6 +429,9 @@ class InboundConnection(asyncio.Protocol):
         )
         initial = bytes(self.buffer) if unchecked is None else b""
         eof = self.eof
+        observation = record.observation
+        if observation is not None and initial and not route.terminates_tls:
+            observation.push("in", initial)  # read while routing: the action gets them as is
         if route.terminates_tls and detection is not None and detection.hello is not None:
             self.task = self.runtime.spawn(
                 connection.terminate(route, ctx, detection.hello, initial)

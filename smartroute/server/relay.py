@@ -41,10 +41,13 @@ class RelaySide(asyncio.Protocol):
         self._half_close = transport.get_extra_info("sslcontext") is None
 
     def data_received(self, data: bytes) -> None:
+        record = self.record
         if self.inbound:
-            self.record.bytes_in += len(data)
+            record.bytes_in += len(data)
         else:
-            self.record.bytes_out += len(data)
+            record.bytes_out += len(data)
+        if record.observation is not None:
+            record.observation.push("in" if self.inbound else "out", data)
         peer = self.peer
         assert peer is not None and peer.transport is not None
         if not peer.lost:

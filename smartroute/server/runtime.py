@@ -15,6 +15,7 @@ from smartroute.server.hooks import run_disconnect_hooks
 from smartroute.server.http.lane_pool import LanePool
 from smartroute.server.http.pool import BackendPool
 from smartroute.server.lane import RelayLane
+from smartroute.server.observe import ObserverThread
 from smartroute.server.security import SecurityGate
 from smartroute.server.stats import ConnectionRecord, StatsBook
 from smartroute.server.tls import CertificateIndex
@@ -42,6 +43,7 @@ class Runtime:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.pool = BackendPool()
         self.backends = Backends()  # target groups, target health
+        self.observers = ObserverThread()  # calls on_data observers, off the event loop
         self.lane = RelayLane(self)
         self.certificates = CertificateIndex()
         self.alpn_responder: TlsAlpnResponder | None = None  # pending TLS-ALPN-01 challenges
@@ -72,13 +74,15 @@ class Runtime:
         hooks, ctx = record.hooks, record.context
         assert hooks is not None and ctx is not None
         record.hooks = None
-        info = {
+        info: dict[str, Any] = {
             "bytes_in": record.bytes_in,
             "bytes_out": record.bytes_out,
             "duration": time.monotonic() - record.started,
             "target": record.target,
             "error": record.error,
         }
+        if record.observation is not None:
+            info["observed"] = record.observation.report()
         self.spawn(run_disconnect_hooks(hooks, ctx, info))
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:

@@ -14,10 +14,13 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from smartroute.context import RouteContext
 from smartroute.routing.model import Hooks, Timeouts
+
+if TYPE_CHECKING:
+    from smartroute.server.observe import Observation
 
 access_log = logging.getLogger("smartroute.access")
 
@@ -55,6 +58,7 @@ class ConnectionRecord:
         "half_closed",
         "hooks",
         "context",
+        "observation",
     )
 
     def __init__(self, client_ip: str, client_port: int, port: int, timeouts: Timeouts) -> None:
@@ -79,6 +83,7 @@ class ConnectionRecord:
         # The hooks to tell when the connection ends (``on_disconnect``), with its context.
         self.hooks: Hooks | None = None
         self.context: RouteContext | None = None
+        self.observation: Observation | None = None  # on_data observers see its bytes
 
     def fail(self, outcome: str, error: str) -> None:
         """Remember the first failure only, so each connection's error is logged once."""

@@ -45,6 +45,7 @@ from smartroute.server.http.redirect import render_redirect
 from smartroute.server.http.reverse_proxy import forward_request
 from smartroute.server.http.static import serve_static
 from smartroute.server.http.stream import Handover, Stream
+from smartroute.server.observe import Observation
 from smartroute.server.stats import ConnectionRecord
 
 if TYPE_CHECKING:
@@ -259,9 +260,15 @@ class HttpSession:
         target = self.target
         if isinstance(verdict, RouteMatch):
             chain = verdict.route.chain
-            if chain is not None and chain.on_disconnect and self.record.hooks is None:
-                self.record.hooks = chain
-                self.record.context = self.context(head, facts, verdict)
+            record = self.record
+            if chain is not None and chain.on_disconnect and record.hooks is None:
+                record.hooks, record.context = chain, self.context(head, facts, verdict)
+            if chain is not None and chain.on_data and record.observation is None:
+                # From this request on (a connection the fast lane handed over).
+                ctx = self.context(head, facts, verdict)
+                observation = Observation(self.runtime.observers, chain.on_data, ctx)
+                observation.push("in", raw + bytes(self.client.buffer))  # read already
+                record.observation = observation
             if chain is not None and chain.on_request:
                 consulted, _, said = await consult_request(
                     self.runtime,

@@ -19,6 +19,7 @@ import asyncio
 from collections.abc import Callable
 from typing import cast
 
+from smartroute.server.observe import Observation
 from smartroute.server.stats import ConnectionRecord
 
 HIGH_WATER = 256 * 1024
@@ -44,6 +45,8 @@ class Stream(asyncio.Protocol):
         self._data_waiter: asyncio.Future[None] | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
         self._client: Stream | None = None  # see serve()
+        # A backend stream serving an observed client: where its bytes are shown (see serve).
+        self.observation: Observation | None = None
         self._served: Stream | None = None  # the backend stream serving this client now
         self._deadline: float | None = None  # loop time at which the current wait fails
         self._timer: asyncio.TimerHandle | None = None
@@ -58,8 +61,13 @@ class Stream(asyncio.Protocol):
         self._half_close = transport.get_extra_info("sslcontext") is None
 
     def data_received(self, data: bytes) -> None:
-        if self.record is not None:
-            self.record.bytes_in += len(data)
+        record = self.record
+        if record is not None:
+            record.bytes_in += len(data)
+            if record.observation is not None:
+                record.observation.push("in", data)
+        elif self.observation is not None:
+            self.observation.push("out", data)
         self.buffer += data
         if len(self.buffer) > HIGH_WATER and not self._reading_paused and self.transport:
             self._reading_paused = True
@@ -109,8 +117,11 @@ class Stream(asyncio.Protocol):
         if self._client is not None:
             self._client._served = None
         self._client = client
+        self.observation = None
         if client is not None:
             client._served = self
+            if client.record is not None:
+                self.observation = client.record.observation
 
     def _check_client(self) -> None:
         if self._client is not None and self._client.closed:
