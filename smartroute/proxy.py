@@ -358,6 +358,7 @@ class SmartRoute:
                 self.settings.security,
                 self.settings.hooks,
                 self.settings.hook_timeout,
+                self.settings.bandwidth,
             ),
         ]
         backends = runtime.backends

@@ -11,8 +11,14 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from smartroute.errors import ConfigError
-from smartroute.routing.model import OPTIONAL_TIMEOUTS, SecurityPolicy, Timeouts
+from smartroute.routing.model import (
+    OPTIONAL_TIMEOUTS,
+    BandwidthPolicy,
+    SecurityPolicy,
+    Timeouts,
+)
 from smartroute.routing.validation._fields import expect_seconds
+from smartroute.routing.validation.bandwidth import compile_bandwidth
 from smartroute.routing.validation.hooks import compile_hooks
 from smartroute.routing.validation.security import compile_security
 
@@ -48,6 +54,7 @@ class Settings:
     workers: int = 1
     hooks: tuple[object, ...] = ()  # hooks of every route, run before each route's own
     hook_timeout: float = 1.0  # seconds a hook call may take
+    bandwidth: BandwidthPolicy | None = None  # for routes without a bandwidth block
 
     @property
     def timeouts(self) -> Timeouts:
@@ -130,6 +137,8 @@ def validate_settings(raw: Mapping[str, object]) -> Settings:
             values[name] = compile_hooks(value, "settings.hooks")
         elif name == "hook_timeout":
             values[name] = expect_seconds(value, "settings.hook_timeout")
+        elif name == "bandwidth":
+            values[name] = None if value is None else compile_bandwidth(value, "settings.bandwidth")
     if values.get("workers", 1) > 1:
         for shared in ("acme", "certificate_provider"):
             if values.get(shared) is not None:

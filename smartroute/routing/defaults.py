@@ -1,5 +1,5 @@
-"""Proxy-wide defaults applied to routes: the timeouts, the default ``security`` block and the
-proxy-wide hooks.
+"""Proxy-wide defaults applied to routes: the timeouts, the default ``security`` block, the
+proxy-wide hooks and the default ``bandwidth`` block.
 
 A validated route only carries what its author wrote. When the proxy installs a route set it
 passes every route through :func:`apply`, which gives the route its effective time limits
@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Iterable
 from typing import Any, TypeVar, cast
 
-from smartroute.routing.model import CompiledRoute, SecurityPolicy, Timeouts
+from smartroute.routing.model import BandwidthPolicy, CompiledRoute, SecurityPolicy, Timeouts
 from smartroute.routing.validation.hooks import hook_chain
 from smartroute.routing.validation.security import http_blocker
 
@@ -55,9 +55,11 @@ def apply(
     security: SecurityPolicy | None,
     hooks: tuple[object, ...] = (),
     hook_timeout: float = 1.0,
+    bandwidth: BandwidthPolicy | None = None,
 ) -> CompiledRoute:
-    """``route`` with its effective timeouts, security policy and hooks (``hooks``, the
-    proxy-wide ones, run first) filled in."""
+    """``route`` with its effective timeouts, security policy, hooks (``hooks``, the
+    proxy-wide ones, run first) and speed limits (``bandwidth`` for a route without its own
+    block) filled in."""
     effective = (
         dataclasses.replace(timeouts, **cast(dict[str, Any], route.timeout_overrides))
         if route.timeout_overrides
@@ -72,7 +74,13 @@ def apply(
         if hooks or route.hooks
         else None
     )
-    return dataclasses.replace(route, timeouts=effective, security=policy, chain=chain)
+    return dataclasses.replace(
+        route,
+        timeouts=effective,
+        security=policy,
+        chain=chain,
+        bandwidth=route.bandwidth or bandwidth,
+    )
 
 
 def apply_all(
@@ -81,5 +89,6 @@ def apply_all(
     security: SecurityPolicy | None,
     hooks: tuple[object, ...] = (),
     hook_timeout: float = 1.0,
+    bandwidth: BandwidthPolicy | None = None,
 ) -> list[CompiledRoute]:
-    return [apply(route, timeouts, security, hooks, hook_timeout) for route in routes]
+    return [apply(route, timeouts, security, hooks, hook_timeout, bandwidth) for route in routes]

@@ -17,7 +17,13 @@ from operator import itemgetter
 from types import MappingProxyType
 from typing import Protocol, TypeAlias, cast
 
-from smartroute.routing.model import CompiledRoute, MatchCriteria, Timeouts, needs_http
+from smartroute.routing.model import (
+    CompiledRoute,
+    MatchCriteria,
+    Timeouts,
+    needs_http,
+    speaks_http,
+)
 from smartroute.routing.patterns import IPAddress
 
 # The winner ordering, smallest first:
@@ -332,7 +338,18 @@ class RouteTable:
             else:
                 best = (rank, _NO_DOMAIN, 0, path_rank, order)
             # A route with a tls block only takes TLS connections: the ClientHello must be seen.
-            needs_data = criteria.needs_data or route.tls is not None
+            # A route with request hooks must see whether the connection speaks HTTP (else a
+            # port-only "auto" forward would pipe it unread and the hooks never run).
+            chain = route.chain
+            needs_data = (
+                criteria.needs_data
+                or route.tls is not None
+                or (
+                    chain is not None
+                    and bool(chain.on_request or chain.on_response)
+                    and speaks_http(route.action)
+                )
+            )
             for port in criteria.ports:
                 index = ports.get(port)
                 if index is None:

@@ -210,6 +210,23 @@ def needs_http(action: Action) -> bool:
     return action.type in ("redirect", "static")
 
 
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """Bytes per second each way (None: no limit that way). Download is backend -> client."""
+
+    download: float | None = None
+    upload: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BandwidthPolicy:
+    """Speed limits that nest: a connection gets the smallest share of its buckets."""
+
+    per_connection: Rate | None = None
+    per_ip: Rate | None = None  # one budget per client IP, per route
+    per_route: Rate | None = None  # one budget for all the route's connections
+
+
 HOOK_METHODS: tuple[str, ...] = (
     "on_connect",
     "on_request",
@@ -301,6 +318,9 @@ class CompiledRoute:
     hooks: tuple[object, ...] = ()
     hooks_fail: HooksFail = "closed"
     chain: Hooks | None = field(default=None, compare=False)
+    # Speed limits (the route's ``bandwidth`` block, else the proxy-wide default once the
+    # proxy installs the route).
+    bandwidth: BandwidthPolicy | None = None
 
     @property
     def terminates_tls(self) -> bool:

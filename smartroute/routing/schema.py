@@ -335,6 +335,17 @@ TimeoutsInput: TypeAlias = TimeoutsDict | Timeouts
 # -- route -------------------------------------------------------------------------------------
 
 
+class RateDict(TypedDict, total=False):
+    download: float  # bytes per second, backend -> client
+    upload: float  # bytes per second, client -> backend
+
+
+class BandwidthDict(TypedDict, total=False):
+    per_connection: RateDict
+    per_ip: RateDict
+    per_route: RateDict
+
+
 class RouteDict(TypedDict, total=False):
     name: str
     priority: int
@@ -345,6 +356,7 @@ class RouteDict(TypedDict, total=False):
     timeouts: TimeoutsInput
     hooks: Sequence[object]  # objects with on_connect/on_request/... or "module:attr" paths
     hooks_fail: Literal["closed", "open"]
+    bandwidth: BandwidthDict
 
 
 @dataclass(slots=True)
@@ -360,6 +372,7 @@ class Route:
     timeouts: TimeoutsInput | None = None
     hooks: Sequence[object] | None = None
     hooks_fail: Literal["closed", "open"] = "closed"
+    bandwidth: BandwidthDict | None = None
 
 
 # Routes built at run time (by a helper factory, from a config file) are plain mappings that
@@ -367,6 +380,8 @@ class Route:
 RouteInput: TypeAlias = RouteDict | Route | Mapping[str, Any]
 
 __all__ = [
+    "BandwidthDict",
+    "RateDict",
     "ActionDict",
     "ActionInput",
     "BasicAuth",

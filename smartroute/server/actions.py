@@ -31,7 +31,7 @@ from smartroute.routing.model import (
 )
 from smartroute.routing.patterns import client_address
 from smartroute.server.backends.group import Member
-from smartroute.server.decision import FirstRequest, TlsInfo
+from smartroute.server.decision import FirstRequest, Heard, TlsInfo
 from smartroute.server.forward import Tries, connect_relay, resolve_targets, splice
 from smartroute.server.handler import start_handler
 from smartroute.server.http.session import HttpSession
@@ -108,7 +108,9 @@ class Connection:
     """A routed client connection and what the actions need to take it over."""
 
     # Its ``finish`` stays referenced by a relay for the connection's whole life.
-    __slots__ = ("runtime", "transport", "record", "port", "server_ip", "unchecked", "target")
+    __slots__ = (
+        "runtime", "transport", "record", "port", "server_ip", "unchecked", "target", "heard",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -120,6 +122,7 @@ class Connection:
         server_ip: str,
         unchecked: bytes | None = None,
         target: tuple[str, int] | None = None,
+        heard: Heard | None = None,
     ) -> None:
         self.runtime = runtime
         self.transport = transport
@@ -130,6 +133,7 @@ class Connection:
         # PROXY header (possibly none yet); None when there is nothing to check.
         self.unchecked = unchecked
         self.target = target  # where an on_connect hook sent the connection, if it did
+        self.heard = heard  # what on_connect hooks said of it so far (HTTP: per route)
 
     def finish(self) -> None:
         self.runtime.stats.finished(self.record)
@@ -225,7 +229,7 @@ class Connection:
             server_ip=self.server_ip,
             tls=tls,
             first=first,
-            target=self.target,
+            heard=self.heard,
         )
         session.connection = self
         task = self.runtime.spawn(session.run())

@@ -11,7 +11,7 @@ connection or a request belong here too, between the match and the verdict.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, TypeAlias
 
 from smartroute.context import RouteContext
@@ -239,32 +239,60 @@ DROP: Literal["drop"] = "drop"
 Consulted: TypeAlias = "tuple[Verdict | Literal['drop'], RouteContext | None, HookVerdict | None]"
 
 
+@dataclass(slots=True)
+class Heard:
+    """What a connection's ``on_connect`` hooks said so far, route by route: an HTTP
+    connection may reach several routes, and each route's hooks hear of it once."""
+
+    routes: set[int] = field(default_factory=set)  # ids of the routes whose hooks ran
+    declined: list[CompiledRoute] = field(default_factory=list)  # routes that fell back
+    targets: dict[int, tuple[str, int]] = field(default_factory=dict)  # by route id
+    refused: dict[int, Refusal] = field(default_factory=dict)  # by route id: for good
+
+
 async def consult_connection(
     runtime: Runtime,
     record: ConnectionRecord,
     facts: ConnectionFacts,
     found: RouteMatch,
     context: Callable[[RouteMatch], RouteContext],
+    heard: Heard,
+    decide: Callable[[RouteMatch | None], Verdict] | None = None,
 ) -> Consulted:
-    """Run the route's ``on_connect`` hooks (a route that declines passes the connection to
-    the next matching route, whose hooks run in turn). Returns the verdict (or ``DROP``), the
-    context of the route that took the connection, and what its hooks said."""
-    declined: list[CompiledRoute] = []
+    """Run the ``on_connect`` hooks of ``found``'s route unless they heard of this connection
+    already (a route that declines passes it to the next matching route, ``decide`` says
+    whether that one takes it, and its hooks run in turn). Returns the verdict (or ``DROP``),
+    the context of the route that took the connection, and what its hooks said."""
+
+    def admit(match: RouteMatch | None) -> Verdict:
+        if record.admitted is not None:  # the declining route let it in: it no longer holds it
+            runtime.gate.release(record.admitted, record.client_ip)
+            record.admitted = None
+        return _admit(runtime, record, facts, match)
+
     while True:
         ctx = context(found)
-        chain = found.route.chain
+        route = found.route
+        chain = route.chain
         said = None
-        if chain is not None and chain.on_connect:
+        refused = heard.refused.get(id(route))
+        if refused is not None:  # its hooks refused the connection: every request of it too
+            record.fail("refused", "refused by a hook")
+            return refused, ctx, None
+        if chain is not None and chain.on_connect and id(route) not in heard.routes:
+            heard.routes.add(id(route))
             said = await run_hooks(chain, "on_connect", CONNECT_KEYS, ctx)
         if said is None:
             return found, ctx, None
         if not said.fallback or said.stops:
-            return _heard(record, found, said), ctx, said
-        declined.append(found.route)
-        if record.admitted is not None:  # the declining route let it in: it no longer holds it
-            runtime.gate.release(record.admitted, record.client_ip)
-            record.admitted = None
-        verdict = _admit(runtime, record, facts, runtime.table.match_without(facts, declined))
+            if said.target is not None:
+                heard.targets[id(route)] = said.target
+            verdict = _heard(record, found, said)
+            if isinstance(verdict, Refusal):
+                heard.refused[id(route)] = verdict
+            return verdict, ctx, said
+        heard.declined.append(route)
+        verdict = (decide or admit)(runtime.table.match_without(facts, heard.declined))
         if not isinstance(verdict, RouteMatch):
             return verdict, None, None
         found = verdict
@@ -277,26 +305,47 @@ async def consult_request(
     head: RequestHead,
     found: RouteMatch,
     context: Callable[[RouteMatch], RouteContext],
+    heard: Heard,
 ) -> Consulted:
-    """Run the ``on_request`` hooks of the request's route (declining routes pass it on, as
-    for :func:`consult_connection`); the same three answers."""
-    declined: list[CompiledRoute] = []
+    """Run the hooks a request meets: the ``on_connect`` hooks of a route the connection
+    reaches for the first time (and none of a route it declined), then the request's route's
+    ``on_request`` hooks (declining routes pass it on, as for :func:`consult_connection`).
+    The same three answers; a target chosen by the route's ``on_connect`` hooks comes back
+    as the verdict's ``target`` when ``on_request`` chose none."""
+
+    def decide(match: RouteMatch | None) -> Verdict:
+        return None if match is None else decide_request(runtime, record, facts, head, match)
+
+    if heard.declined and any(found.route is route for route in heard.declined):
+        verdict = decide(runtime.table.match_without(facts, heard.declined))
+        if not isinstance(verdict, RouteMatch):
+            return verdict, None, None
+        found = verdict
+    declined = list(heard.declined)
     request: HookRequest | None = None
     while True:
+        consulted, ctx, said = await consult_connection(
+            runtime, record, facts, found, context, heard, decide
+        )
+        if not isinstance(consulted, RouteMatch):
+            return consulted, ctx, said
+        found = consulted
         chain = found.route.chain
-        if chain is None or not chain.on_request:
-            return found, None, None
-        ctx = context(found)
-        if request is None:
-            request = HookRequest(head.method, head.path, head.query, head.header_map())
-        said = await run_hooks(chain, "on_request", REQUEST_KEYS, ctx, request)
-        if said is None:
-            return found, ctx, None
-        if not said.fallback or said.stops:
+        if chain is not None and chain.on_request:
+            ctx = context(found)
+            if request is None:
+                request = HookRequest(head.method, head.path, head.query, head.header_map())
+            said = await run_hooks(chain, "on_request", REQUEST_KEYS, ctx, request)
+        if said is None or not said.fallback or said.stops:
+            target = heard.targets.get(id(found.route))
+            if target is not None and (said is None or said.target is None):
+                said = HookVerdict(target=target) if said is None else said.copy()
+                said.target = target
+            if said is None:
+                return found, ctx, None
             return _heard(record, found, said), ctx, said
         declined.append(found.route)
-        match = runtime.table.match_without(facts, declined)
-        verdict = None if match is None else decide_request(runtime, record, facts, head, match)
+        verdict = decide(runtime.table.match_without(facts, declined))
         if not isinstance(verdict, RouteMatch):
             return verdict, None, None
         found = verdict
@@ -311,7 +360,7 @@ def _heard(
         return DROP
     if said.failed is not None:
         record.fail("refused", said.failed)
-        return Refusal(found, said.status or 503, "refused: a hook failed", tuple(said.headers))
+        return Refusal(found, 503, "refused: a hook failed")
     if not said.allow:
         record.fail("refused", "refused by a hook")
         status = said.status or 403

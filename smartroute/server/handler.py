@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from smartroute.context import RouteContext
 from smartroute.routing.model import SocketHandler
+from smartroute.server.bandwidth import Pacer
 from smartroute.server.stats import ConnectionRecord
 
 log = logging.getLogger("smartroute")
@@ -31,12 +33,47 @@ class _HandlerProtocol(asyncio.StreamReaderProtocol):
         super().__init__(reader)
         self._record = record
         self._done = done
+        self._held_transport: asyncio.Transport | None = None  # to pause over a speed limit
+        self._pacer: Pacer | None = None
 
     def data_received(self, data: bytes) -> None:
-        self._record.bytes_in += len(data)
+        record = self._record
+        record.bytes_in += len(data)
+        limits = record.bandwidth
+        if limits is not None and limits.upload is not None:
+            if self._pacer is None:
+                self._pacer = Pacer(limits.upload, self._take, self._hold, self._go_on)
+            self._pacer.feed(data)
+            return
         super().data_received(data)
 
+    def _take(self, data: bytes) -> None:
+        super().data_received(data)
+
+    def _hold(self) -> None:
+        """Over the upload limit: stop reading until the pacer says (the reader's own flow
+        control may resume it early; the pacer still passes bytes on at the limit)."""
+        if self._held_transport is not None:
+            self._held_transport.pause_reading()
+
+    def _go_on(self) -> None:
+        transport = self._held_transport
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()
+
+    def eof_received(self) -> bool:
+        self._flush_held()
+        return bool(super().eof_received())
+
+    def _flush_held(self) -> None:
+        pacer = self._pacer
+        if pacer is not None and pacer.pending:
+            pending = pacer.pending
+            pacer.cancel()
+            super().data_received(pending)
+
     def connection_lost(self, exc: Exception | None) -> None:
+        self._flush_held()
         if exc is not None:
             self._record.fail("error", f"client: {exc}")
         super().connection_lost(exc)
@@ -47,10 +84,24 @@ class _CountingWriter(asyncio.StreamWriter):
     """A StreamWriter that adds what the handler writes to the connection's outbound bytes."""
 
     _record: ConnectionRecord
+    _hold_until = 0.0  # over the download limit: drain() waits until then
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        self._record.bytes_out += len(data)
+        record = self._record
+        record.bytes_out += len(data)
         super().write(data)
+        limits = record.bandwidth
+        if limits is not None and limits.download is not None:
+            delay = limits.download.charge(len(data))
+            if delay:
+                self._hold_until = max(self._hold_until, time.monotonic() + delay)
+
+    async def drain(self) -> None:
+        """As a StreamWriter's, and over the download limit, until the limit allows more."""
+        await super().drain()
+        wait = self._hold_until - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
 
     def writelines(self, data: object) -> None:
         for chunk in data:  # type: ignore[attr-defined]
@@ -70,6 +121,7 @@ def start_handler(
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=STREAM_LIMIT, loop=loop)
     protocol = _HandlerProtocol(reader, record, done)
+    protocol._held_transport = transport
     transport.set_protocol(protocol)
     protocol.connection_made(transport)
     if initial:

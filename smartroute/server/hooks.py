@@ -27,6 +27,7 @@ from smartroute.context import RouteContext
 from smartroute.protocols.http import RequestHead
 from smartroute.protocols.http_response import ResponseHead
 from smartroute.routing.model import Hooks
+from smartroute.server.bandwidth import SpeedLimit
 
 log = logging.getLogger("smartroute.hooks")
 
@@ -85,9 +86,18 @@ class Verdict:
     remove_headers: list[str] = field(default_factory=list)
     rewrite_path: str | None = None
     target: tuple[str, int] | None = None
+    speed_limit: SpeedLimit | None = None
     drop: bool = False
     fallback: bool = False
     failed: str | None = None  # a hook failed under "closed": why (the refusal's reason)
+
+    def copy(self) -> Verdict:
+        return dataclasses.replace(
+            self,
+            headers=list(self.headers),
+            set_headers=dict(self.set_headers),
+            remove_headers=list(self.remove_headers),
+        )
 
     @property
     def stops(self) -> bool:
@@ -112,19 +122,30 @@ async def run_hooks(
                 answer = await hook(ctx, *args)
             if answer is None:
                 continue
-            verdict = merge(verdict or Verdict(), answer, allowed)
-        except Exception as exc:  # a user hook must not take the proxy down
+            # Into a copy: a verdict that turns out bad leaves the others' as they were.
+            verdict = merge(Verdict() if verdict is None else verdict.copy(), answer, allowed)
+        except BaseException as exc:  # a user hook must not take the proxy down
+            if _ours(exc):
+                raise
             why = _failure(hook, kind, hooks.timeout, exc)
             if hooks.fail == "open":
                 log.warning("%s; skipped (hooks_fail: open) for %s", why, ctx.connection_id)
                 continue
             log.warning("%s; refusing %s (hooks_fail: closed)", why, ctx.connection_id)
-            verdict = verdict or Verdict()
-            verdict.failed = why
-            return verdict
+            return Verdict(failed=why)
         if verdict.stops or verdict.fallback:
             return verdict
     return verdict
+
+
+def _ours(exc: BaseException) -> bool:
+    """True for what must go on up: the task running the hook being cancelled (a proxy
+    stopping, a connection closed), or the process ending. A hook that raises
+    ``CancelledError`` of its own, like any other exception, is a failing hook."""
+    if isinstance(exc, asyncio.CancelledError):
+        task = asyncio.current_task()
+        return task is not None and task.cancelling() > 0
+    return not isinstance(exc, Exception)
 
 
 async def run_disconnect_hooks(hooks: Hooks, ctx: RouteContext, info: dict[str, Any]) -> None:
@@ -142,7 +163,7 @@ async def run_disconnect_hooks(hooks: Hooks, ctx: RouteContext, info: dict[str, 
             )
 
 
-def _failure(hook: object, kind: str, timeout: float, exc: Exception) -> str:
+def _failure(hook: object, kind: str, timeout: float, exc: BaseException) -> str:
     name = getattr(hook, "__qualname__", None) or type(hook).__name__
     if isinstance(exc, TimeoutError):
         return f"hook {name} ({kind}) did not answer within {timeout:g}s"
@@ -184,7 +205,10 @@ def merge(verdict: Verdict, answer: object, allowed: frozenset[str]) -> Verdict:
         elif key == "remove_headers":
             if isinstance(value, str) or not isinstance(value, list | tuple):
                 raise BadVerdict(f"remove_headers: expected a list of names, got {value!r}")
-            verdict.remove_headers += [_name(key, name) for name in value]
+            names = [_name(key, name) for name in value]
+            if any(name.lower() == "host" for name in names):
+                raise BadVerdict("remove_headers: Host may be replaced (set_headers), not removed")
+            verdict.remove_headers += names
         elif key == "rewrite_path":
             if not isinstance(value, str) or not _PATH.fullmatch(value):
                 raise BadVerdict(
@@ -194,7 +218,7 @@ def merge(verdict: Verdict, answer: object, allowed: frozenset[str]) -> Verdict:
         elif key == "target":
             verdict.target = _target(value)
         else:  # "speed_limit"
-            raise BadVerdict("speed_limit: bandwidth limits are not available yet")
+            verdict.speed_limit = _speed_limit(value)
     return verdict
 
 
@@ -296,6 +320,27 @@ def _headers(key: str, value: object) -> list[tuple[str, str]]:
             raise BadVerdict(f"{key}: the value of {name!r} must be text without line breaks")
         pairs.append((_name(key, name), text.strip()))
     return pairs
+
+
+def _speed_limit(value: object) -> SpeedLimit:
+    if not isinstance(value, Mapping) or set(value) - {"download", "upload", "group"}:
+        raise BadVerdict(
+            f'speed_limit: expected {{"download": bps, "upload": bps, "group": key}}, got {value!r}'
+        )
+    rates = []
+    for way in ("download", "upload"):
+        rate = value.get(way)
+        if rate is not None and (
+            isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate < 1e15
+        ):
+            raise BadVerdict(f"speed_limit: {way} must be bytes per second (> 0), got {rate!r}")
+        rates.append(None if rate is None else float(rate))
+    group = value.get("group")
+    if group is not None and (not isinstance(group, str) or not group):
+        raise BadVerdict(f"speed_limit: group must be a non-empty str, got {group!r}")
+    if rates == [None, None]:
+        raise BadVerdict("speed_limit: give download, upload or both")
+    return SpeedLimit(rates[0], rates[1], group)
 
 
 def _target(value: object) -> tuple[str, int]:

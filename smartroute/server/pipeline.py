@@ -40,12 +40,14 @@ from smartroute.server.actions import UNTRUSTED_HEADER, Connection
 from smartroute.server.decision import (
     DROP,
     FirstRequest,
+    Heard,
     Peeked,
     Refusal,
     consult_connection,
     decide_connection,
     detected_facts,
 )
+from smartroute.server.hooks import Verdict as HookVerdict
 from smartroute.server.http.messages import closing_answer, response_head
 from smartroute.server.observe import Observation
 from smartroute.server.stats import ConnectionRecord
@@ -377,25 +379,29 @@ class InboundConnection(asyncio.Protocol):
         unchecked: bytes | None,
     ) -> None:
         """Run the connection's ``on_connect`` hooks, then act as they say."""
-        transport = self.transport
+        transport, record = self.transport, self.record
         assert transport is not None
+        chain = found.route.chain
+        if chain is not None and chain.on_disconnect:  # told even if the hooks refuse it
+            record.hooks, record.context = chain, self._context(facts, found, detection)
+        heard = Heard()
         verdict, ctx, said = await consult_connection(
             self.runtime,
-            self.record,
+            record,
             facts,
             found,
             lambda match: self._context(facts, match, detection),
+            heard,
         )
         if transport.is_closing():
             return  # the client left (or a limit closed it) while the hooks ran
         if verdict == DROP:
-            transport.abort()
+            transport.close()
         elif not isinstance(verdict, RouteMatch):
             self._turn_away(verdict, detection.kind if detection is not None else "none")
         else:
             assert ctx is not None
-            target = None if said is None else said.target
-            self._act(verdict, facts, ctx, detection, unchecked, target)
+            self._act(verdict, facts, ctx, detection, unchecked, said, heard)
 
     def _act(
         self,
@@ -404,9 +410,10 @@ class InboundConnection(asyncio.Protocol):
         ctx: RouteContext,
         detection: Detection | None,
         unchecked: bytes | None,
-        target: tuple[str, int] | None = None,
+        said: HookVerdict | None = None,
+        heard: Heard | None = None,
     ) -> None:
-        """Start the route's action on the connection (``target``: a hook's choice)."""
+        """Start the route's action on the connection (``said``: what its hooks said)."""
         transport, record = self.transport, self.record
         assert transport is not None
         kind = detection.kind if detection is not None else "none"
@@ -418,6 +425,9 @@ class InboundConnection(asyncio.Protocol):
                 record.hooks, record.context = chain, ctx
             if chain.on_data:
                 record.observation = Observation(self.runtime.observers, chain.on_data, ctx)
+        speed = None if said is None else said.speed_limit
+        if route.bandwidth is not None or speed is not None:
+            record.bandwidth = self.runtime.bandwidth.limits(route, record.client_ip, speed)
         connection = Connection(
             self.runtime,
             transport,
@@ -425,7 +435,8 @@ class InboundConnection(asyncio.Protocol):
             port=self.port,
             server_ip=ctx.server_ip,
             unchecked=unchecked,
-            target=target,
+            target=None if said is None else said.target,
+            heard=heard,
         )
         initial = bytes(self.buffer) if unchecked is None else b""
         eof = self.eof

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from smartroute.routing.matcher import RouteTable, shortest_limit
 from smartroute.server.backends.book import Backends
+from smartroute.server.bandwidth import BandwidthBook
 from smartroute.server.hooks import run_disconnect_hooks
 from smartroute.server.http.lane_pool import LanePool
 from smartroute.server.http.pool import BackendPool
@@ -44,6 +45,7 @@ class Runtime:
         self.pool = BackendPool()
         self.backends = Backends()  # target groups, target health
         self.observers = ObserverThread()  # calls on_data observers, off the event loop
+        self.bandwidth = BandwidthBook()  # the speed-limit buckets connections share
         self.lane = RelayLane(self)
         self.certificates = CertificateIndex()
         self.alpn_responder: TlsAlpnResponder | None = None  # pending TLS-ALPN-01 challenges

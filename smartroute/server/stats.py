@@ -20,6 +20,7 @@ from smartroute.context import RouteContext
 from smartroute.routing.model import Hooks, Timeouts
 
 if TYPE_CHECKING:
+    from smartroute.server.bandwidth import Limits
     from smartroute.server.observe import Observation
 
 access_log = logging.getLogger("smartroute.access")
@@ -59,6 +60,7 @@ class ConnectionRecord:
         "hooks",
         "context",
         "observation",
+        "bandwidth",
     )
 
     def __init__(self, client_ip: str, client_port: int, port: int, timeouts: Timeouts) -> None:
@@ -84,6 +86,7 @@ class ConnectionRecord:
         self.hooks: Hooks | None = None
         self.context: RouteContext | None = None
         self.observation: Observation | None = None  # on_data observers see its bytes
+        self.bandwidth: Limits | None = None  # its speed limits
 
     def fail(self, outcome: str, error: str) -> None:
         """Remember the first failure only, so each connection's error is logged once."""
@@ -161,6 +164,8 @@ class StatsBook:
             record.outcome = "ok"
         if record.hooks is not None and self.on_end is not None:
             self.on_end(record)
+        if record.bandwidth is not None:
+            record.bandwidth.release()
         for totals in self._buckets(record):
             totals.bytes_in += record.bytes_in
             totals.bytes_out += record.bytes_out

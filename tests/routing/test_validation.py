@@ -571,7 +571,7 @@ BAD: list[tuple[str, object, str]] = [
         "key-unknown",
         [block(zzz=1)],
         f'{R0}: unknown key "zzz" '
-        '(allowed: "action", "enabled", "hooks", "hooks_fail", "match", "name", "priority", "security", "timeouts")',
+        '(allowed: "action", "bandwidth", "enabled", "hooks", "hooks_fail", "match", "name", "priority", "security", "timeouts")',
     ),
     (
         "key-of-action-in-match",

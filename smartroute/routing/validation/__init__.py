@@ -31,6 +31,7 @@ from smartroute.routing.validation._fields import (
     require,
 )
 from smartroute.routing.validation.actions import compile_action
+from smartroute.routing.validation.bandwidth import compile_bandwidth
 from smartroute.routing.validation.hooks import compile_hooks, hooks_fail
 from smartroute.routing.validation.match import compile_match
 from smartroute.routing.validation.security import compile_security
@@ -64,7 +65,7 @@ def _compile_route(raw: Raw, index: int, path: str, resolve_name: _NameResolver)
     action, tls_value = compile_action(raw["action"], f"{path}.action", path)
     tls = None if tls_value is None else compile_tls(tls_value, f"{path}.action.tls", action, path)
     security, timeouts = raw.get("security"), raw.get("timeouts")
-    hooks, fail = raw.get("hooks"), raw.get("hooks_fail")
+    hooks, fail, bandwidth = raw.get("hooks"), raw.get("hooks_fail"), raw.get("bandwidth")
     return CompiledRoute(
         name=name,
         match=match,
@@ -82,6 +83,7 @@ def _compile_route(raw: Raw, index: int, path: str, resolve_name: _NameResolver)
         else compile_timeouts(timeouts, f"{path}.timeouts", path),
         hooks=() if hooks is None else compile_hooks(hooks, f"{path}.hooks"),
         hooks_fail="closed" if fail is None else hooks_fail(fail, f"{path}.hooks_fail"),
+        bandwidth=None if bandwidth is None else compile_bandwidth(bandwidth, f"{path}.bandwidth"),
     )
 
 

@@ -28,6 +28,8 @@ def compile_hooks(value: object, path: str) -> tuple[object, ...]:
 
 
 def check_hook(hook: object, path: str) -> None:
+    if inspect.isclass(hook):
+        raise ConfigError(path, f"{hook.__name__} is a class: give an instance ({hook.__name__}())")
     found = [name for name in HOOK_METHODS if getattr(hook, name, None) is not None]
     if not found:
         raise ConfigError(

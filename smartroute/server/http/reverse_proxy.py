@@ -348,7 +348,8 @@ class _Exchange:
                 try:
                     response = await consult_response(chain, self.ctx, head, response)
                 except HookFailed as exc:
-                    raise _Failed(502, f"refused: {exc}", sent=True) from None
+                    session.record.fail("refused", str(exc))  # the log says why, not the client
+                    raise _Failed(503, "refused: a hook failed", sent=True) from None
             response_tokens = connection_tokens(response.headers)
             if response.status == 101:
                 if self.upgrade is None:

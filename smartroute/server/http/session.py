@@ -31,8 +31,10 @@ from smartroute.routing.patterns import parse_ip
 from smartroute.server.decision import (
     DROP,
     FirstRequest,
+    Heard,
     Refusal,
     TlsInfo,
+    Verdict,
     consult_request,
     decide_request,
     request_facts,
@@ -99,7 +101,7 @@ class HttpSession:
         server_ip: str,
         tls: TlsInfo | None,
         first: FirstRequest | None = None,
-        target: tuple[str, int] | None = None,
+        heard: Heard | None = None,
     ) -> None:
         self.runtime = runtime
         # The first request as the pipeline already parsed and routed it (its head starts
@@ -114,7 +116,8 @@ class HttpSession:
         self.loop = asyncio.get_running_loop()
         self.requests = 0
         self.connection: Takeover | None = None  # set by whoever starts the session
-        self.target = target  # where an on_connect hook sent the connection, if it did
+        # What on_connect hooks said of this connection so far, route by route.
+        self.heard = heard if heard is not None else Heard()
 
     def finish(self) -> None:
         """Account for the connection once it is gone (used after an upgrade)."""
@@ -257,34 +260,15 @@ class HttpSession:
                 if first.found is None
                 else decide_request(self.runtime, self.record, facts, head, first.found)
             )
-        target = self.target
-        if isinstance(verdict, RouteMatch):
-            chain = verdict.route.chain
-            record = self.record
-            if chain is not None and chain.on_disconnect and record.hooks is None:
-                record.hooks, record.context = chain, self.context(head, facts, verdict)
-            if chain is not None and chain.on_data and record.observation is None:
-                # From this request on (a connection the fast lane handed over).
-                ctx = self.context(head, facts, verdict)
-                observation = Observation(self.runtime.observers, chain.on_data, ctx)
-                observation.push("in", raw + bytes(self.client.buffer))  # read already
-                record.observation = observation
-            if chain is not None and chain.on_request:
-                consulted, _, said = await consult_request(
-                    self.runtime,
-                    self.record,
-                    facts,
-                    head,
-                    verdict,
-                    lambda match: self.context(head, facts, match),
-                )
-                if consulted == DROP:
-                    self._log(head, None, "dropped", started)
-                    return False
-                verdict = consulted
-                if said is not None and isinstance(verdict, RouteMatch):
-                    head = rewrite_request(head, said)
-                    target = said.target or target
+        target = None
+        if isinstance(verdict, RouteMatch) and (
+            verdict.route.chain or verdict.route.bandwidth or self.heard.declined
+        ):
+            consulted = await self._consult(head, raw, facts, verdict)
+            if consulted is None:  # dropped by a hook
+                self._log(head, None, "dropped", started)
+                return False
+            verdict, head, target = consulted
         found = verdict.found if isinstance(verdict, Refusal) else verdict
         route_name = found.route.name if found else None
         status: int | str
@@ -319,6 +303,57 @@ class HttpSession:
                 )
         self._log(head, route_name, status, started)
         return keep
+
+    async def _consult(
+        self, head: RequestHead, raw: bytes, facts: ConnectionFacts, found: RouteMatch
+    ) -> tuple[Verdict, RequestHead, tuple[str, int] | None] | None:
+        """What the request's route adds: its hooks' say (``on_connect`` when the connection
+        meets the route for the first time, then ``on_request``; None when they dropped it),
+        its ``on_disconnect`` and ``on_data`` hooks and its speed limits for the connection
+        from now on. Returns the verdict, the request head as the hooks changed it and the
+        target they chose."""
+        record, runtime = self.record, self.runtime
+        chain = found.route.chain
+        verdict: Verdict = found
+        target = None
+        if chain is not None:
+            if chain.on_disconnect and record.hooks is None:
+                record.hooks, record.context = chain, self.context(head, facts, found)
+            if chain.on_data and record.observation is None:
+                # From this request on (a connection the fast lane handed over).
+                ctx = self.context(head, facts, found)
+                observation = Observation(runtime.observers, chain.on_data, ctx)
+                observation.push("in", raw + bytes(self.client.buffer))  # read already
+                record.observation = observation
+        if self.heard.declined or (chain is not None and (chain.on_connect or chain.on_request)):
+            consulted, _, said = await consult_request(
+                runtime,
+                record,
+                facts,
+                head,
+                found,
+                lambda match: self.context(head, facts, match),
+                self.heard,
+            )
+            if consulted == DROP:
+                return None
+            verdict = consulted
+            if said is not None and isinstance(verdict, RouteMatch):
+                head = rewrite_request(head, said)
+                target = said.target
+                if said.speed_limit is not None:  # for the connection, from now on
+                    if record.bandwidth is not None:
+                        record.bandwidth.release()
+                    record.bandwidth = runtime.bandwidth.limits(
+                        verdict.route, record.client_ip, said.speed_limit
+                    )
+        if (
+            isinstance(verdict, RouteMatch)
+            and verdict.route.bandwidth is not None
+            and record.bandwidth is None
+        ):
+            record.bandwidth = runtime.bandwidth.limits(verdict.route, record.client_ip)
+        return verdict, head, target
 
     async def _hand_over(self, found: RouteMatch, ctx: RouteContext, raw: bytes) -> None:
         """Give the connection, this request's head included, to a raw pipe or a handler."""

@@ -19,6 +19,7 @@ import asyncio
 from collections.abc import Callable
 from typing import cast
 
+from smartroute.server.bandwidth import Pacer, Throttle
 from smartroute.server.observe import Observation
 from smartroute.server.stats import ConnectionRecord
 
@@ -45,8 +46,12 @@ class Stream(asyncio.Protocol):
         self._data_waiter: asyncio.Future[None] | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
         self._client: Stream | None = None  # see serve()
-        # A backend stream serving an observed client: where its bytes are shown (see serve).
+        # A backend stream serving an observed or limited client: where its bytes are shown,
+        # and the client's download limit (see serve).
         self.observation: Observation | None = None
+        self.throttle: Throttle | None = None
+        self._held = False  # not reading: over a speed limit, until its pacer says
+        self._pacer: Pacer | None = None
         self._served: Stream | None = None  # the backend stream serving this client now
         self._deadline: float | None = None  # loop time at which the current wait fails
         self._timer: asyncio.TimerHandle | None = None
@@ -66,20 +71,60 @@ class Stream(asyncio.Protocol):
             record.bytes_in += len(data)
             if record.observation is not None:
                 record.observation.push("in", data)
-        elif self.observation is not None:
-            self.observation.push("out", data)
+            limits = record.bandwidth
+            throttle = None if limits is None else limits.upload
+        else:
+            if self.observation is not None:
+                self.observation.push("out", data)
+            throttle = self.throttle
+        if throttle is not None:
+            pacer = self._pacer
+            if pacer is None or pacer.throttle is not throttle:
+                self._flush_held()
+                pacer = self._pacer = Pacer(throttle, self._take, self._hold, self._go_on)
+            pacer.feed(data)
+            return
+        self._take(data)
+
+    def _take(self, data: bytes) -> None:
         self.buffer += data
         if len(self.buffer) > HIGH_WATER and not self._reading_paused and self.transport:
             self._reading_paused = True
             self.transport.pause_reading()
         self._wake_reader()
 
+    def _hold(self) -> None:
+        """Over the speed limit: stop reading until the pacer says."""
+        self._held = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def _go_on(self) -> None:
+        self._held = False
+        if not self._reading_paused and self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def _flush_held(self) -> None:
+        """What a pacer still holds goes into the buffer now (the stream ends, or its limit
+        changes): no byte is lost."""
+        pacer = self._pacer
+        if pacer is not None:
+            pending = pacer.pending
+            pacer.cancel()
+            self._pacer = None
+            if pending:
+                self._take(pending)
+            if self._held:
+                self._go_on()
+
     def eof_received(self) -> bool:
+        self._flush_held()
         self.eof = True
         self._wake_reader()
         return self._half_close  # half-close: answers may still be written
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._flush_held()
         self.closed = True
         self.eof = True
         self.error = exc
@@ -117,11 +162,14 @@ class Stream(asyncio.Protocol):
         if self._client is not None:
             self._client._served = None
         self._client = client
-        self.observation = None
+        self.observation = self.throttle = None
         if client is not None:
             client._served = self
-            if client.record is not None:
-                self.observation = client.record.observation
+            record = client.record
+            if record is not None:
+                self.observation = record.observation
+                if record.bandwidth is not None:
+                    self.throttle = record.bandwidth.download
 
     def _check_client(self) -> None:
         if self._client is not None and self._client.closed:
@@ -229,7 +277,8 @@ class Stream(asyncio.Protocol):
     def _resume_reading(self) -> None:
         if self._reading_paused and self.transport is not None and not self.closed:
             self._reading_paused = False
-            self.transport.resume_reading()
+            if not self._held:
+                self.transport.resume_reading()
 
     def _wake_reader(self) -> None:
         waiter = self._data_waiter
