@@ -15,6 +15,7 @@ from typing import Any
 from smartroute.certs.manager import CertificateManager
 from smartroute.certs.settings import validate_acme
 from smartroute.errors import ConfigError, SmartRouteError
+from smartroute.plugins.host import READY_TIMEOUT, PluginHost
 from smartroute.routing.defaults import apply_all
 from smartroute.routing.matcher import RouteTable
 from smartroute.routing.model import CertificatePair, CompiledRoute, ForwardAction
@@ -90,6 +91,7 @@ class SmartRoute:
             _CertificateHost(self), acme, self.settings.certificate_provider
         )
         self._runtime.alpn_responder = self._certs.alpn
+        self._plugins = PluginHost(self.settings.plugins, self._route_summaries, self._pushed)
         self._check_auto(self._routes)
 
     # -- public surface ----------------------------------------------------------------------
@@ -148,6 +150,8 @@ class SmartRoute:
             if self._started:
                 raise SmartRouteError("the proxy is already started")
             self._runtime.accepting = True
+            if self._plugins.processes:
+                await self._start_plugins()
             await self._install(self._routes, bind=True)
             self._started = True
             self._runtime.start_sweeper()
@@ -255,6 +259,7 @@ class SmartRoute:
             await asyncio.gather(*runtime.tasks, return_exceptions=True)
             await runtime.stop_sweeper()
             await runtime.backends.close()
+            await self._plugins.stop()
             await asyncio.to_thread(runtime.observers.close)
             runtime.pool.close()
             runtime.lane_pool.close()
@@ -356,7 +361,7 @@ class SmartRoute:
                 routes,
                 runtime.timeouts,
                 self.settings.security,
-                self.settings.hooks,
+                self._hooks_of,
                 self.settings.hook_timeout,
                 self.settings.bandwidth,
             ),
@@ -384,6 +389,43 @@ class SmartRoute:
         runtime.pool.retain(wanted)  # no idle links to dropped backends
         runtime.lane_pool.retain(wanted)
         runtime.backends.retain(effective)
+
+    def _hooks_of(self, route: str) -> tuple[object, ...]:
+        """The proxy-wide hooks of ``route``: the ``hooks`` setting's, then its plugins'."""
+        return self.settings.hooks + self._plugins.hooks_for(route)
+
+    async def _start_plugins(self) -> None:
+        """Start the plugins and give them until they are ready (bounded) before any port
+        opens; one that is not ready by then keeps starting, its hooks failing meanwhile."""
+        plugins = self._plugins
+        plugins.start()
+        ready = await asyncio.gather(
+            *(process.wait_ready(READY_TIMEOUT) for process in plugins.processes)
+        )
+        for process, up in zip(plugins.processes, ready, strict=True):
+            if not up:
+                log.warning(
+                    "plugin %s is not ready after %gs: its hooks fail until it is",
+                    process.spec.name,
+                    READY_TIMEOUT,
+                )
+
+    def _route_summaries(self) -> list[dict[str, Any]]:
+        """What a plugin is told of the routes when it starts."""
+        return [
+            {
+                "name": route.name,
+                "ports": sorted(route.match.ports),
+                "domains": [pattern.text for pattern in route.match.domains],
+                "path": None if route.match.path is None else route.match.path.text,
+                "action": route.action.type,
+            }
+            for route in self._routes
+        ]
+
+    async def _pushed(self, route: str, targets: Any) -> None:
+        """A plugin's ``set_targets``."""
+        await self.set_targets(route, targets)
 
     def _check_auto(self, routes: Iterable[CompiledRoute]) -> None:
         """``"certificate": "auto"`` needs the acme setting or a certificate provider."""

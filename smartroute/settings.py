@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from smartroute.errors import ConfigError
+from smartroute.plugins.spec import PluginSpec, compile_plugins
 from smartroute.routing.model import (
     OPTIONAL_TIMEOUTS,
     BandwidthPolicy,
@@ -55,6 +56,7 @@ class Settings:
     hooks: tuple[object, ...] = ()  # hooks of every route, run before each route's own
     hook_timeout: float = 1.0  # seconds a hook call may take
     bandwidth: BandwidthPolicy | None = None  # for routes without a bandwidth block
+    plugins: tuple[PluginSpec, ...] = ()  # external programs asked as hooks
 
     @property
     def timeouts(self) -> Timeouts:
@@ -137,8 +139,15 @@ def validate_settings(raw: Mapping[str, object]) -> Settings:
             values[name] = compile_hooks(value, "settings.hooks")
         elif name == "hook_timeout":
             values[name] = expect_seconds(value, "settings.hook_timeout")
+        elif name == "plugins":
+            values[name] = compile_plugins(value, "settings.plugins")
         elif name == "bandwidth":
             values[name] = None if value is None else compile_bandwidth(value, "settings.bandwidth")
+    if values.get("workers", 1) > 1 and values.get("plugins"):
+        raise ConfigError(
+            "settings.workers",
+            "workers > 1 cannot be combined with plugins yet: run one process with plugins",
+        )
     if values.get("workers", 1) > 1:
         for shared in ("acme", "certificate_provider"):
             if values.get(shared) is not None:

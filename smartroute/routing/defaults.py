@@ -10,7 +10,7 @@ passes every route through :func:`apply`, which gives the route its effective ti
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar, cast
 
 from smartroute.routing.model import BandwidthPolicy, CompiledRoute, SecurityPolicy, Timeouts
@@ -87,8 +87,20 @@ def apply_all(
     routes: Iterable[CompiledRoute],
     timeouts: Timeouts,
     security: SecurityPolicy | None,
-    hooks: tuple[object, ...] = (),
+    hooks: Callable[[str], tuple[object, ...]] | None = None,
     hook_timeout: float = 1.0,
     bandwidth: BandwidthPolicy | None = None,
 ) -> list[CompiledRoute]:
-    return [apply(route, timeouts, security, hooks, hook_timeout, bandwidth) for route in routes]
+    """Each route through :func:`apply`; ``hooks`` gives the proxy-wide hooks of a route by
+    name (the setting's, then the plugins' that serve it)."""
+    return [
+        apply(
+            route,
+            timeouts,
+            security,
+            () if hooks is None else hooks(route.name),
+            hook_timeout,
+            bandwidth,
+        )
+        for route in routes
+    ]
