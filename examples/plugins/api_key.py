@@ -14,6 +14,7 @@ import os
 import struct
 import sys
 import tempfile
+from typing import Any
 
 KEY = os.environ.get("API_KEY", "secret")
 
@@ -33,7 +34,7 @@ async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
         writer.close()
 
 
-def decide(call: dict) -> dict:
+def decide(call: dict[str, Any]) -> dict[str, Any]:
     if call["hook"] != "on_request":
         return {}
     headers = {name.lower(): value for name, value in call["data"]["request"]["headers"]}
