@@ -298,7 +298,7 @@ class PluginHook:
 
     def __init__(self, process: PluginProcess) -> None:
         self.process = process
-        self.name = f"plugin {process.spec.name}"  # in the hook runner's log lines
+        self.hook_name = f"plugin {process.spec.name}"  # in the hook runner's log lines
 
     async def on_connect(self, ctx: RouteContext) -> dict[str, Any] | None:
         verdict = await self._ask("on_connect", ctx, {})

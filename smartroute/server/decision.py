@@ -262,7 +262,7 @@ async def consult_connection(
     """Run the ``on_connect`` hooks of ``found``'s route unless they heard of this connection
     already (a route that declines passes it to the next matching route, ``decide`` says
     whether that one takes it, and its hooks run in turn). Returns the verdict (or ``DROP``),
-    the context of the route that took the connection, and what its hooks said."""
+    the context the hooks saw (None when none ran), and what they said."""
 
     def admit(match: RouteMatch | None) -> Verdict:
         if record.admitted is not None:  # the declining route let it in: it no longer holds it
@@ -271,17 +271,17 @@ async def consult_connection(
         return _admit(runtime, record, facts, match)
 
     while True:
-        ctx = context(found)
         route = found.route
         chain = route.chain
-        said = None
         refused = heard.refused.get(id(route))
         if refused is not None:  # its hooks refused the connection: every request of it too
             record.fail("refused", "refused by a hook")
-            return refused, ctx, None
-        if chain is not None and chain.on_connect and id(route) not in heard.routes:
-            heard.routes.add(id(route))
-            said = await run_hooks(chain, "on_connect", CONNECT_KEYS, ctx)
+            return refused, None, None
+        if chain is None or not chain.on_connect or id(route) in heard.routes:
+            return found, None, None  # nothing to ask (the caller builds a context if needed)
+        heard.routes.add(id(route))
+        ctx = context(found)
+        said = await run_hooks(chain, "on_connect", CONNECT_KEYS, ctx)
         if said is None:
             return found, ctx, None
         if not said.fallback or said.stops:

@@ -165,7 +165,7 @@ async def run_disconnect_hooks(hooks: Hooks, ctx: RouteContext, info: dict[str, 
 
 def _failure(hook: object, kind: str, timeout: float, exc: BaseException) -> str:
     owner = getattr(hook, "__self__", None)
-    name = getattr(owner, "name", None) or getattr(hook, "__qualname__", None)
+    name = getattr(owner, "hook_name", None) or getattr(hook, "__qualname__", None)
     name = name or type(hook).__name__
     if isinstance(exc, TimeoutError):
         return f"hook {name} ({kind}) did not answer within {timeout:g}s"

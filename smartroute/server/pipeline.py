@@ -400,7 +400,8 @@ class InboundConnection(asyncio.Protocol):
         elif not isinstance(verdict, RouteMatch):
             self._turn_away(verdict, detection.kind if detection is not None else "none")
         else:
-            assert ctx is not None
+            if ctx is None or ctx.route_name != verdict.route.name:
+                ctx = self._context(facts, verdict, detection)
             self._act(verdict, facts, ctx, detection, unchecked, said, heard)
 
     def _act(
