@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import struct
 import sys
 import tempfile
@@ -56,9 +57,12 @@ async def main() -> None:
     server = await asyncio.start_unix_server(answer, path)
     say("log", level="info", message=f"checking API keys for {', '.join(routes) or 'no route'}")
     say("ready", socket=path, hooks=["on_request"])
-    async with server:
-        # stdin closes when smartroute goes: then so does the plugin.
-        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    try:
+        async with server:
+            # stdin closes when smartroute goes: then so does the plugin.
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

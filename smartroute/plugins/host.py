@@ -3,12 +3,13 @@
 Each plugin (:class:`PluginProcess`) is started from its ``command`` with pipes on stdin and
 stdout, told ``configure`` (one JSON object per line) and must answer ``ready`` with its socket
 and the hooks it serves within ``READY_TIMEOUT``; from then on it may push ``set_targets``,
-``set_speed`` and ``log`` lines at any time. Hook calls go over the socket, one call per
-connection at a time, on a small pool of connections: a frame is a 4-byte big-endian length
-and a UTF-8 JSON object of at most ``MAX_FRAME`` bytes. A plugin that exits, never says
-``ready``, writes a line over ``MAX_FRAME`` or keeps writing garbage is stopped and started
-again after a growing pause (``BACKOFF`` doubling up to ``MAX_BACKOFF``); meanwhile its hooks
-fail, which refuses (``"fail": "closed"``, 503) or lets the connection go on (``"open"``).
+``set_speed`` and ``log`` lines at any time (a line that is no message is logged and
+ignored). Hook calls go over the socket, one call per connection at a time, on a small pool of
+connections: a frame is a 4-byte big-endian length and a UTF-8 JSON object of at most
+``MAX_FRAME`` bytes. A plugin that exits, never says ``ready`` or writes a line over
+``MAX_FRAME`` is stopped and started again after a growing pause (``BACKOFF`` doubling up
+to ``MAX_BACKOFF``); meanwhile the hooks it serves fail, which refuses (``"fail": "closed"``,
+503) or lets the connection go on (``"open"``).
 Nothing a plugin does can take the proxy down or make it hold unbounded memory.
 
 :class:`PluginHook` is what a route's hook chain holds for a plugin (see
@@ -18,6 +19,7 @@ Nothing a plugin does can take the proxy down or make it hold unbounded memory.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -31,6 +33,7 @@ from typing import Any
 from smartroute.context import RouteContext
 from smartroute.plugins.spec import PluginSpec
 from smartroute.server.bandwidth import SpeedLimit
+from smartroute.server.hooks import HookRefused
 
 log = logging.getLogger("smartroute.plugins")
 
@@ -40,6 +43,7 @@ BACKOFF = 0.1  # seconds before the first restart, doubled after each quick fail
 MAX_BACKOFF = 30.0
 STEADY = 60.0  # seconds up after which a plugin that exits is restarted at once again
 POOL_SIZE = 8  # idle socket connections kept per plugin
+MAX_PUSHES = 1000  # set_targets pushes waiting to be carried out, at most
 STOP_GRACE = 2.0  # seconds between SIGTERM and SIGKILL on stop
 HOOKS = ("on_connect", "on_request", "on_response", "on_disconnect")
 _LENGTH = struct.Struct(">I")
@@ -100,13 +104,30 @@ class PluginProcess:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._ready_event = asyncio.Event()
+        self.hooks_known = False  # "ready" was said once: ``hooks`` holds what it serves
+        self._outbox: collections.deque[tuple[str, Any]] = collections.deque()
+        self._pushing = asyncio.Event()
+        self._pusher: asyncio.Task[None] | None = None
 
     # -- supervision -------------------------------------------------------------------------
 
     def start(self) -> None:
         if self._task is None:
             self._stopping = False
-            self._task = asyncio.get_running_loop().create_task(self._supervise())
+            loop = asyncio.get_running_loop()
+            self._task = loop.create_task(self._supervise())
+            self._pusher = loop.create_task(self._deliver_pushes())
+
+    async def _deliver_pushes(self) -> None:
+        while True:
+            await self._pushing.wait()
+            self._pushing.clear()
+            while self._outbox:
+                route, targets = self._outbox.popleft()
+                try:
+                    await self._push(route, targets)
+                except Exception as exc:  # a bad push is the plugin's problem, logged
+                    log.warning("plugin %s: set_targets refused: %s", self.spec.name, exc)
 
     async def wait_ready(self, timeout: float) -> bool:
         with contextlib.suppress(TimeoutError):
@@ -192,6 +213,7 @@ class PluginProcess:
                 return
             self.socket = socket_path
             self.hooks = frozenset(h for h in hooks if h in HOOKS)
+            self.hooks_known = True
             self.ready = True
             self._ready_event.set()
         elif method == "log":
@@ -203,10 +225,13 @@ class PluginProcess:
                 params.get("message"),
             )
         elif method == "set_targets":
-            try:
-                await self._push(str(params.get("route")), params.get("targets"))
-            except Exception as exc:  # a bad push is the plugin's problem, logged
-                log.warning("plugin %s: set_targets refused: %s", name, exc)
+            # Carried out in order by its own task: a push may come before "ready", while the
+            # proxy that would carry it out waits for that very "ready".
+            if len(self._outbox) >= MAX_PUSHES:
+                log.warning("plugin %s: set_targets dropped (%d waiting)", name, MAX_PUSHES)
+                return
+            self._outbox.append((str(params.get("route")), params.get("targets")))
+            self._pushing.set()
         elif method == "set_speed":
             route = params.get("route")
             try:
@@ -227,12 +252,13 @@ class PluginProcess:
     def _down(self) -> None:
         self.ready = False
         self._ready_event.clear()
-        self.hooks = frozenset()
         for _, writer in self._idle:
             writer.close()
         self._idle.clear()
 
     async def _end(self, proc: asyncio.subprocess.Process) -> None:
+        if proc.stdin is not None and not proc.stdin.is_closing():
+            proc.stdin.close()  # its end of file: a plugin may leave on it by itself
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.terminate()
@@ -246,10 +272,14 @@ class PluginProcess:
 
     async def stop(self) -> None:
         self._stopping = True
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        for task in (self._task, self._pusher):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._task = self._pusher = None
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            await self._end(proc)  # the cancel may have cut the supervisor's own ending short
         self._down()
 
     # -- calls -------------------------------------------------------------------------------
@@ -336,20 +366,21 @@ class PluginHook:
     ) -> dict[str, Any] | None:
         process = self.process
         spec = process.spec
-        if process.ready and hook not in process.hooks:
-            return None  # it does not serve this hook
+        if process.hooks_known and hook not in process.hooks:
+            return None  # it does not serve this hook (down or not)
         try:
             async with asyncio.timeout(spec.timeout):
                 answer = await process.call(_call(hook, ctx, data))
+            if answer is not None and not isinstance(answer, dict):
+                raise PluginError(f"replied {type(answer).__name__}, not an object (a verdict)")
         except (PluginError, TimeoutError) as exc:
             why = "no answer in time" if isinstance(exc, TimeoutError) else str(exc)
             if spec.fail == "open":
                 log.warning("plugin %s (%s) failed: %s; skipped", spec.name, hook, why)
                 return None
+            # Refuses whatever the route's hooks_fail says: the plugin's own "fail" decides.
             log.warning("plugin %s (%s) failed: %s; refusing", spec.name, hook, why)
-            return {"allow": False, "status": 503, "body": "refused: a plugin failed\n"}
-        if answer is not None and not isinstance(answer, dict):
-            raise PluginError(f"replied {type(answer).__name__}, not an object (a verdict)")
+            raise HookRefused(f"plugin {spec.name} ({hook}) failed: {why}") from None
         return answer or None
 
 

@@ -105,6 +105,11 @@ class Verdict:
         return not self.allow or self.drop or self.failed is not None
 
 
+class HookRefused(Exception):
+    """Raised by a hook whose own failure must refuse, whatever the route's ``hooks_fail``
+    (a plugin with ``"fail": "closed"``)."""
+
+
 class BadVerdict(ValueError):
     """A hook answered something that is not a verdict for it."""
 
@@ -127,6 +132,8 @@ async def run_hooks(
         except BaseException as exc:  # a user hook must not take the proxy down
             if _ours(exc):
                 raise
+            if isinstance(exc, HookRefused):  # logged by the hook, which says why
+                return Verdict(failed=str(exc))
             why = _failure(hook, kind, hooks.timeout, exc)
             if hooks.fail == "open":
                 log.warning("%s; skipped (hooks_fail: open) for %s", why, ctx.connection_id)
