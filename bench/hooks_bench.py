@@ -99,11 +99,12 @@ class Config:
     host: str = "127.0.0.1"  # "localhost" is no IP literal: the route leaves the lane
     hooks: tuple[str, ...] = ()  # proxy-wide hooks (setting "hooks"), by import path
     before: bool = False  # run the code of --baseline-rev
+    plugin: bool = False  # one plugin (bench_plugin.py: on_request -> {}) for every route
 
     @property
     def lane(self) -> bool:
         """Whether the fast lane should serve the route."""
-        return self.host == "127.0.0.1" and not self.hooks
+        return self.host == "127.0.0.1" and not self.hooks and not self.plugin
 
     @property
     def path(self) -> str:
@@ -121,18 +122,16 @@ CONFIGS = [
         "http",
         hooks=("bench_hooks:HEADER",),
     ),
-    # PLUGIN ROW (not built yet): when plugins exist (SPEC "Plugins"), add here
-    #   Config("http-plugin", "one plugin `on_request` hook -> {}", "http", plugins=(...)),
-    # a plugin that answers {} to every on_request, started by the smartroute process, and
-    # drop the placeholder row in proxy_tables().
+    Config(
+        "http-plugin",
+        "one plugin `on_request` hook -> {} (external process, Unix socket)",
+        "http",
+        plugin=True,
+    ),
     Config("tcp-lane", LANE, "tcp"),
     Config("tcp-transport", TRANSPORT, "tcp", host="localhost"),
     Config("tcp-observer", "one `on_data` observer", "tcp", hooks=("bench_hooks:OBSERVER",)),
 ]
-PLUGIN_PLACEHOLDER = (
-    "| one plugin `on_request` hook (external process, Unix socket) | transport "
-    "| not built yet: plugins do not exist, no figure | | | | | | | |"
-)
 
 
 def proxy_configs(rev: str | None, only: str) -> list[Config]:
@@ -208,7 +207,10 @@ class Proxy:
         target = {"host": config.host, "port": self.backend}
         action = {"type": "forward", "protocol": config.kind, "targets": [target]}
         route = {"name": config.key, "match": {"ports": self.ports[config.key]}, "action": action}
-        settings = {"hooks": list(config.hooks)} if config.hooks else {}
+        settings: dict[str, Any] = {"hooks": list(config.hooks)} if config.hooks else {}
+        if config.plugin:
+            command = [sys.executable, str(HERE / "bench_plugin.py")]
+            settings["plugins"] = [{"name": "bench", "command": command}]
         return json.dumps({"routes": [route], "settings": settings})
 
     def _check(self, config: Config, source: Path) -> None:
@@ -224,6 +226,8 @@ class Proxy:
             "bench_hooks:OBSERVER": "on_data 1",
         }
         expected = "; hooks: " + (", ".join(hooks[h] for h in config.hooks) or "none")
+        if config.plugin:  # a plugin's hook object has every hook method
+            expected = "; hooks: on_connect 1, on_request 1, on_response 1, on_disconnect 1"
         line = f"port {self.ports[config.key]}: lane {config.lane}{expected}"
         if line not in log:
             raise ProcessError(f"{config.key}: expected {line!r} in its log:\n{log}")
@@ -317,8 +321,6 @@ def proxy_tables(proxy: Proxy, runs: dict[str, list[Run]]) -> list[str]:
                 f"| {statistics.median(r.p99 for r in mine):.2f} | {fresh:.1f} "
                 f"| {(max(rates) - min(rates)) / rate:.0%} |"
             )
-            if config.key == "http-header":
-                lines.append(PLUGIN_PLACEHOLDER)
         errors = {c.key: sum(r.errors for r in runs[c.key]) for c in proxy.configs}
         if any(n for key, n in errors.items() if key.startswith(kind)):
             listed = ", ".join(f"{k}: {n}" for k, n in errors.items() if n and k.startswith(kind))
