@@ -130,7 +130,6 @@ class Backends:
             members,
             action.load_balancing,
             passive,
-            action.retry,
             retry_after=max(1, math.ceil(wait)),
             downs=self.down if port == 0 else None,
             key=id(action),
@@ -153,13 +152,6 @@ class Backends:
         if type(group) is _PerPort:
             return group.at(port)
         return group  # type: ignore[return-value]
-
-    def gates(self) -> Mapping[int, TargetGroup]:
-        """The groups that can go down (a fixed group per action), by ``id(action)``: the
-        route table skips a route whose group is not up."""
-        return {
-            key: group for key, (_, group, _) in self._groups.items() if type(group) is TargetGroup
-        }
 
     # -- health checks ---------------------------------------------------------------------
 

@@ -180,7 +180,7 @@ class TargetGroup:
     """
 
     __slots__ = (
-        "members", "strategy", "passive", "retry", "literal", "up", "retry_after", "_primaries",
+        "members", "strategy", "passive", "literal", "up", "retry_after", "_primaries",
         "_backups", "_healthy", "_degraded", "_counter", "_downs", "_key",
     )  # fmt: skip
 
@@ -189,7 +189,6 @@ class TargetGroup:
         members: Sequence[Member],
         strategy: Strategy = "round-robin",
         passive: PassiveHealth | None = None,
-        retry: RetryPolicy | None = None,
         *,
         retry_after: int = 1,
         downs: dict[int, TargetGroup] | None = None,
@@ -200,7 +199,6 @@ class TargetGroup:
         self.members = tuple(members)
         self.strategy = strategy
         self.passive = passive
-        self.retry = retry
         # Every member can be reached on the fast lane: IP literals, no PROXY header.
         self.literal = all(m.address is not None and m.proxy_protocol is None for m in members)
         backups = tuple(m for m in members if m.backup)

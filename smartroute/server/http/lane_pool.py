@@ -27,7 +27,7 @@ from smartroute.server.epoll_set import IN
 from smartroute.server.http.pool import TargetFilter
 from smartroute.server.socket_relay import established
 from smartroute.server.stats import ConnectionRecord
-from smartroute.server.tls import decrypt
+from smartroute.server.tls_records import decrypt
 
 if TYPE_CHECKING:
     from smartroute.server.lane import RelayLane

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from smartroute.protocols.tls import ClientHello
 from smartroute.routing.model import CompiledRoute
 from smartroute.server.decision import TlsInfo
-from smartroute.server.tls import decrypt
+from smartroute.server.tls_records import decrypt
 
 if TYPE_CHECKING:
     from smartroute.server.runtime import Runtime
