@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from smartroute.errors import HttpParseError
@@ -106,14 +107,20 @@ class RequestHead:
 
     def header_map(self) -> dict[str, str]:
         """Headers by lower-cased name; repeated headers joined with ``", "`` in order."""
-        result: dict[str, str] = {}
-        for key, value in self.headers:
-            lower = key.lower()
-            if lower in result:
-                result[lower] += ", " + value
-            else:
-                result[lower] = value
-        return result
+        return header_map(self.headers)
+
+
+def header_map(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """``(name, value)`` pairs by lower-cased name; repeated names joined with ``", "`` in
+    order (a request's or a response's headers)."""
+    result: dict[str, str] = {}
+    for key, value in headers:
+        lower = key.lower()
+        if lower in result:
+            result[lower] += ", " + value
+        else:
+            result[lower] = value
+    return result
 
 
 def looks_like_http(data: bytes | bytearray | memoryview) -> bool | None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from smartroute.context import RouteContext
-from smartroute.protocols.http import RequestHead
+from smartroute.protocols.http import RequestHead, header_map
 from smartroute.protocols.http_response import ResponseHead
 from smartroute.routing.model import Hooks
 from smartroute.server.bandwidth import SpeedLimit
@@ -246,7 +246,7 @@ async def consult_response(
     status, its headers). A status change may not change whether the response has a body
     (to or from 204 or 304): that would desynchronise the connection."""
     request = HookRequest(head.method, head.path, head.query, head.header_map())
-    seen = HookResponse(response.status, _header_map(response.headers))
+    seen = HookResponse(response.status, header_map(response.headers))
     said = await run_hooks(hooks, "on_response", RESPONSE_KEYS, ctx, request, seen)
     if said is None:
         return response
@@ -265,14 +265,6 @@ async def consult_response(
     if status is None or status == response.status:
         return dataclasses.replace(response, headers=headers)
     return dataclasses.replace(response, status=status, reason="", headers=headers)
-
-
-def _header_map(headers: tuple[tuple[str, str], ...]) -> dict[str, str]:
-    result: dict[str, str] = {}
-    for name, value in headers:
-        lower = name.lower()
-        result[lower] = f"{result[lower]}, {value}" if lower in result else value
-    return result
 
 
 def _rewritten(headers: tuple[tuple[str, str], ...], said: Verdict) -> tuple[tuple[str, str], ...]:
