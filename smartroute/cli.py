@@ -252,6 +252,7 @@ def _explain(route: CompiledRoute) -> str:
         ("tls_version", ",".join(sorted(match.tls_version))),
         ("alpn", ",".join(sorted(match.alpn))),
         ("headers", ",".join(f"{h.name}={h.value}" for h in match.headers)),
+        ("protocol", ",".join(sorted(match.protocols))),
     ]
     parts += [f"{key}={value}" for key, value in conditions if value]
     action = route.action

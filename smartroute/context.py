@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,3 +30,8 @@ class RouteContext:
     alpn: tuple[str, ...] | None = None
     route_name: str | None = None
     params: Mapping[str, str] | None = None
+    # The protocol named by the first bytes ("tls", "http", a probe's name; see match.protocol)
+    protocol: str | None = None
+    # The client's verified certificate on a terminated connection with client_ca: subject,
+    # issuer (RFC 4514), san (list of str), serial (int), fingerprint_sha256 (hex of the DER)
+    client_cert: Mapping[str, Any] | None = None

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from functools import partial
 from types import TracebackType
@@ -22,6 +22,7 @@ from smartroute.routing.model import CertificatePair, CompiledRoute, ForwardActi
 from smartroute.routing.schema import RouteInput
 from smartroute.routing.validation import validate_route, validate_routes
 from smartroute.routing.validation.backends import forward_targets
+from smartroute.routing.validation.match import check_protocols
 from smartroute.server.accept import accept_socket
 from smartroute.server.http.pool import targets_named_by
 from smartroute.server.port_manager import PortManager
@@ -92,7 +93,7 @@ class SmartRoute:
         )
         self._runtime.alpn_responder = self._certs.alpn
         self._plugins = PluginHost(self.settings.plugins, self._route_summaries, self._pushed)
-        self._check_auto(self._routes)
+        self._check(self._routes)
 
     # -- public surface ----------------------------------------------------------------------
 
@@ -172,7 +173,7 @@ class SmartRoute:
     async def update_routes(self, routes: Iterable[RouteInput]) -> None:
         """Replace the whole route set; ports are diffed, not rebound."""
         compiled = validate_routes(routes)
-        self._check_auto(compiled)
+        self._check(compiled)
         async with self._lock:
             await self._change(compiled)
         self._certs.routes_changed(compiled)
@@ -183,7 +184,7 @@ class SmartRoute:
             taken = [r.name for r in self._routes]
             index = max((r.index for r in self._routes), default=-1) + 1
             compiled = validate_route(route, index, path="route", taken_names=taken)
-            self._check_auto((compiled,))
+            self._check((compiled,), "route")
             await self._change((*self._routes, compiled))
         self._certs.routes_changed(self._routes)
 
@@ -418,6 +419,7 @@ class SmartRoute:
                 "ports": sorted(route.match.ports),
                 "domains": [pattern.text for pattern in route.match.domains],
                 "path": None if route.match.path is None else route.match.path.text,
+                "protocol": sorted(route.match.protocols),
                 "action": route.action.type,
             }
             for route in self._routes
@@ -426,6 +428,12 @@ class SmartRoute:
     async def _pushed(self, route: str, targets: Any) -> None:
         """A plugin's ``set_targets``."""
         await self.set_targets(route, targets)
+
+    def _check(self, routes: Sequence[CompiledRoute], path: str = "routes") -> None:
+        """What validating a route alone cannot tell: the protocols its match names exist,
+        and its auto certificates have a source."""
+        check_protocols(routes, self.settings.protocols.names, path)
+        self._check_auto(routes)
 
     def _check_auto(self, routes: Iterable[CompiledRoute]) -> None:
         """``"certificate": "auto"`` needs the acme setting or a certificate provider."""

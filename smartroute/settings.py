@@ -12,13 +12,14 @@ from typing import Any
 
 from smartroute.errors import ConfigError
 from smartroute.plugins.spec import PluginSpec, compile_plugins
+from smartroute.protocols.probes import Probes
 from smartroute.routing.model import (
     OPTIONAL_TIMEOUTS,
     BandwidthPolicy,
     SecurityPolicy,
     Timeouts,
 )
-from smartroute.routing.validation._fields import expect_seconds
+from smartroute.routing.validation._fields import expect_seconds, import_object
 from smartroute.routing.validation.bandwidth import compile_bandwidth
 from smartroute.routing.validation.hooks import compile_hooks
 from smartroute.routing.validation.security import compile_security
@@ -57,6 +58,8 @@ class Settings:
     hook_timeout: float = 1.0  # seconds a hook call may take
     bandwidth: BandwidthPolicy | None = None  # for routes without a bandwidth block
     plugins: tuple[PluginSpec, ...] = ()  # external programs asked as hooks
+    # what match.protocol can name: the built-in probes, then the user's (setting "protocols")
+    protocols: Probes = field(default_factory=Probes)
 
     @property
     def timeouts(self) -> Timeouts:
@@ -81,6 +84,25 @@ _DURATIONS = {setting: name in OPTIONAL_TIMEOUTS for name, setting in TIMEOUT_SE
 _DURATIONS["graceful_shutdown_timeout"] = False
 
 MAX_WORKERS = 64
+
+
+def _probes(value: object) -> Probes:
+    """The ``protocols`` setting: ``{name: probe}``, asked after the built-in probes; in
+    TOML and JSON configs a probe is named by import path (``"package.module:function"``)."""
+    if value is None:
+        return Probes()
+    if not isinstance(value, Mapping):
+        raise ConfigError(
+            "settings.protocols",
+            f"expected a dict of name -> probe function, got {type(value).__name__}",
+        )
+    probes = {
+        name: import_object(probe, f"settings.protocols.{name}")
+        if isinstance(probe, str)
+        else probe
+        for name, probe in value.items()
+    }
+    return Probes(probes, path="settings.protocols")
 
 
 def validate_settings(raw: Mapping[str, object]) -> Settings:
@@ -143,6 +165,8 @@ def validate_settings(raw: Mapping[str, object]) -> Settings:
             values[name] = compile_plugins(value, "settings.plugins")
         elif name == "bandwidth":
             values[name] = None if value is None else compile_bandwidth(value, "settings.bandwidth")
+        elif name == "protocols":
+            values[name] = _probes(value)
     if values.get("workers", 1) > 1 and values.get("plugins"):
         raise ConfigError(
             "settings.workers",

@@ -64,6 +64,7 @@ class ConnectionFacts:
     path: str | None = None  # HTTP only, without query
     headers: Mapping[str, str] | None = None  # HTTP only, lower-cased names
     terminated: bool = False  # matched inside a TLS session the proxy terminated
+    protocol: str | None = None  # what the first bytes are ("tls", "http", a probe's name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,17 +76,20 @@ class RouteMatch:
 
 
 def _path_rank(criteria: MatchCriteria) -> int:
-    """Exact paths first, then longer literal path prefix first, then no path at all.
+    """Exact paths first, then longer literal path prefix first, then no path at all; within
+    each, a route that names protocols before one that takes any protocol.
 
     An exact path that matches equals the request path, so no pattern can be more specific
     (``/api`` beats ``/api/*`` for the request ``/api``).
     """
     path = criteria.path
     if path is None:
-        return 0
-    if path.kind == "exact":
-        return -(1 << 20)
-    return -1 - len(path.literal_prefix)
+        rank = 0
+    elif path.kind == "exact":
+        rank = -(1 << 20)
+    else:
+        rank = -1 - len(path.literal_prefix)
+    return 2 * rank - (1 if criteria.protocols else 0)
 
 
 def _has_conditions(criteria: MatchCriteria) -> bool:
@@ -96,12 +100,15 @@ def _has_conditions(criteria: MatchCriteria) -> bool:
         or criteria.tls_version
         or criteria.alpn
         or criteria.headers
+        or criteria.protocols
     )
 
 
 def _conditions(criteria: MatchCriteria, facts: ConnectionFacts) -> Mapping[str, str] | None:
     """Check everything but port and domain; return the path params, or None on a mismatch."""
     # Plain loops rather than any()/all(): a generator costs more than a rule check here.
+    if criteria.protocols and facts.protocol not in criteria.protocols:
+        return None
     if criteria.client_ip:
         address = facts.client_ip
         for ip_rule in criteria.client_ip:
@@ -235,6 +242,7 @@ class _PortIndex:
         "no_domain_floor",
         "routes",
         "needs_data",
+        "probing",
         "serves_http",
         "waits",
     )
@@ -247,6 +255,7 @@ class _PortIndex:
         self.no_domain_floor: _Key | None = None
         self.routes: list[tuple[_Key, CompiledRoute]] = []  # best-case key, for ordered()
         self.needs_data = False
+        self.probing = False  # some route on the port matches on protocol: run the probes
         self.serves_http = False  # some route on the port only makes sense on HTTP
         # (initial data, HTTP header) timeouts before the route is known: the most patient
         # route on the port sets them; None when no route carries its effective timeouts.
@@ -359,6 +368,8 @@ class RouteTable:
                     index.add_waits(route.timeouts)
                 if needs_data:
                     index.needs_data = True
+                if criteria.protocols:
+                    index.probing = True
                 if needs_http(route.action):
                     index.serves_http = True
                 if not entries:
@@ -389,6 +400,11 @@ class RouteTable:
         """True when some route on ``port`` needs the client's first bytes to be matched."""
         index = self._ports.get(port)
         return index is not None and index.needs_data
+
+    def probing(self, port: int) -> bool:
+        """True when some route on ``port`` matches on ``protocol`` (the probes must run)."""
+        index = self._ports.get(port)
+        return index is not None and index.probing
 
     def serves_http(self, port: int) -> bool:
         """True when some route on ``port`` only makes sense on HTTP (a forward forced to HTTP,

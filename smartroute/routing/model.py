@@ -24,6 +24,7 @@ HostFunction: TypeAlias = Callable[[RouteContext], HostResult | Awaitable[HostRe
 PortFunction: TypeAlias = Callable[[RouteContext], int | Awaitable[int]]
 
 TlsMode: TypeAlias = Literal["passthrough", "terminate", "terminate-and-reencrypt"]
+ClientAuth: TypeAlias = Literal["required", "optional"]
 ForwardProtocol: TypeAlias = Literal["auto", "tcp", "http"]
 Strategy: TypeAlias = Literal["round-robin", "least-connections", "ip-hash", "random", "first"]
 STRATEGIES: tuple[Strategy, ...] = (
@@ -49,11 +50,19 @@ class MatchCriteria:
     tls_version: frozenset[str] = frozenset()
     alpn: frozenset[str] = frozenset()
     headers: tuple[HeaderRule, ...] = ()
+    protocols: frozenset[str] = frozenset()  # names of probes (protocols/probes.py)
 
     @property
     def needs_data(self) -> bool:
         """True when matching needs the client's first bytes (SNI, Host, path, ...)."""
-        return bool(self.domains or self.path or self.tls_version or self.alpn or self.headers)
+        return bool(
+            self.domains
+            or self.path
+            or self.tls_version
+            or self.alpn
+            or self.headers
+            or self.protocols
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +141,9 @@ class TlsSettings:
     backend_verify: bool = True
     backend_ca: str | None = None  # PEM text
     backend_server_name: str | None = None
+    backend_client_certificate: CertificatePair | None = None  # presented to TLS targets
+    client_ca: str | None = None  # PEM text: clients must (or may) present a certificate it signed
+    client_auth: ClientAuth | None = None  # set exactly when client_ca is
 
 
 class RoundRobin:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, NotRequired, Required, TypeAlias, TypedDict
 
 from smartroute.routing.model import (
+    ClientAuth,
     ForwardProtocol,
     HostFunction,
     PortFunction,
@@ -41,6 +42,7 @@ class MatchDict(TypedDict, total=False):
     tls_version: TlsVersionName | Sequence[TlsVersionName]
     alpn: str | Sequence[str]
     headers: Mapping[str, str]
+    protocol: str | Sequence[str]
 
 
 @dataclass(slots=True)
@@ -54,6 +56,7 @@ class Match:
     tls_version: TlsVersionName | Sequence[TlsVersionName] | None = None
     alpn: str | Sequence[str] | None = None
     headers: Mapping[str, str] | None = None
+    protocol: str | Sequence[str] | None = None
 
 
 MatchInput: TypeAlias = MatchDict | Match
@@ -80,6 +83,9 @@ class TlsDict(TypedDict, total=False):
     backend_verify: bool
     backend_ca: PemOrPath
     backend_server_name: str
+    backend_client_certificate: CertificateDict | Certificate
+    client_ca: PemOrPath
+    client_auth: ClientAuth
 
 
 @dataclass(slots=True)
@@ -91,6 +97,9 @@ class Tls:
     backend_verify: bool = True
     backend_ca: PemOrPath | None = None
     backend_server_name: str | None = None
+    backend_client_certificate: CertificateDict | Certificate | None = None
+    client_ca: PemOrPath | None = None
+    client_auth: ClientAuth | None = None
 
 
 TlsInput: TypeAlias = TlsDict | Tls

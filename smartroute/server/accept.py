@@ -186,7 +186,9 @@ class SocketPeek:
         except OSError:
             self._hand_over()  # the pipeline sees the error again and records it
             return
-        detection = detect(data) if data else None
+        table = self.runtime.table
+        probes = self.runtime.settings.protocols if table.probing(self.record.port) else None
+        detection = detect(data, probes=probes) if data else None
         # First bytes that do not decide yet go to the pipeline, which keeps reading them (the
         # socket stays readable while peeked bytes wait, so waiting here would spin).
         if detection is None:

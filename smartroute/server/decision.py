@@ -10,9 +10,9 @@ connection or a request belong here too, between the match and the verdict.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 from smartroute.context import RouteContext
 from smartroute.errors import HttpParseError
@@ -40,6 +40,7 @@ class TlsInfo:
     version: str | None
     alpn: tuple[str, ...]
     terminated: bool
+    client_cert: Mapping[str, Any] | None = None  # see RouteContext.client_cert
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,13 +110,16 @@ def hello_facts(port: int, client_ip: IPAddress, hello: ClientHello) -> Connecti
         is_tls=True,
         tls_version=hello.highest_version,
         alpn=hello.alpn,
+        protocol="tls",
     )
 
 
 def detected_facts(port: int, client_ip: IPAddress, detection: Detection | None) -> ConnectionFacts:
     """A connection known by its first bytes (None or "other": by its port and client)."""
-    if detection is None or detection.kind == "other":
+    if detection is None:
         return ConnectionFacts(port, client_ip)
+    if detection.kind == "other":
+        return ConnectionFacts(port, client_ip, protocol=detection.protocol)
     if detection.hello is not None:
         return hello_facts(port, client_ip, detection.hello)
     assert detection.head is not None
@@ -128,7 +132,12 @@ def request_facts(
     """One HTTP request, on a plain connection or inside TLS (``tls``)."""
     if tls is None:
         return ConnectionFacts(
-            port, client_ip, domain=head.host, path=head.path, headers=head.header_map()
+            port,
+            client_ip,
+            domain=head.host,
+            path=head.path,
+            headers=head.header_map(),
+            protocol="http",
         )
     return ConnectionFacts(
         port=port,
@@ -140,6 +149,7 @@ def request_facts(
         path=head.path,
         headers=head.header_map(),
         terminated=tls.terminated,
+        protocol="tls",
     )
 
 

@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, cast
 from smartroute.certs.tls_alpn import ACME_TLS_ALPN
 from smartroute.context import RouteContext
 from smartroute.errors import HttpParseError, ProxyProtocolError
-from smartroute.protocols.detect import OTHER, Detection, detect
+from smartroute.protocols.detect import OTHER, Detection, detect, settle
 from smartroute.protocols.http import looks_like_http
+from smartroute.protocols.probes import Probes
 from smartroute.protocols.proxy_protocol import looks_like_proxy_protocol, parse_proxy_header
 from smartroute.protocols.tls import ClientHello
 from smartroute.routing.matcher import ConnectionFacts, RouteMatch, RouteTable
@@ -88,6 +89,7 @@ class InboundConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.record = record
         self.table: RouteTable | None = None
+        self.probes: Probes | None = None  # asked only on ports with protocol routes
         self.buffer = bytearray()
         self.timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
@@ -132,12 +134,15 @@ class InboundConnection(asyncio.Protocol):
             return
         self._after_client_known()
         if self.eof and not self.routed:
-            self._dispatch(detect(self.buffer) or OTHER)
+            self._dispatch(settle(self.buffer, self.probes))
 
     def _after_client_known(self) -> None:
         """Peek at the first bytes if some route needs them, else dispatch at once."""
-        assert self.table is not None
-        if self.table.needs_data(self.port):
+        table = self.table
+        assert table is not None
+        if table.needs_data(self.port):
+            if table.probing(self.port):
+                self.probes = self.runtime.settings.protocols
             if self.timer is None:  # after a PROXY header its time counts too
                 self.timer = asyncio.get_running_loop().call_later(
                     self._initial_wait(), self._on_initial_timeout
@@ -199,9 +204,9 @@ class InboundConnection(asyncio.Protocol):
                 self._dispatch(peeked.detection)
             return
         self.reads += 1
-        detection = detect(self.buffer)
+        detection = detect(self.buffer, probes=self.probes)
         if detection is None and (len(self.buffer) > MAX_PEEK or self.reads >= MAX_PEEK_READS):
-            detection = OTHER
+            detection = settle(self.buffer, self.probes)
         if detection is not None:
             self._dispatch(detection)
 
@@ -217,7 +222,7 @@ class InboundConnection(asyncio.Protocol):
         if self.expect_proxy_header and not self.routed:
             self._refuse("no-proxy-header", "the connection ended before its PROXY header")
         elif not self.routed:
-            self._dispatch(detect(self.buffer) or OTHER)
+            self._dispatch(settle(self.buffer, self.probes))
         return True  # a half-close: the action may still answer
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -237,7 +242,7 @@ class InboundConnection(asyncio.Protocol):
         if self.expect_proxy_header:
             self._refuse("no-proxy-header", "no PROXY header in time from a proxy_ips address")
         elif not self.routed:
-            self._dispatch(OTHER)
+            self._dispatch(settle(self.buffer, self.probes) if self.probes is not None else OTHER)
 
     def _answer(self, answer: bytes) -> None:
         """Write one of the pipeline's own answers, counted as bytes out like any other."""
@@ -286,6 +291,7 @@ class InboundConnection(asyncio.Protocol):
             alpn=facts.alpn if facts.is_tls else None,
             route_name=found.route.name,
             params=dict(found.params) if facts.path is not None else None,
+            protocol=facts.protocol,
         )
 
     def _acme_challenge(self, hello: ClientHello) -> bool:

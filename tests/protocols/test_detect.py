@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from support import FIXTURES
 
-from smartroute.protocols.detect import Detection, detect
+from smartroute.protocols.detect import OTHER, Detection, detect, settle
+from smartroute.protocols.probes import Probes
 
 HELLOS = FIXTURES / "clienthello"
 EXPECTED = json.loads((HELLOS / "expected.json").read_text())
@@ -52,3 +53,18 @@ def test_need_more(data: bytes) -> None:
 def test_any_bytes_give_a_detection_or_none(data: bytes) -> None:
     found = detect(data)
     assert found is None or isinstance(found, Detection)
+
+
+def test_probes_name_other_protocols_and_keep_parse_errors() -> None:
+    probes = Probes()
+    h2 = detect(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", probes=probes)
+    assert h2 == Detection("other", protocol="http2")  # the parse error is dropped
+    bad = detect(b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", probes=probes)
+    assert bad is not None and bad.protocol == "http" and bad.error is not None
+    assert detect(b"SSH-2.0-", probes=probes) is None  # the ssh probe waits for a version
+    ssh = detect(b"SSH-2.0-OpenSSH_9.2\r\n", probes=probes)
+    assert ssh == Detection("other", protocol="ssh")
+    assert detect(b"\x00\x00", probes=probes) is None  # postgres may still come
+    assert settle(b"\x00\x00", probes) == OTHER
+    assert settle(b"GET / HTTP/1.1\r\n", probes).protocol == "http"  # cut short: still http
+    assert detect(b"SSH-2.0-OpenSSH_9.2\r\n") == OTHER  # without probes: not asked

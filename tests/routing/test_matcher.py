@@ -37,6 +37,7 @@ class R:
     tls_version: Iterable[str] = ()
     alpn: Iterable[str] = ()
     headers: Mapping[str, str] = field(default_factory=dict)
+    protocols: Iterable[str] = ()
     priority: int = 0
     enabled: bool = True
     index: int | None = None
@@ -54,6 +55,7 @@ def build(specs: Sequence[R]) -> list[CompiledRoute]:
                 tls_version=frozenset(spec.tls_version),
                 alpn=frozenset(spec.alpn),
                 headers=tuple(compile_header_rule(k, v) for k, v in spec.headers.items()),
+                protocols=frozenset(spec.protocols),
             ),
             action=BlockAction(),
             index=position if spec.index is None else spec.index,
@@ -73,6 +75,7 @@ def facts(
     alpn: tuple[str, ...] = (),
     path: str | None = None,
     headers: Mapping[str, str] | None = None,
+    protocol: str | None = None,
 ) -> ConnectionFacts:
     return ConnectionFacts(
         port=port,
@@ -83,6 +86,7 @@ def facts(
         alpn=alpn,
         path=path,
         headers=headers,
+        protocol=protocol,
     )
 
 
@@ -106,7 +110,22 @@ PATHS = [
     R("user", path="/users/:id/posts/:post"),
 ]
 
+MUX = [R("any"), R("ssh", protocols=["ssh"]), R("kv", protocols=["redis", "mqtt"])]
+
 CASES = [
+    # Protocols: a route that names the protocol before one that takes any, whatever the order.
+    Case("protocol-named", MUX, facts(protocol="ssh"), "ssh"),
+    Case("protocol-in-list", MUX, facts(protocol="mqtt"), "kv"),
+    Case("protocol-unnamed", MUX, facts(), "any"),
+    Case("protocol-other", MUX, facts(protocol="postgres"), "any"),
+    Case("protocol-only", MUX[1:], facts(protocol="postgres"), None),
+    Case("protocol-priority-first", [R("any", priority=1), *MUX[1:]], facts(protocol="ssh"), "any"),
+    Case(
+        "protocol-after-path",
+        [R("proto", protocols=["http"]), R("path", path="/api/*")],
+        facts(protocol="http", path="/api/x"),
+        "path",
+    ),
     # Domains: exact > wildcard > none, whatever the definition order.
     Case("exact-beats-wildcard", WILD_EXACT, facts(domain="www.example.com"), "exact"),
     Case("exact-beats-wildcard-rev", WILD_EXACT[::-1], facts(domain="www.example.com"), "exact"),
@@ -464,6 +483,8 @@ def reference(routes: Sequence[CompiledRoute], facts: ConnectionFacts) -> RouteM
             headers = facts.headers
             if headers is None or not all(rule.matches(headers) for rule in criteria.headers):
                 continue
+        if criteria.protocols and facts.protocol not in criteria.protocols:
+            continue
         params: dict[str, str] = {}
         path_rank = (1, 0)
         if criteria.path is not None:
@@ -473,7 +494,8 @@ def reference(routes: Sequence[CompiledRoute], facts: ConnectionFacts) -> RouteM
             params = found
             exact = criteria.path.kind == "exact"
             path_rank = (0, -(1 << 20) if exact else -len(criteria.path.literal_prefix))
-        key = (-route.priority, *domain_rank, *path_rank, route.index)
+        protocol_rank = 0 if criteria.protocols else 1
+        key = (-route.priority, *domain_rank, *path_rank, protocol_rank, route.index)
         if best is None or key < best[0]:
             best = (key, RouteMatch(route, params))
     return None if best is None else best[1]
@@ -518,6 +540,7 @@ _PROTOCOL_SETS = st.sampled_from([(), (), (), ("h2",), ("h2", "http/1.1")])
 _HEADER_RULE_LISTS: st.SearchStrategy[list[tuple[str, str]]] = (
     st.just([]) | st.just([]) | st.lists(st.sampled_from(HEADER_RULES), max_size=3)
 )
+_PROBED_SETS = st.sampled_from([(), (), (), ("ssh",), ("http", "redis")])
 _PRIORITIES = st.sampled_from([0, 0, 0, 1, -1])
 _ENABLED = st.sampled_from([True, True, True, False])
 _ROUTE_COUNTS = st.integers(min_value=0, max_value=10)
@@ -537,6 +560,7 @@ def route_specs(draw: st.DrawFn) -> list[R]:
             tls_version=draw(_VERSION_SETS),
             alpn=draw(_PROTOCOL_SETS),
             headers=dict(draw(_HEADER_RULE_LISTS)),
+            protocols=draw(_PROBED_SETS),
             priority=draw(_PRIORITIES),
             enabled=draw(_ENABLED),
             index=indices[position],
@@ -554,6 +578,7 @@ connection_facts = st.builds(
     alpn=st.lists(st.sampled_from(PROTOCOLS), max_size=2, unique=True).map(tuple),
     path=st.sampled_from(PATHS_SEEN),
     headers=st.sampled_from(HEADER_SETS),
+    protocol=st.sampled_from([None, "ssh", "http", "redis", "mqtt"]),
 )
 
 

@@ -1505,13 +1505,14 @@ def in_certificate(**extra: object) -> Any:
 
 # (id, route, path of the block, its TypedDict, the unknown key, the key of that block suggested)
 # Each "far" key is unlike every key of its block and of the blocks inside it, but close to a
-# key of another block: it once got that one ("client_ca" in tls -> "routes[0].match.client_ip").
+# key of another block: it once got that one ("client_ca", before it was a tls key, in tls ->
+# "routes[0].match.client_ip").
 # None of these keys is a key anywhere; one that is, written in the wrong block, is placed (the
 # "key-of-*" cases above).
 UNKNOWN_KEYS: list[tuple[str, Any, str, Any, str, str | None]] = [
     ("route", block(priorty=1), R0, schema.RouteDict, "priorty", "priority"),
     ("route-far", block(colour="x"), R0, schema.RouteDict, "colour", None),
-    ("match", matching(client_ips="*"), f"{R0}.match", schema.MatchDict, "client_ips", "client_ip"),
+    ("match", matching(clientip="*"), f"{R0}.match", schema.MatchDict, "clientip", "client_ip"),
     ("match-far", matching(certificat="auto"), f"{R0}.match", schema.MatchDict, "certificat", None),
     ("port-range", matching(ports=[{"form": 1, "to": 2}]), f"{R0}.match.ports[0]", schema.PortRangeDict, "form", "from"),
     ("port-range-far", matching(ports=[{"from": 1, "to": 2, "realm": 3}]), f"{R0}.match.ports[0]", schema.PortRangeDict, "realm", None),
@@ -1540,7 +1541,7 @@ UNKNOWN_KEYS: list[tuple[str, Any, str, Any, str, str | None]] = [
     ("static", on({"type": "static", "static": {"rot": "/"}}), f"{R0}.action.static", schema.StaticDict, "rot", "root"),
     ("static-far", on({"type": "static", "static": {"content": "x", "domain": 1}}), f"{R0}.action.static", schema.StaticDict, "domain", None),
     ("tls", in_tls(mdoe=1), f"{R0}.action.tls", schema.TlsDict, "mdoe", "mode"),
-    ("tls-client-ca", in_tls(client_ca="x"), f"{R0}.action.tls", schema.TlsDict, "client_ca", "backend_ca"),
+    ("tls-client-ip", in_tls(clientip="x"), f"{R0}.action.tls", schema.TlsDict, "clientip", "client_ca"),
     ("tls-far", in_tls(alpns=["h2"]), f"{R0}.action.tls", schema.TlsDict, "alpns", None),
     ("certificate", in_certificate(kye="x"), f"{R0}.action.tls.certificate", schema.CertificateDict, "kye", "key"),
     ("certificate-far", in_certificate(idel=1), f"{R0}.action.tls.certificate", schema.CertificateDict, "idel", None),
@@ -1581,8 +1582,8 @@ def test_a_near_miss_may_point_into_a_block_inside_its_own() -> None:
 
 
 def test_unknown_tls_key_never_points_into_match() -> None:
-    message = error_of([in_tls(client_ca="x")])
-    assert message.startswith(f'{R0}.action.tls: unknown key "client_ca" (')
+    message = error_of([in_tls(clientip="x")])
+    assert message.startswith(f'{R0}.action.tls: unknown key "clientip" (')
     assert "match" not in message and "client_ip" not in message
 
 

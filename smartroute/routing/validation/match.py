@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 
 from smartroute.errors import ConfigError
 from smartroute.routing import schema
-from smartroute.routing.model import TLS_VERSIONS, MatchCriteria
+from smartroute.routing.model import TLS_VERSIONS, CompiledRoute, MatchCriteria
 from smartroute.routing.patterns import HeaderRule
 from smartroute.routing.validation._fields import (
     LISTS,
@@ -113,6 +113,7 @@ def compile_match(value: object, path: str, route: str) -> MatchCriteria:
     versions = get("tls_version")
     alpn = get("alpn")
     headers = get("headers")
+    protocol = get("protocol")
     return MatchCriteria(
         ports=_ports(raw["ports"], f"{path}.ports"),
         domains=() if domains is None else expect_strings(domains, f"{path}.domains", domain),
@@ -129,4 +130,20 @@ def compile_match(value: object, path: str, route: str) -> MatchCriteria:
         ),
         alpn=frozenset(() if alpn is None else expect_strings(alpn, f"{path}.alpn", expect_text)),
         headers=() if headers is None else _headers(headers, f"{path}.headers"),
+        protocols=frozenset(
+            () if protocol is None else expect_strings(protocol, f"{path}.protocol", expect_text)
+        ),
     )
+
+
+def check_protocols(
+    routes: Iterable[CompiledRoute], known: Collection[str], path: str = "routes"
+) -> None:
+    """Every ``match.protocol`` names a probe (built in or given in ``protocols``)."""
+    for i, route in enumerate(routes):
+        for name in sorted(route.match.protocols):
+            if name not in known:
+                where = (
+                    f"{path}[{i}].match.protocol" if path == "routes" else f"{path}.match.protocol"
+                )
+                raise ConfigError(where, unknown("protocol", name, sorted(known)))

@@ -14,10 +14,11 @@ from cryptography.hazmat.primitives import serialization
 
 from smartroute.errors import ConfigError
 from smartroute.routing import schema
-from smartroute.routing.model import Action, CertificatePair, TlsMode, TlsSettings
+from smartroute.routing.model import Action, CertificatePair, ClientAuth, TlsMode, TlsSettings
 from smartroute.routing.validation._fields import (
     CERT_KEYS,
     TLS_KEYS,
+    Raw,
     check_keys,
     expect_bool,
     expect_choice,
@@ -28,7 +29,13 @@ from smartroute.routing.validation._fields import (
 )
 
 _TLS_MODES: tuple[TlsMode, ...] = ("passthrough", "terminate", "terminate-and-reencrypt")
-_BACKEND_KEYS = ("backend_verify", "backend_ca", "backend_server_name")
+_BACKEND_KEYS = (
+    "backend_verify",
+    "backend_ca",
+    "backend_server_name",
+    "backend_client_certificate",
+)
+_CLIENT_AUTH: tuple[ClientAuth, ...] = ("required", "optional")
 _PEM_KEY = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
 
 
@@ -142,6 +149,13 @@ def compile_tls(value: object, path: str, action: Action, route: str) -> TlsSett
         if mode != "terminate-and-reencrypt" and raw.get(key) is not None:
             raise ConfigError(f"{path}.{key}", 'only applies with mode "terminate-and-reencrypt"')
     if mode == "passthrough":
+        for key in ("client_ca", "client_auth"):
+            if raw.get(key) is not None:
+                raise ConfigError(
+                    f"{path}.{key}",
+                    'not allowed with mode "passthrough" (the backend sees the client\'s '
+                    "certificate; the proxy only checks what it terminates)",
+                )
         return TlsSettings(mode)
     if certificate is None:
         raise ConfigError(
@@ -150,19 +164,47 @@ def compile_tls(value: object, path: str, action: Action, route: str) -> TlsSett
     pair: CertificatePair | Literal["auto"] = "auto"
     if certificate != "auto":
         pair = _certificate(certificate, f"{path}.certificate", route)
-    verify, ca, server_name = (raw.get(key) for key in _BACKEND_KEYS)
-    ca_pem: str | None = None
-    if ca is not None:
-        ca_pem, ca_path = _pem(ca, f"{path}.backend_ca")
-        problem = _cert_problem(ca_pem, ca_path)
-        if problem is not None:
-            raise ConfigError(f"{path}.backend_ca", problem)
+    verify, ca, server_name, client_pair = (raw.get(key) for key in _BACKEND_KEYS)
+    client_ca, client_auth = _client_auth(raw, path)
     return TlsSettings(
         mode,
         pair,
         backend_verify=True if verify is None else expect_bool(verify, f"{path}.backend_verify"),
-        backend_ca=ca_pem,
+        backend_ca=None if ca is None else _ca(ca, f"{path}.backend_ca"),
         backend_server_name=None
         if server_name is None
         else expect_text(server_name, f"{path}.backend_server_name"),
+        backend_client_certificate=None
+        if client_pair is None
+        else _certificate(client_pair, f"{path}.backend_client_certificate", route),
+        client_ca=client_ca,
+        client_auth=client_auth,
+    )
+
+
+def _ca(value: object, path: str) -> str:
+    """CA certificates (PEM text or a file): one or more, each well formed."""
+    pem, source = _pem(value, path)
+    problem = _cert_problem(pem, source)
+    if problem is not None:
+        raise ConfigError(path, problem)
+    return pem
+
+
+def _client_auth(raw: Raw, path: str) -> tuple[str | None, ClientAuth | None]:
+    """``client_ca`` and ``client_auth``: asking for client certificates needs a CA to check
+    them against; with a CA, certificates are required unless ``client_auth`` says otherwise."""
+    ca, auth = raw.get("client_ca"), raw.get("client_auth")
+    if ca is None:
+        if auth is not None:
+            raise ConfigError(
+                f"{path}.client_auth", 'needs "client_ca" (the CA that signs client certificates)'
+            )
+        return None, None
+    pem = _ca(ca, f"{path}.client_ca")
+    if auth is None:
+        return pem, "required"
+    return pem, cast(
+        ClientAuth,
+        expect_choice(auth, f"{path}.client_auth", _CLIENT_AUTH, "client_auth value"),
     )

@@ -221,6 +221,8 @@ class HttpSession:
             alpn=facts.alpn if facts.is_tls else None,
             route_name=found.route.name,
             params=dict(found.params),
+            protocol=facts.protocol,
+            client_cert=None if self.tls is None else self.tls.client_cert,
         )
 
     def request_info(self, head: RequestHead) -> RequestInfo:
