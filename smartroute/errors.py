@@ -12,13 +12,18 @@ exception that code outside smartroute would catch for them (``ValueError``, ``O
     │   ├── TlsParseError           a malformed TLS record or ClientHello
     │   ├── HttpParseError          a malformed or too large HTTP/1.x request head
     │   ├── ProxyProtocolError      a malformed PROXY protocol header
-    │   └── TlsHandshakeError       a client's TLS handshake failed, timed out or was cut
+    │   ├── TlsHandshakeError       a client's TLS handshake failed, timed out or was cut
+    │   └── FrameError              a framed-protocol frame is malformed, not JSON or too large
     ├── BodyCut                     also ConnectionError: a peer closed before a body's end
     ├── TargetError                 a target callable failed or returned something unusable
     ├── CertificateLoadError        also ValueError: a certificate or key cannot be used
     ├── CertificateStoreError       also ValueError: a certificate cannot be stored or read
     ├── AcmeError                   an ACME operation failed
-    └── WorkerGone                  a worker process ended while the parent waited for it
+    ├── WorkerGone                  a worker process ended while the parent waited for it
+    ├── ServiceError                a framed service answered a request with an error frame
+    ├── Disconnected                also ConnectionError: a framed client's connection dropped
+    │   └── ConnectFailed           a framed client gave up reconnecting
+    └── RequestTimeout              also TimeoutError: a framed request got no reply in time
 """
 
 from __future__ import annotations
@@ -111,3 +116,45 @@ class AcmeError(SmartRouteError):
 
 class WorkerGone(SmartRouteError):
     """A worker process (``workers=N``) ended, or was killed, while the parent waited for it."""
+
+
+# -- the framed-protocol kit (smartroute.helpers) -------------------------------------------
+
+
+class FrameError(ProtocolError):
+    """A frame is malformed, not JSON or over the size limit: the one error the codecs raise.
+
+    ``code`` is what an error frame tells the peer (``too-large``, ``invalid-json``,
+    ``bad-frame``); ``fatal`` says the byte stream cannot be read on after it; ``reply_to`` is
+    the id of the request it answers, when the frame was readable enough to carry one.
+    """
+
+    def __init__(
+        self, code: str, message: str, *, fatal: bool = False, reply_to: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.fatal = fatal
+        self.reply_to = reply_to
+
+
+class ServiceError(SmartRouteError):
+    """An error frame. A handler raises it to answer with its own ``code`` and ``message``;
+    :class:`~smartroute.helpers.FramedClient` raises it when a request is answered by one."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class Disconnected(SmartRouteError, ConnectionError):
+    """The connection dropped before a request's reply came, or the client is closed."""
+
+
+class ConnectFailed(Disconnected):
+    """``max_attempts`` connection attempts failed; names the endpoints and the last error."""
+
+
+class RequestTimeout(SmartRouteError, TimeoutError):
+    """No reply came within the request's timeout."""

@@ -179,6 +179,18 @@ def test_examples_run_and_show_what_they_promise() -> None:
             "blue stopped:       spare=4",
             "targets up:         ['spare']",
         ],
+        "chat.py": [
+            "alice: joined lobby, members ['alice']",
+            "carol: joined lobby, members ['alice', 'bob', 'carol']",
+            "mallory: refused (auth-failed: authentication refused)",
+            "carol: away",
+            "carol: back, resumed=True, same session=True, rooms ['lobby']",
+            'bob: dance -> unknown-type: no handler for frame type "dance"',
+            "[alice] bob: hi alice",
+            "[bob] alice: hello everyone",
+            "[carol] alice: carol, are you there?",  # sent while she was away
+            "[alice] carol: back!",
+        ],
         "runtime_updates.py": [
             "echo:     before any update",
             "added:    {9501: 1, 9502: 1}",
