@@ -441,14 +441,21 @@ http {{
 }}
 """
     )
+    return await start_server_process([nginx, "-c", str(conf), "-p", str(folder)], port)
+
+
+async def start_server_process(argv: list[str], port: int) -> asyncio.subprocess.Process:
+    """Start a server program and return it once loopback ``port`` accepts (bounded); its
+    stderr is reported if it exits first."""
     proc = await asyncio.create_subprocess_exec(
-        nginx, "-c", str(conf), "-p", str(folder), stderr=asyncio.subprocess.PIPE
+        *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
     )
     try:
-        for _ in range(200):  # wait for nginx's port to accept, bounded
+        for _ in range(200):
             if proc.returncode is not None:
                 assert proc.stderr is not None
-                raise RuntimeError(f"nginx exited: {(await proc.stderr.read()).decode()}")
+                error = (await proc.stderr.read()).decode()
+                raise RuntimeError(f"{Path(argv[0]).name} exited: {error}")
             try:
                 _, writer = await asyncio.open_connection(LOOPBACK, port)
             except OSError:
@@ -456,7 +463,7 @@ http {{
                 continue
             writer.close()
             return proc
-        raise RuntimeError(f"nginx did not listen on port {port}")
+        raise RuntimeError(f"{Path(argv[0]).name} did not listen on port {port}")
     except BaseException:
         await stop_process(proc)
         raise

@@ -29,6 +29,7 @@ from support import (
     require_tool,
     serve,
     start_nginx,
+    start_server_process,
     stop_process,
 )
 
@@ -138,23 +139,8 @@ async def fallback(
 @contextlib.asynccontextmanager
 async def process(argv: list[str], port: int) -> AsyncIterator[None]:
     """Run a server until the block ends, once ``port`` accepts."""
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
-    )
+    proc = await start_server_process(argv, port)
     try:
-        for _ in range(200):
-            if proc.returncode is not None:
-                assert proc.stderr is not None
-                raise RuntimeError(f"{argv[0]} exited: {(await proc.stderr.read()).decode()}")
-            try:
-                _, writer = await asyncio.open_connection(LOOPBACK, port)
-            except OSError:
-                await asyncio.sleep(0.05)
-                continue
-            writer.close()
-            break
-        else:
-            raise RuntimeError(f"{argv[0]} did not listen on {port}")
         yield
     finally:
         await stop_process(proc)
