@@ -191,6 +191,11 @@ def test_examples_run_and_show_what_they_promise() -> None:
             "[carol] alice: carol, are you there?",  # sent while she was away
             "[alice] carol: back!",
         ],
+        "relay_chain.py": [  # tests/system/test_relay_chain.py runs a chain of two processes
+            "SNI a.localhost, edge certificate CN=edge-1.localhost",
+            "same client address: True",
+            "app b got Host b.localhost:9643, X-Forwarded-For 127.0.0.1, 127.0.0.1",
+        ],
         "runtime_updates.py": [
             "echo:     before any update",
             "added:    {9501: 1, 9502: 1}",

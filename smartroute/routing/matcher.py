@@ -65,6 +65,10 @@ class ConnectionFacts:
     headers: Mapping[str, str] | None = None  # HTTP only, lower-cased names
     terminated: bool = False  # matched inside a TLS session the proxy terminated
     protocol: str | None = None  # what the first bytes are ("tls", "http", a probe's name)
+    # Inside a terminated TLS session: the CA its handshake checked client certificates
+    # against (None: it asked for none), and whether the client presented one.
+    client_ca: str | None = None
+    client_cert: bool = False
 
 
 @dataclass(frozen=True, slots=True)

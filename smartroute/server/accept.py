@@ -101,7 +101,10 @@ def route_socket(
     ):
         context = lane_context(runtime, found.route, hello)
         if context is not None:  # else the transport path says what is wrong
-            LaneSession(runtime, sock, record, facts, None, LaneTls(context, hello)).start()
+            tls = found.route.tls
+            assert tls is not None
+            lane_tls = LaneTls(context, hello, tls.client_ca)
+            LaneSession(runtime, sock, record, facts, None, lane_tls).start()
             return
     addresses = None if head is not None or found is None else lane.plan(found.route, facts.port)
     if addresses is None:

@@ -31,6 +31,7 @@ from smartroute.routing.model import (
 )
 from smartroute.routing.patterns import client_address
 from smartroute.server.backends.group import Member
+from smartroute.server.client_certs import peer_certificate
 from smartroute.server.decision import FirstRequest, Heard, TlsInfo
 from smartroute.server.forward import Tries, connect_relay, resolve_targets, splice
 from smartroute.server.handler import start_handler
@@ -38,6 +39,7 @@ from smartroute.server.http.session import HttpSession
 from smartroute.server.http.stream import Stream
 from smartroute.server.stats import ConnectionRecord
 from smartroute.server.tls import accept_tls
+from smartroute.server.tls_transport import accept_tls_in_memory
 
 if TYPE_CHECKING:
     from smartroute.server.runtime import Runtime
@@ -256,7 +258,12 @@ class Connection:
     async def terminate(
         self, route: CompiledRoute, ctx: RouteContext, hello: ClientHello, initial: bytes
     ) -> None:
-        """Complete the TLS handshake with the certificate for the SNI, then run the action."""
+        """Complete the TLS handshake with the certificate for the SNI, then run the action.
+
+        A route with ``client_ca`` is terminated by :mod:`~smartroute.server.tls_transport`,
+        which sends the alert of a refused client certificate before it closes (the loop's TLS
+        layer would close silently); the verified certificate reaches the action as
+        ``ctx.client_cert``."""
         runtime, record, action = self.runtime, self.record, route.action
         tls = route.tls
         assert tls is not None
@@ -271,29 +278,45 @@ class Connection:
             return
         alpn = HTTP_ALPN if speaks_http(action) else ()
         try:
-            context = runtime.certificates.server_context(pair, alpn=alpn)
+            context = runtime.certificates.server_context(
+                pair, alpn=alpn, client_ca=tls.client_ca, client_auth=tls.client_auth
+            )
         except Exception as exc:
             record.fail("certificate-error", str(exc))
             log.error("route %r: %s", route.name, exc)
             self.transport.close()
             return
         stream = Stream(record, on_lost=self.finish)
+        wait = record.timeouts.initial_data
         try:
-            secure = await accept_tls(
-                self.transport,
-                stream,
-                context,
-                initial,
-                handshake_timeout=record.timeouts.initial_data,
-            )
+            if tls.client_ca is not None:
+                secure: asyncio.Transport = await accept_tls_in_memory(
+                    self.transport, stream, context, hello, initial, handshake_timeout=wait
+                )
+            else:
+                secure = await accept_tls(
+                    self.transport, stream, context, initial, handshake_timeout=wait
+                )
         except TlsHandshakeError as exc:
             record.fail("tls-handshake", str(exc))
             self.finish()
             return
         ssl_object = secure.get_extra_info("ssl_object")
-        version = ssl_object.version() if isinstance(ssl_object, ssl.SSLObject) else None
-        info = TlsInfo(sni=hello.sni, version=version, alpn=hello.alpn, terminated=True)
-        ctx = replace(ctx, tls_version=version or ctx.tls_version)
+        version = client_cert = None
+        if isinstance(ssl_object, ssl.SSLObject):
+            version = ssl_object.version()
+            client_cert = peer_certificate(ssl_object)
+        info = TlsInfo(
+            sni=hello.sni,
+            version=version,
+            alpn=hello.alpn,
+            terminated=True,
+            client_cert=client_cert,
+            client_ca=tls.client_ca,
+        )
+        ctx = replace(ctx, tls_version=version or ctx.tls_version, client_cert=client_cert)
+        if record.context is not None:  # on_disconnect hooks see the certificate too
+            record.context = replace(record.context, client_cert=client_cert)
         if isinstance(action, SocketHandlerAction):
             self.run_handler(action, ctx, stream.detach(), stream.eof, secure)
             return

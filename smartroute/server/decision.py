@@ -20,7 +20,7 @@ from smartroute.protocols.detect import Detection
 from smartroute.protocols.http import RequestHead
 from smartroute.protocols.tls import ClientHello
 from smartroute.routing.matcher import ConnectionFacts, RouteMatch
-from smartroute.routing.model import CompiledRoute, speaks_http
+from smartroute.routing.model import CompiledRoute, TlsSettings, speaks_http
 from smartroute.routing.patterns import IPAddress
 from smartroute.server.hooks import CONNECT_KEYS, REQUEST_KEYS, HookRequest, run_hooks
 from smartroute.server.hooks import Verdict as HookVerdict
@@ -41,6 +41,7 @@ class TlsInfo:
     alpn: tuple[str, ...]
     terminated: bool
     client_cert: Mapping[str, Any] | None = None  # see RouteContext.client_cert
+    client_ca: str | None = None  # the CA the handshake checked client certificates against
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +151,8 @@ def request_facts(
         headers=head.header_map(),
         terminated=tls.terminated,
         protocol="tls",
+        client_ca=tls.client_ca,
+        client_cert=tls.client_cert is not None,
     )
 
 
@@ -217,6 +220,13 @@ def decide_request(
         runtime.stats.routed(record, route.name, route.timeouts)
     elif route.timeouts is not None:
         record.timeouts = route.timeouts
+    tls = route.tls
+    if tls is not None and tls.client_ca is not None and not _verified(tls, facts):
+        # Requests are routed by Host inside a handshake another route (by SNI) set up: one
+        # that did not check client certificates against this route's CA cannot reach it.
+        misdirected = f"route {route.name!r} needs a client certificate: connect with its name"
+        record.fail("refused", misdirected)
+        return Refusal(found, 421, misdirected)
     down = runtime.backends.down
     if down and id(route.action) in down:
         return _no_target(record, found, down[id(route.action)].retry_after)
@@ -232,6 +242,13 @@ def decide_request(
         if reason is not None:
             return Refusal(found, 401, reason, (challenge_header(auth),))
     return found
+
+
+def _verified(tls: TlsSettings, facts: ConnectionFacts) -> bool:
+    """The connection's handshake checked client certificates as ``tls`` asks."""
+    if facts.client_ca != tls.client_ca:
+        return False
+    return facts.client_cert or tls.client_auth == "optional"
 
 
 def _no_target(record: ConnectionRecord, found: RouteMatch, retry_after: int) -> Refusal:

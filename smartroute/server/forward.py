@@ -13,6 +13,7 @@ import ssl
 from collections.abc import Callable
 
 from smartroute.context import RouteContext
+from smartroute.errors import CertificateLoadError
 from smartroute.errors import TargetError as TargetError  # lives in smartroute.errors now
 from smartroute.routing.model import ForwardAction, TlsSettings
 from smartroute.server.backends.group import Member, next_to_try, retry_delay
@@ -20,7 +21,7 @@ from smartroute.server.backends.state import connect_reason
 from smartroute.server.http.stream import Stream
 from smartroute.server.relay import RelaySide
 from smartroute.server.stats import ConnectionRecord
-from smartroute.server.tls import backend_context, backend_server_name
+from smartroute.server.tls import backend_context, backend_server_name, connect_target
 
 log = logging.getLogger("smartroute")
 
@@ -125,10 +126,10 @@ async def connect_relay(
     side; the member counts the connection as active until it ends.
 
     The client transport is not switched to the relay here; :func:`splice` does that once the
-    caller has decided the connection is still wanted. ``reencrypt`` opens TLS to the target.
-    Returns ``None`` when no member answered.
+    caller has decided the connection is still wanted. ``reencrypt`` opens TLS to the target
+    (after the member's PROXY header, if it asks for one). Returns ``None`` when no member
+    answered.
     """
-    loop = asyncio.get_running_loop()
     chosen: list[Member] = []
 
     def ended() -> None:
@@ -144,23 +145,20 @@ async def connect_relay(
     backend_side = RelaySide(record, inbound=False, done=ended)
     client_side.peer, backend_side.peer = backend_side, client_side
     client_side.connection_made(client)
+    try:
+        context = backend_context(reencrypt) if reencrypt is not None else None
+    except CertificateLoadError as exc:  # a backend_ca or client certificate that does not load
+        record.fail("backend-unreachable", str(exc))
+        return None
     while (member := await tries.another()) is not None:
         host, port = member.host, member.port
-        context = backend_context(reencrypt) if reencrypt is not None else None
         sni = backend_server_name(reencrypt, ctx.domain, host) if reencrypt is not None else None
         header = member.proxy_header(ctx)
-        if header and context is not None:
-            tries.failures.append(f"{host}:{port} send_proxy_protocol cannot precede re-encryption")
-            continue
         timeout = tries.left(connect_timeout)
         try:
             async with asyncio.timeout(timeout):
-                await loop.create_connection(
-                    lambda: backend_side,
-                    host,
-                    port,
-                    ssl=context,
-                    server_hostname=sni if context is not None else None,
+                await connect_target(
+                    lambda: backend_side, host, port, context=context, sni=sni, header=header
                 )
         except TimeoutError:
             tries.failed(member, f"timed out after {timeout:g}s")
@@ -170,9 +168,6 @@ async def connect_relay(
             record.target = member.state.key
             member.state.active += 1
             chosen.append(member)
-            if header:
-                assert backend_side.transport is not None
-                backend_side.transport.write(header)  # before any byte of the client's
             return client_side
     record.fail("backend-unreachable", tries.why())
     return None

@@ -1,9 +1,8 @@
-"""TLS termination: choosing a certificate by SNI, building contexts, and the handshake itself.
+"""TLS termination: choosing a certificate by SNI and building the server and backend contexts.
 
-The proxy reads the ClientHello before it decides to terminate (it routes by SNI), so those
-bytes are no longer on the socket. :func:`accept_tls` still uses the public
-``loop.start_tls``, on asyncio's loop and on uvloop alike, and hands the consumed bytes to the
-TLS protocol that ``start_tls`` installs before the socket is read again.
+The handshakes themselves run in :mod:`smartroute.server.tls_accept` (``loop.start_tls``) and
+:mod:`smartroute.server.tls_transport` (routes that verify client certificates); their entry
+points are re-exported here.
 """
 
 from __future__ import annotations
@@ -14,9 +13,9 @@ import functools
 import os
 import ssl
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import cast
+from typing import TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -24,10 +23,21 @@ from cryptography.x509.oid import NameOID
 
 # TlsHandshakeError and CertificateLoadError live in smartroute.errors now; re-exported here.
 from smartroute.errors import CertificateLoadError, TlsHandshakeError
-from smartroute.routing.model import CertificatePair, TlsSettings
+from smartroute.routing.model import CertificatePair, ClientAuth, TlsSettings
 from smartroute.routing.patterns import normalize_host
+from smartroute.server.client_certs import ask_for_client_certificates
+from smartroute.server.tls_accept import (
+    SHUTDOWN_TIMEOUT,
+    AppProtocol,
+    Handover,
+    accept_tls,
+    handshake_reason,
+    tls_reason,
+)
 
 __all__ = [
+    "SHUTDOWN_TIMEOUT",
+    "AppProtocol",
     "CertificateIndex",
     "CertificateLoadError",
     "TlsHandshakeError",
@@ -35,10 +45,11 @@ __all__ = [
     "backend_context",
     "backend_server_name",
     "build_server_context",
+    "connect_target",
+    "handshake_reason",
+    "tls_reason",
 ]
 
-SHUTDOWN_TIMEOUT = 10.0
-"""Seconds a closing TLS connection waits for the peer's close_notify before it is dropped."""
 # TLS 1.2 suites offered to clients: forward secrecy and AEAD only (no CBC, no RSA key
 # exchange, no SHA-1), as in common "intermediate" server profiles.
 MODERN_TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL"
@@ -119,7 +130,8 @@ class CertificateIndex:
 
     Each certificate is parsed once, when added. When several certificates cover one name the
     one that expires last wins, so adding a renewed certificate before removing the old one works.
-    Server contexts are built on first use and cached per (certificate, ALPN list).
+    Server contexts are built on first use and cached per (certificate, ALPN list, client CA
+    and mode).
     """
 
     def __init__(self, pairs: Iterable[CertificatePair] = ()) -> None:
@@ -127,7 +139,7 @@ class CertificateIndex:
         self._exact: dict[str, list[_Entry]] = {}
         self._wildcard: dict[str, list[_Entry]] = {}  # by the suffix after "*."
         self._loose: dict[CertificatePair, _Entry] = {}  # parsed `preferred` pairs not indexed
-        self._contexts: dict[tuple[CertificatePair, tuple[str, ...]], ssl.SSLContext] = {}
+        self._contexts: dict[_ContextKey, ssl.SSLContext] = {}
         for pair in pairs:
             self.add(pair)
 
@@ -207,14 +219,23 @@ class CertificateIndex:
         return self.default
 
     def server_context(
-        self, pair: CertificatePair, *, alpn: tuple[str, ...] = ()
+        self,
+        pair: CertificatePair,
+        *,
+        alpn: tuple[str, ...] = (),
+        client_ca: str | None = None,
+        client_auth: ClientAuth | None = None,
     ) -> ssl.SSLContext:
-        """The server context for ``pair`` offering ``alpn``, built once and reused."""
-        key = (pair, alpn)
+        """The server context for ``pair`` offering ``alpn`` (and asking for client
+        certificates signed by ``client_ca``, see :func:`build_server_context`), built once and
+        reused."""
+        key = (pair, alpn, client_ca, client_auth)
         context = self._contexts.get(key)
         if context is None:
             label = self._entry(pair).label
-            context = self._contexts[key] = build_server_context(pair, alpn=alpn, label=label)
+            context = self._contexts[key] = build_server_context(
+                pair, alpn=alpn, label=label, client_ca=client_ca, client_auth=client_auth
+            )
         return context
 
     def _entry(self, pair: CertificatePair) -> _Entry:
@@ -240,10 +261,20 @@ def _expiry(entry: _Entry) -> datetime.datetime:
     return entry.not_after
 
 
+_ContextKey = tuple[CertificatePair, tuple[str, ...], str | None, ClientAuth | None]
+
+
 def build_server_context(
-    pair: CertificatePair, *, alpn: tuple[str, ...] = (), label: str | None = None
+    pair: CertificatePair,
+    *,
+    alpn: tuple[str, ...] = (),
+    label: str | None = None,
+    client_ca: str | None = None,
+    client_auth: ClientAuth | None = None,
 ) -> ssl.SSLContext:
-    """A fresh TLS 1.2+ server context presenting ``pair`` (uncached; see the index)."""
+    """A fresh TLS 1.2+ server context presenting ``pair`` (uncached; see the index); with
+    ``client_ca`` it asks clients for a certificate that CA signed (``client_auth``: required,
+    the default, or optional)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers(MODERN_TLS12_CIPHERS)  # TLS 1.3 suites are all modern already
@@ -256,6 +287,13 @@ def build_server_context(
     except (ssl.SSLError, OSError, ValueError) as exc:
         what = label or _label(pair, None)
         raise CertificateLoadError(f"{what}: cannot load into TLS ({tls_reason(exc)})") from None
+    if client_ca is not None:
+        try:
+            ask_for_client_certificates(context, client_ca, client_auth or "required")
+        except (ssl.SSLError, ValueError) as exc:
+            raise CertificateLoadError(
+                f"client_ca: not a PEM CA certificate ({tls_reason(exc)})"
+            ) from None
     return context
 
 
@@ -301,15 +339,6 @@ def _load_from_memory(context: ssl.SSLContext, text: str) -> bool:
     return True
 
 
-def tls_reason(exc: BaseException) -> str:
-    """A short reason that cannot carry key material (OpenSSL's reason code, or the type)."""
-    if isinstance(exc, ssl.SSLError) and exc.reason:
-        return str(exc.reason).lower().replace("_", " ")
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return type(exc).__name__
-
-
 def backend_server_name(
     tls: TlsSettings, client_sni: str | None, target_host: str | None
 ) -> str | None:
@@ -321,13 +350,18 @@ def backend_context(tls: TlsSettings, *, alpn: tuple[str, ...] = ()) -> ssl.SSLC
     """The client context for ``terminate-and-reencrypt`` targets, shared per settings.
 
     Verifies against the system store by default, against ``backend_ca`` alone when given, and
-    not at all when ``backend_verify`` is False (an explicit opt-out).
+    not at all when ``backend_verify`` is False (an explicit opt-out); presents
+    ``backend_client_certificate`` to targets that ask for one.
     """
-    return _backend_context(tls.backend_verify, tls.backend_ca, alpn)
+    return _backend_context(
+        tls.backend_verify, tls.backend_ca, alpn, tls.backend_client_certificate
+    )
 
 
 @functools.lru_cache(maxsize=64)
-def _backend_context(verify: bool, ca_pem: str | None, alpn: tuple[str, ...]) -> ssl.SSLContext:
+def _backend_context(
+    verify: bool, ca_pem: str | None, alpn: tuple[str, ...], client: CertificatePair | None
+) -> ssl.SSLContext:
     try:
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=ca_pem)
     except (ssl.SSLError, ValueError) as exc:
@@ -340,154 +374,67 @@ def _backend_context(verify: bool, ca_pem: str | None, alpn: tuple[str, ...]) ->
         context.verify_mode = ssl.CERT_NONE
     if alpn:
         context.set_alpn_protocols(list(alpn))
+    if client is not None:
+        try:
+            _load_chain(context, client.cert_pem.rstrip("\n") + "\n" + client.key_pem)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            what = _label(client, None)
+            raise CertificateLoadError(
+                f"backend_client_certificate ({what}): cannot load into TLS ({tls_reason(exc)})"
+            ) from None
     return context
 
 
-AppProtocol = asyncio.Protocol | asyncio.BufferedProtocol
+P = TypeVar("P", bound=AppProtocol)
 
 
-async def accept_tls(
-    transport: asyncio.Transport,
-    app_protocol: AppProtocol,
-    context: ssl.SSLContext,
-    initial: bytes,
+async def connect_target(
+    factory: Callable[[], P],
+    host: str,
+    port: int,
     *,
-    handshake_timeout: float,
-    shutdown_timeout: float = SHUTDOWN_TIMEOUT,
-) -> asyncio.Transport:
-    """Run the server side of a TLS handshake whose first bytes were already read.
+    context: ssl.SSLContext | None = None,
+    sni: str | None = None,
+    header: bytes = b"",
+    handshake_timeout: float | None = None,
+) -> tuple[asyncio.Transport, P]:
+    """Connect to a target: plain, or TLS with ``context`` (naming ``sni``), the PROXY
+    ``header`` (if any) first in both cases.
 
-    ``transport`` must be paused (no byte may reach its current protocol any more). ``initial``
-    (the ClientHello and anything after it) is replayed into the TLS layer, then the socket is
-    read again. On success ``app_protocol.connection_made`` has been called with the returned
-    transport, and decrypted data may follow at once. On failure the connection is closed and
-    :class:`TlsHandshakeError` raised.
-
-    How the replay works, the same on asyncio's loop and on uvloop: ``loop.start_tls`` sets its
-    TLS protocol on the transport *before* its first ``await`` and only then queues (with
-    ``call_soon``) the handshake start and ``resume_reading``. A callback queued before calling
-    it therefore runs after the protocol is installed and before the socket is polled again,
-    and gives that protocol the consumed bytes as if it had just read them.
+    Before TLS the header goes out on the plain connection, then the handshake starts on it
+    (``loop.start_tls``), so the target reads the header, then the ClientHello: a smartroute
+    (or HAProxy, nginx) in front of it learns the client's address before it terminates TLS.
+    Raises OSError (``ssl.SSLError`` included) when the connection or the handshake fails;
+    bound it with a timeout.
     """
     loop = asyncio.get_running_loop()
-    if transport.is_closing():
-        raise TlsHandshakeError("connection closed before the TLS handshake")
-    transport.pause_reading()  # the caller should have; nothing may reach the old protocol
-    handover = _Handover()
-    loop.call_soon(_replay, transport, transport.get_protocol(), initial)
+    if context is None or not header:
+        transport, protocol = await loop.create_connection(
+            factory,
+            host,
+            port,
+            ssl=context,
+            server_hostname=sni if context is not None else None,
+            ssl_handshake_timeout=handshake_timeout if context is not None else None,
+        )
+        if header:
+            transport.write(header)  # before any byte of the client's
+        return transport, protocol
+    plain, _ = await loop.create_connection(asyncio.Protocol, host, port)
+    plain.write(header)
+    handover = Handover()  # keeps what TLS delivers before the protocol is in place
     try:
         secure = await loop.start_tls(
-            transport,
-            handover,
-            context,
-            server_side=True,
-            ssl_handshake_timeout=handshake_timeout,
-            ssl_shutdown_timeout=shutdown_timeout,
+            plain, handover, context, server_hostname=sni, ssl_handshake_timeout=handshake_timeout
         )
-    except asyncio.CancelledError:
-        transport.abort()
+    except BaseException:
+        plain.abort()
         raise
-    except Exception as exc:
-        transport.abort()  # usually closed by the TLS layer already; abort is idempotent
-        raise TlsHandshakeError(handshake_reason(exc, handshake_timeout)) from None
-    if secure is None or secure.get_extra_info("ssl_object") is None:
-        # connection_lost(None) during the handshake wakes start_tls without an error (and
-        # asyncio's then returns None).
-        transport.abort()
-        raise TlsHandshakeError("connection closed during the TLS handshake")
-    secure.set_protocol(app_protocol)
-    app_protocol.connection_made(secure)
-    handover.hand_over(app_protocol)
-    return secure
-
-
-def _replay(transport: asyncio.Transport, peeking: asyncio.BaseProtocol, data: bytes) -> None:
-    """Give ``data`` to the TLS protocol ``start_tls`` has just set on ``transport``."""
-    if transport.is_closing():
-        return  # start_tls failed or was cancelled; it has closed the transport
-    protocol = transport.get_protocol()
-    if protocol is peeking:
-        # start_tls did not install its protocol synchronously (no asyncio or uvloop version
-        # does this): the bytes have nowhere to go, so the handshake cannot succeed.
-        transport.abort()
-        return
-    _deliver(protocol, data)
-
-
-class _Handover(asyncio.Protocol):
-    """The protocol given to ``start_tls``: keeps what arrives until the handover.
-
-    ``start_tls`` never calls ``connection_made`` on its protocol, and asyncio's TLS layer
-    passes the first decrypted bytes (and EOF, or the connection's loss) to it as soon as the
-    handshake completes, before :func:`accept_tls` runs again. They wait here; ``hand_over``
-    then passes them on, after ``connection_made``, in their order. Anything that still reaches
-    this object after the handover (a ``connection_lost`` queued before it) is passed on.
-    """
-
-    def __init__(self) -> None:
-        self._target: AppProtocol | None = None
-        self._chunks: list[bytes] = []
-        self._eof = False
-        self._lost: tuple[Exception | None] | None = None
-
-    def data_received(self, data: bytes) -> None:
-        if self._target is not None:
-            _deliver(self._target, data)
-        else:
-            self._chunks.append(data)
-
-    def eof_received(self) -> bool | None:
-        if self._target is not None:
-            return self._target.eof_received()
-        self._eof = True
-        return None  # TLS closes after close_notify whatever the protocol answers
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._target is not None:
-            self._target.connection_lost(exc)
-        else:
-            self._lost = (exc,)
-
-    def hand_over(self, protocol: AppProtocol) -> None:
-        """Make ``protocol`` the receiver and give it what arrived so far."""
-        self._target = protocol
-        chunks, self._chunks = self._chunks, []
-        for chunk in chunks:
-            _deliver(protocol, chunk)
-        if self._eof:
-            protocol.eof_received()
-        if self._lost is not None:
-            protocol.connection_lost(self._lost[0])
-
-
-def _deliver(protocol: asyncio.BaseProtocol, data: bytes) -> None:
-    """Deliver ``data`` to ``protocol`` as a transport that had just read it would."""
-    if isinstance(protocol, asyncio.Protocol):
-        if data:
-            protocol.data_received(data)
-        return
-    # A buffered protocol: asyncio's own, or uvloop's TLS protocol, which has the same methods
-    # without being an asyncio class (the loops themselves recognise it by its methods).
-    buffered = cast(asyncio.BufferedProtocol, protocol)
-    view = memoryview(data)
-    while view:
-        buffer = memoryview(buffered.get_buffer(len(view)))
-        size = min(len(buffer), len(view))
-        if not size:
-            raise RuntimeError(f"{protocol!r} offered an empty buffer")
-        buffer[:size] = view[:size]
-        buffered.buffer_updated(size)
-        view = view[size:]
-
-
-def handshake_reason(exc: BaseException, timeout: float) -> str:
-    """Why a TLS handshake failed, for the connection's record (no key material)."""
-    if isinstance(exc, ssl.SSLEOFError):
-        return "connection closed during the TLS handshake"
-    if isinstance(exc, ssl.SSLError):
-        return f"TLS handshake failed: {tls_reason(exc)}"
-    if isinstance(exc, ConnectionAbortedError):  # SSLProtocol's handshake timer
-        return f"TLS handshake timed out after {timeout:g}s"
-    if isinstance(exc, OSError):
-        return "connection closed during the TLS handshake"
-    return f"TLS handshake failed: {type(exc).__name__}"
+    if secure is None:  # the connection was lost during the handshake (asyncio's loop)
+        plain.abort()
+        raise ConnectionResetError("the target closed the connection during the TLS handshake")
+    protocol = factory()
+    secure.set_protocol(protocol)
+    protocol.connection_made(secure)
+    handover.hand_over(protocol)
+    return secure, protocol

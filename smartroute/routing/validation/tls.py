@@ -115,9 +115,10 @@ def _pair_problem(
     return None
 
 
-def _certificate(value: object, path: str, route: str) -> CertificatePair:
+def _certificate(value: object, path: str, route: str, *, auto: bool = True) -> CertificatePair:
     if isinstance(value, str):
-        raise ConfigError(path, f'expected "auto" or {{"cert": ..., "key": ...}}, got {got(value)}')
+        wanted = '"auto" or {"cert": ..., "key": ...}' if auto else '{"cert": ..., "key": ...}'
+        raise ConfigError(path, f"expected {wanted}, got {got(value)}")
     raw = mapping(value, path, schema.Certificate)
     check_keys(raw, CERT_KEYS, path, "action.tls.certificate", route)
     require(raw, path, "cert", "key")
@@ -176,7 +177,7 @@ def compile_tls(value: object, path: str, action: Action, route: str) -> TlsSett
         else expect_text(server_name, f"{path}.backend_server_name"),
         backend_client_certificate=None
         if client_pair is None
-        else _certificate(client_pair, f"{path}.backend_client_certificate", route),
+        else _certificate(client_pair, f"{path}.backend_client_certificate", route, auto=False),
         client_ca=client_ca,
         client_auth=client_auth,
     )
@@ -188,6 +189,8 @@ def _ca(value: object, path: str) -> str:
     problem = _cert_problem(pem, source)
     if problem is not None:
         raise ConfigError(path, problem)
+    if _PEM_KEY.search(pem) is not None:
+        raise ConfigError(path, "holds a private key: give the CA certificates only")
     return pem
 
 

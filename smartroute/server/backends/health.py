@@ -1,8 +1,9 @@
 """Active health checks: one task per checked target and check, however many routes share it.
 
 A check is a TCP connect, or an HTTP/1.1 ``GET`` whose status must fall in the
-``expect_status`` range (over TLS, verified as the route verifies its targets, when the route
-re-encrypts); either must finish within ``timeout``. ``fall`` failures in a row take
+``expect_status`` range (over TLS when the route re-encrypts: verified as the route verifies
+its targets, presenting its ``backend_client_certificate`` to targets that ask for one);
+either must finish within ``timeout``. ``fall`` failures in a row take
 the target out of rotation, ``rise`` passes in a row bring it back. A check is a few
 non-blocking socket operations per ``interval``: it never holds the event loop, and it never
 touches the hot path (traffic reads the target's ``up`` flag).

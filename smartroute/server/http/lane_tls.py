@@ -8,7 +8,10 @@ rest, so a failed handshake's alert reaches the client before the connection clo
 
 The certificate was chosen from the ClientHello the accept step peeked at
 (:func:`lane_context`), so the context needs no SNI callback; renegotiation is refused by the
-context (``OP_NO_RENEGOTIATION``), and TLS 1.3 has none.
+context (``OP_NO_RENEGOTIATION``), and TLS 1.3 has none. A route with ``client_ca`` gets a
+context that asks for client certificates exactly as the transport path's does, so a refused
+certificate's alert (``certificate_required``, ``unknown_ca``) goes out with the rest, and
+the verified certificate is the session's ``client_cert`` (:meth:`LaneTls.info`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from smartroute.protocols.tls import ClientHello
 from smartroute.routing.model import CompiledRoute
+from smartroute.server.client_certs import peer_certificate
 from smartroute.server.decision import TlsInfo
 from smartroute.server.tls_records import decrypt
 
@@ -30,8 +34,9 @@ HTTP_ALPN = ("http/1.1",)
 def lane_context(
     runtime: Runtime, route: CompiledRoute, hello: ClientHello
 ) -> ssl.SSLContext | None:
-    """The server context presenting the certificate for ``hello``'s SNI on ``route``, or None
-    when there is none or it cannot be loaded (the transport path then says why)."""
+    """The server context presenting the certificate for ``hello``'s SNI on ``route`` (and
+    verifying client certificates as the route says), or None when there is none or it cannot
+    be loaded (the transport path then says why)."""
     tls = route.tls
     assert tls is not None
     preferred = tls.certificate if not isinstance(tls.certificate, str) else None
@@ -39,7 +44,9 @@ def lane_context(
     if pair is None:
         return None
     try:
-        return runtime.certificates.server_context(pair, alpn=HTTP_ALPN)
+        return runtime.certificates.server_context(
+            pair, alpn=HTTP_ALPN, client_ca=tls.client_ca, client_auth=tls.client_auth
+        )
     except Exception:  # noqa: BLE001 - reported by the transport path, which tries again
         return None
 
@@ -47,14 +54,18 @@ def lane_context(
 class LaneTls:
     """One terminated connection's TLS state."""
 
-    __slots__ = ("obj", "incoming", "outgoing", "ready", "hello")
+    __slots__ = ("obj", "incoming", "outgoing", "ready", "hello", "client_ca")
 
-    def __init__(self, context: ssl.SSLContext, hello: ClientHello) -> None:
+    def __init__(
+        self, context: ssl.SSLContext, hello: ClientHello, client_ca: str | None = None
+    ) -> None:
+        """``client_ca``: the CA ``context`` checks client certificates against, if any."""
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
         self.obj = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
         self.ready = False  # the handshake is complete
         self.hello = hello
+        self.client_ca = client_ca
 
     def feed(self, data: bytes | memoryview) -> tuple[bytes, bool]:
         """Ciphertext from the client (empty: its end of the connection) in; the plaintext it
@@ -91,5 +102,13 @@ class LaneTls:
         return self.outgoing.read()
 
     def info(self) -> TlsInfo:
-        hello = self.hello
-        return TlsInfo(sni=hello.sni, version=self.obj.version(), alpn=hello.alpn, terminated=True)
+        """What the completed handshake settled (with the client's verified certificate)."""
+        hello, obj = self.hello, self.obj
+        return TlsInfo(
+            sni=hello.sni,
+            version=obj.version(),
+            alpn=hello.alpn,
+            terminated=True,
+            client_cert=peer_certificate(obj),
+            client_ca=self.client_ca,
+        )

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 
 from smartroute.routing.model import CompiledRoute, ForwardAction
 from smartroute.server.http.stream import Stream
+from smartroute.server.tls import connect_target
 
 PoolKey = tuple[str, int, int, str | None]  # host, port, id of the TLS context (0: none), SNI
 TargetFilter = Callable[[str, int], bool]  # (host, port) -> still named by some route
@@ -59,17 +60,20 @@ class BackendPool:
         timeout: float,
         context: ssl.SSLContext | None = None,
         sni: str | None = None,
+        header: bytes = b"",
     ) -> Stream:
-        """A new connection (TLS when ``context`` is given), bounded by ``timeout``."""
-        loop = asyncio.get_running_loop()
+        """A new connection (TLS when ``context`` is given), bounded by ``timeout``; a PROXY
+        ``header`` goes first (before the TLS handshake too). A connection that carried one
+        speaks for one client: the caller must not pool it."""
         async with asyncio.timeout(timeout):
-            _, protocol = await loop.create_connection(
+            _, protocol = await connect_target(
                 Stream,
                 host,
                 port,
-                ssl=context,
-                server_hostname=(sni or host) if context is not None else None,
-                ssl_handshake_timeout=timeout if context is not None else None,
+                context=context,
+                sni=(sni or host) if context is not None else None,
+                header=header,
+                handshake_timeout=timeout if context is not None else None,
             )
         return protocol
 

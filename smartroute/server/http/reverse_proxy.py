@@ -22,7 +22,7 @@ import ssl
 from typing import TYPE_CHECKING, Protocol
 
 from smartroute.context import RouteContext
-from smartroute.errors import BodyCut, HttpParseError
+from smartroute.errors import BodyCut, CertificateLoadError, HttpParseError
 from smartroute.protocols.http import IDEMPOTENT_METHODS, RequestHead
 from smartroute.protocols.http_response import (
     BodyFraming,
@@ -257,25 +257,22 @@ class _Exchange:
                     raise _Failed(502, f"no usable target: {exc}") from None
             tries = self.tries = Tries(members, self.action, record.timeouts.connect)
         tls = self.found.route.tls
-        reencrypt = tls is not None and tls.mode == "terminate-and-reencrypt"
+        context: ssl.SSLContext | None = None
+        if tls is not None and tls.mode == "terminate-and-reencrypt":
+            try:
+                context = backend_context(tls, alpn=("http/1.1",))
+            except CertificateLoadError as exc:  # a backend_ca or client certificate
+                raise _Failed(502, f"backend unreachable: {exc}") from None
         pool = session.runtime.pool
         while (member := await tries.another()) is not None:
             host, port = member.host, member.port
             header = b"" if member.proxy_protocol is None else member.proxy_header(self.ctx)
-            context: ssl.SSLContext | None = None
             sni = None
-            if reencrypt:
-                assert tls is not None
-                context = backend_context(tls, alpn=("http/1.1",))
+            if tls is not None and context is not None:
                 sni = backend_server_name(tls, self.facts.domain, host)
             key = pool.key(host, port, context, sni)
             record.target = member.state.key
             # A connection that announced one client by PROXY header serves that client only.
-            if header and context is not None:
-                tries.failures.append(
-                    f"{host}:{port} send_proxy_protocol cannot precede re-encryption"
-                )
-                continue
             pooled = reuse and self.upgrade is None and not header
             stream = pool.take(key) if pooled else None
             if stream is not None:
@@ -283,14 +280,15 @@ class _Exchange:
                 return stream, key, True
             timeout = tries.left(record.timeouts.connect)
             try:
-                stream = await pool.connect(host, port, timeout=timeout, context=context, sni=sni)
+                stream = await pool.connect(
+                    host, port, timeout=timeout, context=context, sni=sni, header=header
+                )
             except TimeoutError:
                 tries.failed(member, f"timed out after {timeout:g}s")
             except (OSError, ssl.SSLError) as exc:
                 tries.failed(member, connect_reason(exc))
             else:
                 if header:
-                    stream.write(header)
                     self.private = True
                 self._hold(member)
                 return stream, key, False
