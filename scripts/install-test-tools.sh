@@ -3,7 +3,8 @@
 # curl, nc, nginx (a real backend), wrk (an HTTP load generator), pebble (a real ACME CA, with
 # pebble-challtestsrv), testssl (testssl.sh: scans the proxy's TLS termination), and the
 # clients and servers of the protocols one port tells apart (ssh, psql, redis-cli and
-# redis-server, mosquitto_pub and the mosquitto broker).
+# redis-server, mosquitto_pub and the mosquitto broker), and chromium (loads the admin status
+# page headless).
 # Uses Debian's packages; does nothing for tools already present. Services are not started:
 # the tests run their own nginx and pebble.
 set -euo pipefail
@@ -22,6 +23,7 @@ command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
 command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || need+=(redis-server)
 command -v mosquitto_pub >/dev/null 2>&1 || need+=(mosquitto-clients)
 [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
   export DEBIAN_FRONTEND=noninteractive

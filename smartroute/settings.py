@@ -8,7 +8,7 @@ import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Literal, cast
 
 from smartroute.errors import ConfigError
 from smartroute.plugins.spec import PluginSpec, compile_plugins
@@ -25,6 +25,26 @@ from smartroute.routing.validation.hooks import compile_hooks
 from smartroute.routing.validation.security import compile_security
 
 _DEFAULT = Timeouts()
+AccessLogFormat = Literal["text", "json", "combined"]
+ACCESS_LOG_FORMATS: tuple[AccessLogFormat, ...] = ("text", "json", "combined")
+
+
+@dataclass(frozen=True, slots=True)
+class AdminSettings:
+    """The ``admin`` setting: where the admin server listens and the token it asks for."""
+
+    port: int
+    bind: str = "127.0.0.1"
+    token: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLogSettings:
+    """The ``access_log`` setting: the line format, and a file (None: the
+    ``smartroute.access`` logger); a file is reopened on SIGUSR1."""
+
+    format: AccessLogFormat = "text"
+    path: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +80,8 @@ class Settings:
     plugins: tuple[PluginSpec, ...] = ()  # external programs asked as hooks
     # what match.protocol can name: the built-in probes, then the user's (setting "protocols")
     protocols: Probes = field(default_factory=Probes)
+    admin: AdminSettings | None = None  # the admin server (metrics, API, status page): off
+    access_log: AccessLogSettings = AccessLogSettings()
 
     @property
     def timeouts(self) -> Timeouts:
@@ -84,6 +106,63 @@ _DURATIONS = {setting: name in OPTIONAL_TIMEOUTS for name, setting in TIMEOUT_SE
 _DURATIONS["graceful_shutdown_timeout"] = False
 
 MAX_WORKERS = 64
+
+
+def _admin(value: object) -> AdminSettings:
+    """``{"port": 9901, "bind": "127.0.0.1", "token": None}``; a token is required to bind
+    anything but a loopback address."""
+    path = "settings.admin"
+    if not isinstance(value, Mapping):
+        raise ConfigError(
+            path, f'expected {{"port": ..., "bind": ..., "token": ...}}, got {value!r}'
+        )
+    _known_keys(value, ("port", "bind", "token"), path)
+    if "port" not in value:
+        raise ConfigError(path, 'missing "port" (the admin server\'s port)')
+    port = value["port"]
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ConfigError(f"{path}.port", f"{port!r} is not a port (0-65535; 0 picks a free one)")
+    bind = value.get("bind", "127.0.0.1")
+    try:
+        address = ipaddress.ip_address(bind) if isinstance(bind, str) else None
+    except ValueError:
+        address = None
+    if address is None and bind != "localhost":
+        raise ConfigError(f"{path}.bind", f"expected an IP address, got {bind!r}")
+    token = value.get("token")
+    if token is not None and (not isinstance(token, str) or len(token) < 16):
+        raise ConfigError(f"{path}.token", "expected a str of at least 16 characters")
+    if token is None and bind != "localhost" and not (address is not None and address.is_loopback):
+        raise ConfigError(
+            f"{path}.token",
+            f"required to bind {bind} (not a loopback address): anyone who reaches it could "
+            "change the routes",
+        )
+    return AdminSettings(port, str(bind), token)
+
+
+def _access_log(value: object) -> AccessLogSettings:
+    """``{"format": "text" | "json" | "combined", "path": None | FILE}``."""
+    path = "settings.access_log"
+    if not isinstance(value, Mapping):
+        raise ConfigError(path, f'expected {{"format": ..., "path": ...}}, got {value!r}')
+    _known_keys(value, ("format", "path"), path)
+    form = value.get("format", "text")
+    if form not in ACCESS_LOG_FORMATS:
+        choices = ", ".join(repr(f) for f in ACCESS_LOG_FORMATS)
+        raise ConfigError(f"{path}.format", f"expected one of {choices}, got {form!r}")
+    file = value.get("path")
+    if file is not None and (not isinstance(file, str | os.PathLike) or not os.fspath(file)):
+        raise ConfigError(f"{path}.path", f"expected a file path or None, got {file!r}")
+    return AccessLogSettings(cast(AccessLogFormat, form), None if file is None else os.fspath(file))
+
+
+def _known_keys(value: Mapping[Any, Any], known: tuple[str, ...], path: str) -> None:
+    for key in value:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f'did you mean "{close[0]}"?' if close else "expected " + ", ".join(known)
+            raise ConfigError(path, f'unknown key "{key}" ({hint})')
 
 
 def _probes(value: object) -> Probes:
@@ -167,6 +246,10 @@ def validate_settings(raw: Mapping[str, object]) -> Settings:
             values[name] = None if value is None else compile_bandwidth(value, "settings.bandwidth")
         elif name == "protocols":
             values[name] = _probes(value)
+        elif name == "admin":
+            values[name] = None if value is None else _admin(value)
+        elif name == "access_log":
+            values[name] = AccessLogSettings() if value is None else _access_log(value)
     if values.get("workers", 1) > 1 and values.get("plugins"):
         raise ConfigError(
             "settings.workers",
