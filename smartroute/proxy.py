@@ -126,6 +126,22 @@ class SmartRoute:
         merged = merge_snapshots([own, *workers.snapshots()], top_clients)
         return {**merged, "workers": workers.count}
 
+    def certificates(self) -> list[dict[str, Any]]:
+        """Every certificate the proxy serves now (provided or obtained): ``names``, ``label``
+        (subject and files), ``not_after`` (Unix time), ``cert_path`` (None for PEM text)."""
+        return self._runtime.certificates.describe()
+
+    def plugin_status(self) -> dict[str, dict[str, Any]]:
+        """Per plugin: ``ready``, ``starts`` (processes started, restarts included), ``hooks``."""
+        return {
+            process.spec.name: {
+                "ready": process.ready,
+                "starts": process.starts,
+                "hooks": sorted(process.hooks),
+            }
+            for process in self._plugins.processes
+        }
+
     def certificate_status(self) -> dict[str, dict[str, Any]]:
         """Per auto-certificate domain: state (valid, pending, renewing, failed), source,
         expiry, last error and next attempt."""

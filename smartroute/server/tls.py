@@ -157,6 +157,19 @@ class CertificateIndex:
         """The first certificate added (and still present): served to clients without a match."""
         return next(iter(self._entries), None)
 
+    def describe(self) -> list[dict[str, object]]:
+        """Every certificate served, for operators: its names, subject, expiry (Unix time) and
+        the files it came from (never key material)."""
+        return [
+            {
+                "names": sorted(entry.names),
+                "label": entry.label,
+                "not_after": entry.not_after.timestamp(),
+                "cert_path": entry.pair.cert_path,
+            }
+            for entry in self._entries.values()
+        ]
+
     def names(self, pair: CertificatePair) -> frozenset[str]:
         """The normalised DNS names ``pair`` covers (wildcards as ``*.example.com``)."""
         return self._entry(pair).names
