@@ -1,10 +1,11 @@
-"""The ``smartroute`` command: ``run [CONFIG]`` and ``check CONFIG``."""
+"""The ``smartroute`` command: ``run [CONFIG]``, ``check CONFIG``, ``explain CONFIG``, ``certs``."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import datetime
+import json
 import logging
 import os
 import signal
@@ -20,10 +21,12 @@ from smartroute.config import load_config
 from smartroute.demo import demo_routes, describe_demo
 from smartroute.errors import SmartRouteError
 from smartroute.proxy import SmartRoute
+from smartroute.routing.explain import can_decline, explain_connection
 from smartroute.routing.matcher import RouteTable
 from smartroute.routing.model import CompiledRoute, ForwardAction
+from smartroute.routing.shadowing import shadowed
 from smartroute.routing.validation import validate_routes
-from smartroute.settings import validate_settings
+from smartroute.settings import Settings, validate_settings
 
 log = logging.getLogger("smartroute")
 
@@ -78,8 +81,27 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument("--demo-port", type=int, default=8081, help="first port of the demo")
     run.add_argument("--demo-host", default="127.0.0.1", help="address the demo binds")
-    check = sub.add_parser("check", help="validate a config and show its routes per port")
+    check = sub.add_parser(
+        "check", help="validate a config, show its routes per port, warn about shadowed routes"
+    )
     check.add_argument("config")
+    check.add_argument("--strict", action="store_true", help="warnings are errors (exit 2)")
+    explain = sub.add_parser(
+        "explain", help="which route takes a connection or request, and why the others do not"
+    )
+    explain.add_argument("config")
+    explain.add_argument("--port", type=int, required=True, help="the port connected to")
+    explain.add_argument("--sni", help="the TLS SNI (makes it a TLS connection)")
+    explain.add_argument("--host", help="the HTTP Host (makes it an HTTP request)")
+    explain.add_argument("--path", help="the HTTP path (default / for a request)")
+    explain.add_argument("--client-ip", default="203.0.113.1", help="the client address")
+    explain.add_argument(
+        "--header", action="append", default=[], metavar="NAME=VALUE", help="a request header"
+    )
+    explain.add_argument("--protocol", help="what the first bytes are (tls, http, ssh, ...)")
+    explain.add_argument("--tls-version", help="highest TLS version offered (TLSv1.3)")
+    explain.add_argument("--alpn", action="append", default=[], help="an ALPN protocol offered")
+    explain.add_argument("--json", action="store_true", help="print the explanation as JSON")
     certs = sub.add_parser("certs", help="automatic certificates of a config")
     certs_sub = certs.add_subparsers(dest="certs_command", required=True)
     listing = certs_sub.add_parser("list", help="stored certificates: domains, expiry, source")
@@ -94,7 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "check":
-            return _check(args.config)
+            return _check(args.config, args.strict)
+        if args.command == "explain":
+            return _explain_command(args)
         if args.command == "certs":
             return _certs(args)
         return _run(args)
@@ -154,6 +178,7 @@ async def _serve(proxy: SmartRoute, banner: list[str], config: str | None = None
             task.add_done_callback(reloads.discard)
 
         loop.add_signal_handler(signal.SIGHUP, reload)
+    loop.add_signal_handler(signal.SIGUSR1, _reopen_access_logs)
     await proxy.start()
     for line in banner:
         print(line, flush=True)
@@ -166,7 +191,57 @@ async def _serve(proxy: SmartRoute, banner: list[str], config: str | None = None
         await proxy.stop()
 
 
-def _check(path: str) -> int:
+def _reopen_access_logs() -> None:
+    """SIGUSR1: reopen the access-log files (after a log rotation renamed them)."""
+    try:
+        from smartroute.server.access_log import reopen_files
+    except ImportError:  # an access log without files: nothing to reopen
+        log.warning("SIGUSR1: this smartroute writes no access-log files to reopen")
+        return
+    log.info("SIGUSR1: reopened %d access-log file(s)", reopen_files())
+
+
+def _hooked(settings: Settings) -> Callable[[CompiledRoute], bool]:
+    """True for the routes that proxy-wide hooks or plugins apply to (they may decline)."""
+    everywhere = can_decline(settings.hooks) or any(p.routes is None for p in settings.plugins)
+    named = {name for p in settings.plugins for name in p.routes or ()}
+    return lambda route: everywhere or route.name in named
+
+
+def _explain_command(args: argparse.Namespace) -> int:
+    loaded = load_config(args.config)
+    settings = validate_settings(loaded.settings)
+    routes = validate_routes(loaded.routes)
+    headers = []
+    for item in args.header:
+        name, equals, value = item.partition("=")
+        if not equals or not name:
+            raise SmartRouteError(f"--header {item!r}: expected NAME=VALUE")
+        headers.append((name.strip(), value.strip()))
+    try:
+        explanation = explain_connection(
+            routes,
+            args.port,
+            sni=args.sni,
+            host=args.host,
+            path=args.path,
+            client_ip=args.client_ip,
+            headers=headers if args.header else None,
+            protocol=args.protocol,
+            tls_version=args.tls_version,
+            alpn=args.alpn,
+            hooked=_hooked(settings),
+        )
+    except ValueError as exc:
+        raise SmartRouteError(str(exc)) from None
+    if args.json:
+        print(json.dumps(explanation.to_dict(), indent=2))
+    else:
+        print("\n".join(explanation.text()))
+    return 0 if explanation.final is not None else 1
+
+
+def _check(path: str, strict: bool = False) -> int:
     loaded = load_config(path)
     settings = validate_settings(loaded.settings)
     routes = validate_routes(loaded.routes)
@@ -180,6 +255,14 @@ def _check(path: str) -> int:
             print(f"  {position}. {_explain(route)}")
     if disabled:
         print("disabled: " + ", ".join(disabled))
+    findings = shadowed(routes, _hooked(settings))
+    warnings = [f for f in findings if f.proven]
+    for finding in findings:
+        kind = "note" if not finding.proven else "error" if strict else "warning"
+        print(f"{kind}: {finding.text()}")
+    if warnings and strict:
+        print(f"{len(warnings)} shadowed route(s): errors with --strict", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -12,6 +12,7 @@ from functools import partial
 from types import TracebackType
 from typing import Any
 
+from smartroute.admin import AdminServer, check_admin_port
 from smartroute.certs.manager import CertificateManager
 from smartroute.certs.settings import validate_acme
 from smartroute.errors import ConfigError, SmartRouteError
@@ -22,6 +23,7 @@ from smartroute.routing.model import CertificatePair, CompiledRoute, ForwardActi
 from smartroute.routing.schema import RouteInput
 from smartroute.routing.validation import validate_route, validate_routes
 from smartroute.routing.validation.backends import forward_targets
+from smartroute.routing.explain import Explanation, explain_connection
 from smartroute.routing.validation.match import check_protocols
 from smartroute.server.accept import accept_socket
 from smartroute.server.http.pool import targets_named_by
@@ -93,6 +95,9 @@ class SmartRoute:
         )
         self._runtime.alpn_responder = self._certs.alpn
         self._plugins = PluginHost(self.settings.plugins, self._route_summaries, self._pushed)
+        # The admin server runs in the parent process only (its stats() merges the workers').
+        admin = self.settings.admin
+        self._admin = AdminServer(admin, self) if admin is not None and not worker else None
         self._check(self._routes)
 
     # -- public surface ----------------------------------------------------------------------
@@ -111,6 +116,11 @@ class SmartRoute:
     def is_running(self) -> bool:
         return self._started
 
+    @property
+    def admin_port(self) -> int | None:
+        """The admin server's bound port while it runs (useful with ``port: 0``), else None."""
+        return self._admin.port if self._admin is not None else None
+
     def stats(self, top_clients: int = 20) -> dict[str, Any]:
         """Connections active/total and bytes in/out, overall and per route; the
         ``top_clients`` busiest client IPs; throughput over the last 10, 60 and 300 s;
@@ -125,6 +135,15 @@ class SmartRoute:
         own = self._own_snapshot(max(top_clients, WORKER_TOP_CLIENTS))
         merged = merge_snapshots([own, *workers.snapshots()], top_clients)
         return {**merged, "workers": workers.count}
+
+    def explain(self, port: int, **inputs: Any) -> Explanation:
+        """Which route takes a connection or request described by ``inputs`` (``sni``,
+        ``host``, ``path``, ``client_ip``, ``headers``, ``protocol``, ``tls_version``,
+        ``alpn``) and why every other route on ``port`` does not (``.text()``,
+        ``.to_dict()``)."""
+        return explain_connection(
+            self._routes, port, hooked=lambda route: bool(self._hooks_of(route.name)), **inputs
+        )
 
     def certificates(self) -> list[dict[str, Any]]:
         """Every certificate the proxy serves now (provided or obtained): ``names``, ``label``
@@ -180,6 +199,11 @@ class SmartRoute:
                 try:
                     await self._workers.start()
                 except BaseException as exc:  # undo it all (below, outside the lock)
+                    failed = exc
+            if self._admin is not None and failed is None:
+                try:
+                    await self._admin.start()
+                except BaseException as exc:
                     failed = exc
         if failed is not None:
             await self.stop()
@@ -248,6 +272,8 @@ class SmartRoute:
             if not self._started:
                 return
             runtime = self._runtime
+        if self._admin is not None:
+            await self._admin.stop()  # outside the lock: a PUT under way may wait for it
         await self._certs.stop()  # outside the lock: it removes its own route
         async with self._lock:
             if not self._started:
@@ -450,6 +476,9 @@ class SmartRoute:
         and its auto certificates have a source."""
         check_protocols(routes, self.settings.protocols.names, path)
         self._check_auto(routes)
+        admin = self.settings.admin
+        if admin is not None:
+            check_admin_port(routes, self.admin_port or admin.port, path)
 
     def _check_auto(self, routes: Iterable[CompiledRoute]) -> None:
         """``"certificate": "auto"`` needs the acme setting or a certificate provider."""
