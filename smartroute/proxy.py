@@ -18,12 +18,12 @@ from smartroute.certs.settings import validate_acme
 from smartroute.errors import ConfigError, SmartRouteError
 from smartroute.plugins.host import READY_TIMEOUT, PluginHost
 from smartroute.routing.defaults import apply_all
+from smartroute.routing.explain import Explanation, explain_connection
 from smartroute.routing.matcher import RouteTable
 from smartroute.routing.model import CertificatePair, CompiledRoute, ForwardAction
 from smartroute.routing.schema import RouteInput
 from smartroute.routing.validation import validate_route, validate_routes
 from smartroute.routing.validation.backends import forward_targets
-from smartroute.routing.explain import Explanation, explain_connection
 from smartroute.routing.validation.match import check_protocols
 from smartroute.server.accept import accept_socket
 from smartroute.server.http.pool import targets_named_by

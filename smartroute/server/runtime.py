@@ -10,6 +10,7 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, Protocol
 
 from smartroute.routing.matcher import RouteTable, shortest_limit
+from smartroute.server.access_log import AccessLog
 from smartroute.server.backends.book import Backends
 from smartroute.server.bandwidth import BandwidthBook
 from smartroute.server.hooks import run_disconnect_hooks
@@ -40,7 +41,11 @@ class Runtime:
         self.timeouts = settings.timeouts  # proxy-wide; routes carry their own
         self.table = RouteTable(())
         self.gate = SecurityGate()
-        self.stats = StatsBook(on_release=self.gate.release, on_end=self._ended)
+        self.stats = StatsBook(
+            on_release=self.gate.release,
+            on_end=self._ended,
+            access=AccessLog(settings.access_log),  # each worker process opens its own
+        )
         self.tasks: set[asyncio.Task[Any]] = set()
         self.pool = BackendPool()
         self.backends = Backends()  # target groups, target health

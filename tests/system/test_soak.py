@@ -452,12 +452,18 @@ async def test_soak_short_and_long_connections_do_not_leak() -> None:
     made = sum(load.connections.values())
     assert stats["connections"] == {"active": 0, "total": made}
     for route in ("l4", "web"):
-        assert stats["routes"][route] == {
+        counted = dict(stats["routes"][route])
+        requests = counted.pop("requests", {})
+        assert counted == {
             "active": 0,
             "total": load.connections[route],
             "bytes_in": load.sent[route],
             "bytes_out": load.received[route],
         }, route
+        if route == "web":  # every HTTP request answered 2xx, each connection at least one
+            assert set(requests) == {"2xx"} and requests["2xx"] >= load.connections[route]
+        else:
+            assert requests == {}
     assert load.sent["l4"] == load.received["l4"]  # an echo
     assert stats["bytes"] == {"in": sum(load.sent.values()), "out": sum(load.received.values())}
     # Descriptors: bounded during the load, back to the baseline after it and after stop().

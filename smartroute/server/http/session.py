@@ -429,8 +429,12 @@ def log_request(
     status: int | str,
     started: float,
 ) -> None:
-    """One line of the access log (``smartroute.access``, INFO) for a request answered."""
-    if access_log.isEnabledFor(logging.INFO):
+    """Account for a request answered (its bytes, status and duration under its route) and
+    write its access-log line: the one place a finished request is counted."""
+    book = record.book
+    if book is not None:
+        book.request(record, head, route, status, time.monotonic() - started)
+    elif access_log.isEnabledFor(logging.INFO):  # a record no book counts (never opened)
         access_log.info(
             "%s %s:%d %s %s%s route=%s status=%s time=%.3fs",
             record.id,

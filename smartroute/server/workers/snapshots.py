@@ -1,7 +1,8 @@
 """Statistics across processes: the snapshots of the parent and its workers, summed.
 
 Each worker sends a ``stats()`` snapshot of its own about once a second; the parent sums the
-latest of each with its own, field by field, and keeps the totals of workers that ended.
+latest of each with its own, field by field (nested counters too: the request counts and
+duration histograms of ``routes`` and ``requests``), and keeps the totals of workers that ended.
 """
 
 from __future__ import annotations
@@ -15,8 +16,12 @@ Snapshot: TypeAlias = dict[str, Any]
 
 
 def _add(into: dict[str, Any], values: Mapping[str, Any]) -> None:
+    """Add ``values`` into ``into``, key by key; nested mappings are summed the same way."""
     for key, value in values.items():
-        into[key] = into.get(key, 0) + value
+        if isinstance(value, Mapping):
+            _add(into.setdefault(key, {}), value)
+        else:
+            into[key] = into.get(key, 0) + value
 
 
 def _busy(totals: Mapping[str, int]) -> tuple[int, int, int]:
@@ -34,7 +39,9 @@ def merge_snapshots(snapshots: Iterable[Mapping[str, Any]], top_clients: int) ->
     tracked = 0
     throughput: dict[str, dict[str, float]] = {}
     targets: dict[str, dict[str, Any]] = {}
+    requests: dict[str, Any] = {}
     for snapshot in snapshots:
+        _add(requests, snapshot.get("requests", {}))
         for key, state in snapshot.get("targets", {}).items():
             _add_target(targets, key, state)
         _add(connections, snapshot["connections"])
@@ -54,6 +61,7 @@ def merge_snapshots(snapshots: Iterable[Mapping[str, Any]], top_clients: int) ->
         "connections": connections,
         "bytes": moved,
         "routes": dict(sorted(routes.items())),
+        "requests": dict(sorted(requests.items())),
         "client_ips": dict(busiest[:top_clients]),
         "client_ips_tracked": tracked,
         "throughput": throughput,
@@ -76,13 +84,14 @@ def _add_target(targets: dict[str, dict[str, Any]], key: str, state: Mapping[str
 def retired(snapshot: Mapping[str, Any]) -> Snapshot:
     """The totals of a worker that ended: nothing of it is active or has a rate any more."""
 
-    def settled(totals: Mapping[str, int]) -> dict[str, int]:
+    def settled(totals: Mapping[str, Any]) -> dict[str, Any]:
         return {**totals, "active": 0}
 
     return {
         "connections": settled(snapshot["connections"]),
         "bytes": dict(snapshot["bytes"]),
         "routes": {name: settled(t) for name, t in snapshot["routes"].items()},
+        "requests": snapshot.get("requests", {}),
         "client_ips": {ip: settled(t) for ip, t in snapshot["client_ips"].items()},
         "client_ips_tracked": snapshot["client_ips_tracked"],
         "throughput": {},

@@ -463,6 +463,7 @@ async def test_five_requests_on_one_connection_count_once_with_every_byte(
         "total": 1,
         "bytes_in": client.given,
         "bytes_out": client.taken,
+        "requests": {"2xx": 5},
     }
     assert stats["connections"] == {"active": 0, "total": 1}
     assert len(backend.requests) == 5 and backend.accepted == 1
