@@ -178,7 +178,7 @@ async def _serve(proxy: SmartRoute, banner: list[str], config: str | None = None
             task.add_done_callback(reloads.discard)
 
         loop.add_signal_handler(signal.SIGHUP, reload)
-    loop.add_signal_handler(signal.SIGUSR1, _reopen_access_logs)
+    loop.add_signal_handler(signal.SIGUSR1, lambda: _reopen_access_logs(proxy))
     await proxy.start()
     for line in banner:
         print(line, flush=True)
@@ -191,14 +191,10 @@ async def _serve(proxy: SmartRoute, banner: list[str], config: str | None = None
         await proxy.stop()
 
 
-def _reopen_access_logs() -> None:
-    """SIGUSR1: reopen the access-log files (after a log rotation renamed them)."""
-    try:
-        from smartroute.server.access_log import reopen_files
-    except ImportError:  # an access log without files: nothing to reopen
-        log.warning("SIGUSR1: this smartroute writes no access-log files to reopen")
-        return
-    log.info("SIGUSR1: reopened %d access-log file(s)", reopen_files())
+def _reopen_access_logs(proxy: SmartRoute) -> None:
+    """SIGUSR1: reopen the access-log files (after a log rotation renamed them), workers'
+    included."""
+    log.info("SIGUSR1: reopened %d access-log file(s)", proxy.reopen_logs())
 
 
 def _hooked(settings: Settings) -> Callable[[CompiledRoute], bool]:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
@@ -26,6 +28,7 @@ from smartroute.routing.validation import validate_route, validate_routes
 from smartroute.routing.validation.backends import forward_targets
 from smartroute.routing.validation.match import check_protocols
 from smartroute.server.accept import accept_socket
+from smartroute.server.access_log import reopen_files
 from smartroute.server.http.pool import targets_named_by
 from smartroute.server.port_manager import PortManager
 from smartroute.server.runtime import Runtime
@@ -144,6 +147,16 @@ class SmartRoute:
         return explain_connection(
             self._routes, port, hooked=lambda route: bool(self._hooks_of(route.name)), **inputs
         )
+
+    def reopen_logs(self) -> int:
+        """Reopen the access-log files (after a rotation renamed them), in this process and,
+        with ``workers=N``, in every worker (told by SIGUSR1); returns how many files this
+        process reopened. ``smartroute run`` calls it on SIGUSR1."""
+        if self._workers is not None:
+            for pid in self._workers.pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGUSR1)
+        return reopen_files()
 
     def certificates(self) -> list[dict[str, Any]]:
         """Every certificate the proxy serves now (provided or obtained): ``names``, ``label``

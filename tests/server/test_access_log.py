@@ -174,3 +174,51 @@ async def test_text_lines_in_a_file_match_the_logger_lines(
     assert len(lines) == 4
     assert sum(" route=web status=200 time=" in line for line in lines) == 2, lines
     assert sum(" route=tcp domain=- target=" in line for line in lines) == 1, lines
+
+
+@async_test(60)
+async def test_every_worker_reopens_its_file_after_a_rotation(tmp_path: Path) -> None:
+    """``workers=2``: both processes append to one file; after a rename, ``reopen_logs()``
+    has the worker reopen it too (SIGUSR1), so lines from both processes reach the new file."""
+    path = tmp_path / "access.log"
+    http_port = free_port()
+    web = await asyncio.start_server(_http_backend, LOOPBACK, 0)
+    route = {
+        "name": "web",
+        "match": {"ports": http_port},
+        "action": {
+            "type": "forward",
+            "protocol": "http",
+            "targets": [{"host": LOOPBACK, "port": web.sockets[0].getsockname()[1]}],
+        },
+    }
+    access = {"format": "json", "path": str(path)}
+    url = f"http://{LOOPBACK}:{http_port}/"
+
+    async def writers(file: Path) -> set[str]:
+        """The processes (connection id prefixes) that wrote request lines to ``file``."""
+        if not file.exists():
+            return set()
+        lines = [json.loads(line) for line in file.read_text().splitlines()]
+        return {e["id"].rpartition("c")[0] or "parent" for e in lines if e["type"] == "request"}
+
+    async def until_both_wrote(file: Path) -> None:
+        deadline = asyncio.get_running_loop().time() + 30
+        while len(await writers(file)) < 2:  # new connections spread over both processes
+            assert asyncio.get_running_loop().time() < deadline, await writers(file)
+            code, _, err = await curl(url, "-o", "/dev/null")
+            assert code == 0, err
+
+    try:
+        async with SmartRoute(
+            [route], bind_address=LOOPBACK, workers=2, access_log=access
+        ) as proxy:
+            await until_both_wrote(path)
+            rotated = tmp_path / "access.log.1"
+            path.rename(rotated)
+            assert proxy.reopen_logs() == 1  # the parent's own file; the worker is signalled
+            await until_both_wrote(path)
+    finally:
+        web.close()
+        await web.wait_closed()
+    assert len(await writers(rotated)) == 2

@@ -41,7 +41,8 @@ STOP_MARGIN = 5.0  # stop() waits graceful_shutdown_timeout plus this, then kill
 RESTART_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)  # after 1, 2, 3, ... crashes in a row
 STABLE_AFTER = 30.0  # a worker that ran this long resets its slot's crash count
 
-_FORK_BLOCKED = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD}  # across fork()
+# across fork()
+_FORK_BLOCKED = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1}
 
 StateFn: TypeAlias = Callable[[], tuple[tuple[CompiledRoute, ...], Settings]]
 

@@ -23,6 +23,7 @@ from typing import Any, NoReturn, Protocol, TypeAlias
 
 from smartroute.errors import SmartRouteError
 from smartroute.routing.model import CompiledRoute
+from smartroute.server.access_log import reopen_files
 from smartroute.server.port_manager import forget_inherited_ports
 from smartroute.server.stats import set_id_prefix
 from smartroute.server.workers.snapshots import WORKER_TOP_CLIENTS
@@ -139,7 +140,7 @@ def _reset_signals() -> None:
     go to the whole process group: the parent handles them and tells the workers."""
     with contextlib.suppress(ValueError, OSError):
         signal.set_wakeup_fd(-1)
-    for number in (signal.SIGINT, signal.SIGHUP):
+    for number in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):  # SIGUSR1: see _serve
         signal.signal(number, signal.SIG_IGN)
     for number in (signal.SIGTERM, signal.SIGCHLD):
         signal.signal(number, signal.SIG_DFL)
@@ -184,6 +185,7 @@ async def _serve(
             done.set()
 
     loop.add_signal_handler(signal.SIGTERM, terminated)
+    loop.add_signal_handler(signal.SIGUSR1, reopen_files)  # the parent's reopen_logs()
     writer.write(frame(("ready",)))
     tasks = [
         loop.create_task(_report(proxy, writer)),
