@@ -28,7 +28,6 @@ from smartroute.routing.validation import validate_route, validate_routes
 from smartroute.routing.validation.backends import forward_targets
 from smartroute.routing.validation.match import check_protocols
 from smartroute.server.accept import accept_socket
-from smartroute.server.access_log import reopen_files
 from smartroute.server.http.pool import targets_named_by
 from smartroute.server.port_manager import PortManager
 from smartroute.server.runtime import Runtime
@@ -156,7 +155,7 @@ class SmartRoute:
             for pid in self._workers.pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGUSR1)
-        return reopen_files()
+        return self._runtime.stats.access.reopen()
 
     def certificates(self) -> list[dict[str, Any]]:
         """Every certificate the proxy serves now (provided or obtained): ``names``, ``label``
@@ -199,6 +198,7 @@ class SmartRoute:
             if self._started:
                 raise SmartRouteError("the proxy is already started")
             self._runtime.accepting = True
+            self._runtime.stats.access.open()
             if self._plugins.processes:
                 await self._start_plugins()
             await self._install(self._routes, bind=True)
@@ -323,6 +323,7 @@ class SmartRoute:
             await asyncio.sleep(0)  # let transports deliver connection_lost
             if workers is not None:
                 await workers  # every worker reaped: stopped, or killed after the grace period
+            runtime.stats.access.close()  # the last connections' lines are written
         log.info("%s stopped", self._name)
 
     async def __aenter__(self) -> SmartRoute:

@@ -53,9 +53,16 @@ class _File:
         old, self._fd[0] = self._fd[0], fresh
         os.close(old)
 
+    def close(self) -> None:
+        _files.discard(self)
+        if self._fd[0] >= 0:
+            os.close(self._fd[0])
+            self._fd[0] = -1
+
 
 def _close(box: list[int]) -> None:
-    os.close(box[0])
+    if box[0] >= 0:
+        os.close(box[0])
 
 
 _files: weakref.WeakSet[_File] = weakref.WeakSet()
@@ -79,19 +86,40 @@ class AccessLog:
     def __init__(self, settings: AccessLogSettings | None = None) -> None:
         self.settings = settings = settings or AccessLogSettings()
         self.format = settings.format
-        self.file = None if settings.path is None else _File(settings.path)
+        self.file: _File | None = None  # opened by open(), while the proxy runs
         self._stamp_second = -1
         self._stamp = ""
+
+    def open(self) -> None:
+        """Open the file, if the settings name one (the proxy starts)."""
+        path = self.settings.path
+        if path is not None and self.file is None:
+            self.file = _File(path)
+
+    def close(self) -> None:
+        """Close the file (the proxy stopped); lines go nowhere until ``open``."""
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    def reopen(self) -> int:
+        """Reopen this log's file (after a rotation renamed it); how many files: 0 or 1."""
+        if self.file is None:
+            return 0
+        self.file.reopen()
+        return 1
 
     @property
     def enabled(self) -> bool:
         """Whether a line would go anywhere (the logger may be off for INFO)."""
-        return self.file is not None or access_logger.isEnabledFor(logging.INFO)
+        if self.settings.path is not None:
+            return self.file is not None
+        return access_logger.isEnabledFor(logging.INFO)
 
     def _emit(self, line: str) -> None:
         if self.file is not None:
             self.file.write(line)
-        else:
+        elif self.settings.path is None:
             access_logger.info("%s", line)
 
     # -- a request -------------------------------------------------------------------------

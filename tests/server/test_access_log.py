@@ -222,3 +222,21 @@ async def test_every_worker_reopens_its_file_after_a_rotation(tmp_path: Path) ->
         web.close()
         await web.wait_closed()
     assert len(await writers(rotated)) == 2
+
+
+@async_test(30)
+async def test_the_file_is_open_only_while_the_proxy_runs(tmp_path: Path) -> None:
+    import os
+
+    path = tmp_path / "access.log"
+
+    def holding() -> bool:
+        fds = Path("/proc/self/fd")
+        return any(os.path.realpath(fd) == str(path) for fd in fds.iterdir() if fd.exists())
+
+    async with proxy_with({"format": "text", "path": str(path)}) as (proxy, http_port, tcp_port):
+        assert holding()
+        await traffic(proxy, http_port, tcp_port)
+        assert proxy.reopen_logs() == 1
+    assert not holding() and proxy.reopen_logs() == 0
+    assert "route=web" in path.read_text()
