@@ -32,6 +32,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
+from smartroute.admin.metrics import CONTENT_TYPE, render_metrics
 from smartroute.errors import ConfigError, PortInUseError, SmartRouteError
 from smartroute.protocols.http import RequestHead
 from smartroute.routing.export import export_routes, import_target_callables, placeholder_problem
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("smartroute.admin")
 
 JSON = "application/json"
-METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+METRICS_TYPE = CONTENT_TYPE
 HTML = "text/html; charset=utf-8"
 _DAY = 86400.0
 
@@ -164,10 +165,6 @@ class AdminApi:
     # -- endpoints -------------------------------------------------------------------------------
 
     async def _metrics(self, request: Request) -> Response:
-        try:
-            from smartroute.admin.metrics import render_metrics
-        except ImportError:
-            return error_response(503, "metrics are not available in this version")
         return Response(200, render_metrics(self.proxy).encode(), METRICS_TYPE)
 
     async def _status(self, request: Request) -> Response:

@@ -306,14 +306,10 @@ async def test_metrics_certificates_and_status(tmp_path: Path, ca: TestCA) -> No
         },
     }
     async with proxy([route]) as p:
-        try:
-            import smartroute.admin.metrics  # noqa: F401
-        except ImportError:
-            pass
-        else:
-            status, headers, body = await call(*AUTH, url(p, "/metrics"))
-            assert status == 200
-            assert headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+        status, headers, body = await call(*AUTH, url(p, "/metrics"))
+        assert status == 200
+        assert headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+        assert 'smartroute_certificate_expiry_timestamp_seconds{name="c.example.com"' in body
         status, _, body = await call(*AUTH, url(p, "/api/certificates"))
         assert status == 200
         data = json.loads(body)
