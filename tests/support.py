@@ -202,6 +202,21 @@ class ScriptedBackend(Notes):
             writer.close()
 
 
+def http_answer(body: bytes) -> Handler:
+    """Answer every request (heads only, kept alive) with ``200`` and ``body``."""
+    head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(head + body)
+                await writer.drain()
+        writer.close()
+
+    return handler
+
+
 def named_handler(name: str) -> Handler:
     """Answer every connection with ``name`` and a newline, then echo."""
 

@@ -6,17 +6,24 @@ wrk), with one process and with ``workers=2``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import os
 import re
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import LOOPBACK, async_test, curl, free_port, require_tool
+from support import (
+    LOOPBACK,
+    async_test,
+    curl,
+    echo_handler,
+    free_port,
+    http_answer,
+    require_tool,
+    serve,
+)
 
 from smartroute import SmartRoute
 from smartroute.admin.metrics import render_metrics
@@ -153,32 +160,7 @@ def test_the_parser_refuses_what_the_format_forbids() -> None:
 # -- backends ----------------------------------------------------------------------------------
 
 
-async def _http_backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Answers each request (heads only) with ``ok``, kept alive."""
-    with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-        while True:
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            await writer.drain()
-    writer.close()
-
-
-async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(ConnectionError):
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    writer.close()
-
-
-@contextlib.asynccontextmanager
-async def server(handler: Any) -> AsyncIterator[int]:
-    srv = await asyncio.start_server(handler, LOOPBACK, 0)
-    try:
-        yield srv.sockets[0].getsockname()[1]
-    finally:
-        srv.close()
-        await srv.wait_closed()
+_http_backend = http_answer(b"ok")
 
 
 def http_route(name: str, port: int, backend: int, path: str = "/*") -> dict[str, Any]:
@@ -210,7 +192,7 @@ async def settled(proxy: SmartRoute, check: Any, timeout: float = 10) -> dict[st
 @async_test(60)
 async def test_metrics_after_http_and_tcp_traffic() -> None:
     http_port, tcp_port = free_port(), free_port()
-    async with server(_http_backend) as backend, server(_echo) as echo:
+    async with serve(_http_backend) as backend, serve(echo_handler) as echo:
         routes = [
             http_route("api", http_port, backend, "/api/*"),
             http_route("web", http_port, backend, "/web/*"),
@@ -278,7 +260,7 @@ async def test_certificates_and_plugins_are_exposed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Certificates and plugin processes come from the proxy's own reports."""
-    async with server(_http_backend) as backend:
+    async with serve(_http_backend) as backend:
         port = free_port()
         async with SmartRoute([http_route("api", port, backend)], bind_address=LOOPBACK) as proxy:
             monkeypatch.setattr(
@@ -323,7 +305,7 @@ async def get_once(port: int, path: str) -> bytes:
 @async_test(90)
 async def test_one_scrape_counts_the_requests_of_every_worker() -> None:
     port = free_port()
-    async with server(_http_backend) as backend:
+    async with serve(_http_backend) as backend:
         proxy = SmartRoute([http_route("api", port, backend)], bind_address=LOOPBACK, workers=2)
         await proxy.start()
         try:
@@ -376,7 +358,7 @@ async def test_counters_only_grow_while_wrk_runs(tmp_path: Path) -> None:
     script = tmp_path / "stop.lua"
     script.write_text(STOP_AFTER)
     port = free_port()
-    async with server(_http_backend) as backend:
+    async with serve(_http_backend) as backend:
         async with SmartRoute([http_route("api", port, backend)], bind_address=LOOPBACK) as proxy:
             run = await asyncio.create_subprocess_exec(
                 wrk, "-t2", "-c2", "-d6s", "-s", str(script), f"http://{LOOPBACK}:{port}/",

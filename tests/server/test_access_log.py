@@ -14,27 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import LOOPBACK, async_test, curl, free_port
+from support import LOOPBACK, async_test, curl, echo_handler, free_port, http_answer
 
 from smartroute import SmartRoute
 from smartroute.server.access_log import reopen_files
 
-
-async def _http_backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-        while True:
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
-            await writer.drain()
-    writer.close()
-
-
-async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(ConnectionError):
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    writer.close()
+_http_backend = http_answer(b"hello")
 
 
 @contextlib.asynccontextmanager
@@ -44,7 +29,7 @@ async def proxy_with(
     """A proxy with an HTTP route (port 1) and a TCP route (port 2)."""
     http_port, tcp_port = free_port(), free_port()
     web = await asyncio.start_server(_http_backend, LOOPBACK, 0)
-    echo = await asyncio.start_server(_echo, LOOPBACK, 0)
+    echo = await asyncio.start_server(echo_handler, LOOPBACK, 0)
     routes = [
         {
             "name": "web",
