@@ -162,7 +162,10 @@ async def test_a_hook_group_shares_one_budget_across_routes() -> None:
             async with asyncio.timeout(5):  # the group's buckets go with its connections
                 while len(running._runtime.bandwidth):
                     await asyncio.sleep(0.02)
-    assert within(sum(rates), 500_000), rates
+    # Two readers, each over its own window: what one of them left in its socket's buffers
+    # while the loaded machine did not schedule it is read inside its window, so the sum
+    # strays further than one connection's rate (a connection alone moves > 10x the limit).
+    assert within(sum(rates), 500_000, share=0.15), rates
 
 
 @async_test(60)
