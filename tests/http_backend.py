@@ -6,11 +6,12 @@ import base64
 import contextlib
 import hashlib
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from support import free_port
 
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -152,6 +153,4 @@ def http_backend(name: str = "backend") -> Iterator[Backend]:
 
 
 def unused_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_port()

@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import datetime
 import functools
+import itertools
+import random
 import socket
 import ssl
 import struct
@@ -36,26 +38,38 @@ FIXTURES = REPO / "tests" / "fixtures"
 EXAMPLES = REPO / "examples"
 
 
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ranges:
+            return int(ranges.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+# Ports handed to tests come from below the kernel's ephemeral range: a port picked there and
+# released could be taken by any outgoing connection (a proxy's to its backend, curl's) before
+# the test binds it. Each process starts at its own place, so parallel runs rarely meet.
+_LOW = 20000
+_SPAN = max(1000, _ephemeral_low() - _LOW)
+_next_port = itertools.count(random.randrange(_SPAN))
+
+
 def free_port(host: str = LOOPBACK) -> int:
-    """A port that was free a moment ago (bound with port 0, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A port free a moment ago, that no outgoing connection will take meanwhile."""
+    for _ in range(_SPAN):
+        port = _LOW + next(_next_port) % _SPAN
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port on {host} in {_LOW}-{_LOW + _SPAN - 1}")
 
 
 def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
     """``count`` distinct free ports."""
-    socks = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind((host, 0))
-            socks.append(sock)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for sock in socks:
-            sock.close()
+    return [free_port(host) for _ in range(count)]
 
 
 def free_port_range(length: int, *hosts: str) -> int:
