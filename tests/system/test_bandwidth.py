@@ -20,6 +20,11 @@ from smartroute.context import RouteContext
 
 WINDOW = 2.5  # seconds each rate is measured over ...
 WARM_UP = 0.5  # ... after this long: the steady rate, not the first burst
+# Two readers sharing one budget, each over its own window: what one of them left in the
+# socket buffers while a loaded machine did not schedule it is read inside its window, so
+# their sum strays further than one connection's rate (12-14 % seen in loaded CI runs; an
+# unlimited connection moves more than 10 times the limit).
+SUM_SHARE = 0.15
 CHUNK = b"x" * 65536
 
 
@@ -127,7 +132,7 @@ async def test_connections_of_one_client_ip_share_its_budget() -> None:
         bandwidth = {"per_ip": {"download": limit}}
         async with proxy([tcp_route(port, source, bandwidth=bandwidth)]):
             rates = await asyncio.gather(download_rate(port), download_rate(port))
-    assert within(sum(rates), limit), rates
+    assert within(sum(rates), limit, share=SUM_SHARE), rates
 
 
 @async_test(60)
@@ -162,10 +167,7 @@ async def test_a_hook_group_shares_one_budget_across_routes() -> None:
             async with asyncio.timeout(5):  # the group's buckets go with its connections
                 while len(running._runtime.bandwidth):
                     await asyncio.sleep(0.02)
-    # Two readers, each over its own window: what one of them left in its socket's buffers
-    # while the loaded machine did not schedule it is read inside its window, so the sum
-    # strays further than one connection's rate (a connection alone moves > 10x the limit).
-    assert within(sum(rates), 500_000, share=0.15), rates
+    assert within(sum(rates), 500_000, share=SUM_SHARE), rates
 
 
 @async_test(60)
