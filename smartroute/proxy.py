@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from functools import partial
 from types import TracebackType
@@ -18,7 +18,8 @@ from smartroute.admin import AdminServer, check_admin_port
 from smartroute.certs.manager import CertificateManager
 from smartroute.certs.settings import validate_acme
 from smartroute.errors import ConfigError, SmartRouteError
-from smartroute.plugins.host import READY_TIMEOUT, PluginHost
+from smartroute.plugins.host import READY_TIMEOUT, PluginHost, route_summaries
+from smartroute.proxy_sides import CertificateSide, worker_side
 from smartroute.routing.defaults import apply_all
 from smartroute.routing.explain import Explanation, explain_connection
 from smartroute.routing.matcher import RouteTable
@@ -87,16 +88,18 @@ class SmartRoute:
         self._workers: WorkerPool | None = None
         if self.settings.workers > 1:
             self._workers = WorkerPool(
-                self.settings.workers, self._fork_state, self._lock, _worker_side(type(self))
+                self.settings.workers, self._fork_state, self._lock, worker_side(type(self))
             )
         # Routes the proxy adds itself (the ACME HTTP-01 responder), kept across updates.
         self._internal: dict[str, CompiledRoute] = {}
         acme = validate_acme(self.settings.acme) if self.settings.acme is not None else None
         self._certs = CertificateManager(
-            _CertificateHost(self), acme, self.settings.certificate_provider
+            CertificateSide(self), acme, self.settings.certificate_provider
         )
         self._runtime.alpn_responder = self._certs.alpn
-        self._plugins = PluginHost(self.settings.plugins, self._route_summaries, self._pushed)
+        self._plugins = PluginHost(
+            self.settings.plugins, lambda: route_summaries(self._routes), self._pushed
+        )
         # The admin server runs in the parent process only (its stats() merges the workers').
         admin = self.settings.admin
         self._admin = AdminServer(admin, self) if admin is not None and not worker else None
@@ -467,20 +470,6 @@ class SmartRoute:
                     READY_TIMEOUT,
                 )
 
-    def _route_summaries(self) -> list[dict[str, Any]]:
-        """What a plugin is told of the routes when it starts."""
-        return [
-            {
-                "name": route.name,
-                "ports": sorted(route.match.ports),
-                "domains": [pattern.text for pattern in route.match.domains],
-                "path": None if route.match.path is None else route.match.path.text,
-                "protocol": sorted(route.match.protocols),
-                "action": route.action.type,
-            }
-            for route in self._routes
-        ]
-
     async def _pushed(self, route: str, targets: Any) -> None:
         """A plugin's ``set_targets``."""
         await self.set_targets(route, targets)
@@ -508,54 +497,3 @@ class SmartRoute:
 
 def _describe_ports(ports: dict[int, int]) -> str:
     return ", ".join(f"{port} ({count} route{'s' * (count != 1)})" for port, count in ports.items())
-
-
-class _CertificateHost:
-    """What the certificate manager may do to its proxy (see ``CertificateHost``)."""
-
-    __slots__ = ("_proxy",)
-
-    def __init__(self, proxy: SmartRoute) -> None:
-        self._proxy = proxy
-
-    def serve_certificate(self, new: CertificatePair, old: CertificatePair | None) -> None:
-        self._proxy._serve_certificate(new, old)
-
-    async def set_internal_route(self, name: str, route: RouteInput | None) -> None:
-        await self._proxy._set_internal_route(name, route)
-
-
-class _WorkerSide:
-    """A worker process's proxy as the worker code drives it (see ``WorkerProxy``)."""
-
-    __slots__ = ("_proxy",)
-
-    def __init__(self, proxy: SmartRoute) -> None:
-        self._proxy = proxy
-
-    @property
-    def routes(self) -> tuple[CompiledRoute, ...]:
-        return self._proxy.routes
-
-    async def start(self) -> None:
-        await self._proxy.start()
-
-    async def stop(self) -> None:
-        await self._proxy.stop()
-
-    def stats(self, top_clients: int) -> dict[str, Any]:
-        return self._proxy.stats(top_clients)
-
-    async def replace_routes(self, routes: tuple[CompiledRoute, ...]) -> None:
-        await self._proxy._replace_routes(routes)
-
-
-def _worker_side(
-    cls: type[SmartRoute],
-) -> Callable[[tuple[CompiledRoute, ...], Settings, int], _WorkerSide]:
-    """What the worker pool calls in a forked process to make that process's proxy."""
-
-    def build(routes: tuple[CompiledRoute, ...], settings: Settings, slot: int) -> _WorkerSide:
-        return _WorkerSide(cls._worker(routes, settings, slot))
-
-    return build

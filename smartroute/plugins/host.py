@@ -32,6 +32,7 @@ from typing import Any
 
 from smartroute.context import RouteContext
 from smartroute.plugins.spec import PluginSpec
+from smartroute.routing.model import CompiledRoute
 from smartroute.server.bandwidth import SpeedLimit
 from smartroute.server.hooks import HookRefused
 
@@ -71,6 +72,21 @@ async def read_frame(reader: asyncio.StreamReader) -> Any:
         return json.loads(await reader.readexactly(size))
     except ValueError as exc:
         raise PluginError(f"the plugin sent a frame that is not JSON: {exc}") from None
+
+
+def route_summaries(routes: Iterable[CompiledRoute]) -> list[dict[str, Any]]:
+    """What a plugin is told of the routes when it starts (``configure``)."""
+    return [
+        {
+            "name": route.name,
+            "ports": sorted(route.match.ports),
+            "domains": [pattern.text for pattern in route.match.domains],
+            "path": None if route.match.path is None else route.match.path.text,
+            "protocol": sorted(route.match.protocols),
+            "action": route.action.type,
+        }
+        for route in routes
+    ]
 
 
 def context_data(ctx: RouteContext) -> dict[str, Any]:

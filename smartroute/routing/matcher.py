@@ -295,14 +295,6 @@ def _floor(bucket: list[_Entry] | _IndexedBucket) -> _Key:
     return bucket.floor if isinstance(bucket, _IndexedBucket) else bucket[0][0]
 
 
-def shortest_limit(timeouts: Timeouts, so_far: float | None) -> float | None:
-    """The shortest of the switched-on idle, half-close and lifetime limits (and ``so_far``)."""
-    for limit in (timeouts.idle, timeouts.half_close, timeouts.max_lifetime):
-        if limit is not None and (so_far is None or limit < so_far):
-            so_far = limit
-    return so_far
-
-
 class RouteTable:
     """The enabled routes, indexed for matching; disabled routes are ignored entirely."""
 
@@ -324,7 +316,7 @@ class RouteTable:
             if not route.enabled:
                 continue
             if route.timeouts is not None:
-                shortest = shortest_limit(route.timeouts, shortest)
+                shortest = route.timeouts.shortest_limit(shortest)
             criteria = route.match
             rank = -route.priority
             path_rank = _path_rank(criteria)

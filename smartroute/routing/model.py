@@ -302,6 +302,14 @@ class Timeouts:
     http_keepalive: float = 60.0  # waiting for the next request on a kept-alive connection
     backend: float = 60.0  # waiting for a backend's response head
 
+    def shortest_limit(self, so_far: float | None = None) -> float | None:
+        """The shortest of the switched-on idle, half-close and lifetime limits (and
+        ``so_far``): how often connections under these limits must be looked at."""
+        for limit in (self.idle, self.half_close, self.max_lifetime):
+            if limit is not None and (so_far is None or limit < so_far):
+                so_far = limit
+        return so_far
+
 
 TIMEOUT_NAMES = tuple(f.name for f in fields(Timeouts))
 OPTIONAL_TIMEOUTS = ("idle", "max_lifetime", "half_close")  # the limits that can be off

@@ -9,7 +9,7 @@ import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, Protocol
 
-from smartroute.routing.matcher import RouteTable, shortest_limit
+from smartroute.routing.matcher import RouteTable
 from smartroute.server.access_log import AccessLog
 from smartroute.server.backends.book import Backends
 from smartroute.server.bandwidth import BandwidthBook
@@ -117,7 +117,7 @@ class Runtime:
 
     def sweep_interval(self) -> float:
         """A few checks per shortest limit in force (settings or any route), 50 ms to 1 s."""
-        shortest = shortest_limit(self.timeouts, self.table.shortest_limit)
+        shortest = self.timeouts.shortest_limit(self.table.shortest_limit)
         return max(0.05, min(1.0, (shortest or 4.0) / 4))
 
     async def _sweep(self) -> None:
