@@ -16,7 +16,7 @@ from typing import Any
 
 from smartroute.admin import AdminServer, check_admin_port
 from smartroute.certs.manager import CertificateManager
-from smartroute.certs.settings import validate_acme
+from smartroute.certs.settings import check_cluster, validate_acme
 from smartroute.errors import ConfigError, SmartRouteError
 from smartroute.plugins.host import READY_TIMEOUT, PluginHost, route_summaries
 from smartroute.proxy_sides import CertificateSide, worker_side
@@ -94,9 +94,14 @@ class SmartRoute:
         self._internal: dict[str, CompiledRoute] = {}
         acme = validate_acme(self.settings.acme) if self.settings.acme is not None else None
         self._certs = CertificateManager(
-            CertificateSide(self), acme, self.settings.certificate_provider
+            CertificateSide(self),
+            acme,
+            self.settings.certificate_provider,
+            cluster=self.settings.workers > 1 or worker > 0,
         )
+        check_cluster(acme, self._certs.cluster)
         self._runtime.alpn_responder = self._certs.alpn
+        self._runtime.on_demand = self._certs.on_demand if acme is not None else None
         self._plugins = PluginHost(
             self.settings.plugins, lambda: route_summaries(self._routes), self._pushed
         )
@@ -204,13 +209,18 @@ class SmartRoute:
             self._runtime.stats.access.open()
             if self._plugins.processes:
                 await self._start_plugins()
+            for name, route in self._certs.standing_routes().items():
+                self._internal[name] = validate_route(route, -1, path=name)
             await self._install(self._routes, bind=True)
             self._started = True
             self._runtime.start_sweeper()
             self._runtime.backends.start()
             self._runtime.lane.open()
-            await self._certs.start(self._routes)
-            if self._workers is not None:
+            try:
+                await self._certs.start(self._routes)  # an unreachable store fails the start
+            except BaseException as exc:
+                failed = exc
+            if self._workers is not None and failed is None:
                 self._warn_per_worker_limits()
                 try:
                     await self._workers.start()
@@ -484,14 +494,22 @@ class SmartRoute:
             check_admin_port(routes, self.admin_port or admin.port, path)
 
     def _check_auto(self, routes: Iterable[CompiledRoute]) -> None:
-        """``"certificate": "auto"`` needs the acme setting or a certificate provider."""
-        if self._certs.settings is not None or self._certs.provider is not None:
-            return
+        """``"certificate": "auto"`` needs the acme setting or a certificate provider;
+        ``"on-demand"`` needs the acme setting with an ``on_demand_permission``."""
+        acme = self._certs.settings
         for route in routes:
-            if route.tls is not None and route.tls.certificate == "auto":
+            wanted = route.tls.certificate if route.tls is not None else None
+            if wanted == "auto" and acme is None and self._certs.provider is None:
                 raise ConfigError(
                     f"route {route.name!r}",
                     'tls.certificate "auto" needs the acme setting (or a certificate_provider)',
+                )
+            if wanted == "on-demand" and (acme is None or acme.on_demand_permission is None):
+                raise ConfigError(
+                    f"route {route.name!r}",
+                    'tls.certificate "on-demand" needs the acme setting with an '
+                    "on_demand_permission (async (domain) -> bool): without it anyone could "
+                    "make the proxy order certificates for made-up names",
                 )
 
 

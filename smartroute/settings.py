@@ -255,15 +255,6 @@ def validate_settings(raw: Mapping[str, object]) -> Settings:
             "settings.workers",
             "workers > 1 cannot be combined with plugins yet: run one process with plugins",
         )
-    if values.get("workers", 1) > 1:
-        for shared in ("acme", "certificate_provider"):
-            if values.get(shared) is not None:
-                raise ConfigError(
-                    "settings.workers",
-                    f"workers > 1 cannot be combined with {shared}: the worker processes share "
-                    "nothing, so certificates obtained by one process would have to be shared "
-                    "with the others (give routes certificate files, or run one process)",
-                )
     return Settings(**values)
 
 

@@ -5,7 +5,8 @@ tests/server/http and tests/certs test the modules of the same folders (a subpac
 test file, such as routing/validation or server/workers, is tested from its parent's folder);
 tests/system holds the whole-proxy suites (abuse, faults, churn, soak, lifecycle, ...), and
 tests/ itself the tests of cli.py, settings.py and helpers/. The shared helpers (support,
-http_backend, pebble, leaks, replay, desync_peers) and fixtures/ stay in tests/, which this file
+http_backend, pebble, redis_server, acme_sites, cert_factory, held_dns, leaks, replay,
+desync_peers) and fixtures/ stay in tests/, which this file
 puts on sys.path, so every test file, at any depth, does ``from support import ...``. Paths to
 fixtures/ and examples/ come from support (FIXTURES, EXAMPLES), never from a test file's own
 location. Test file basenames must stay unique across folders (pytest's default import mode).
@@ -23,7 +24,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from support import Finished, TestCA  # noqa: E402
+from http_backend import Backend, http_backend  # noqa: E402
+from pebble import Pebble, free_port, run_pebble  # noqa: E402
+from support import Finished, TestCA, require_tool  # noqa: E402
 
 from smartroute.server import accept  # noqa: E402
 from smartroute.server.stats import ConnectionRecord, StatsBook  # noqa: E402
@@ -63,3 +66,17 @@ def lane_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
 
     monkeypatch.setattr(accept, "adopt", recording)
     yield handed
+
+
+@pytest.fixture
+def pebble(tmp_path: Path) -> Iterator[Pebble]:
+    require_tool("pebble")
+    (tmp_path / "pebble").mkdir()
+    with run_pebble(tmp_path / "pebble", http_port=free_port(), tls_port=free_port()) as ca:
+        yield ca
+
+
+@pytest.fixture
+def backend() -> Iterator[Backend]:
+    with http_backend("site") as server:
+        yield server

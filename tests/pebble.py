@@ -3,8 +3,9 @@
 ``run_pebble`` starts Debian's ``pebble`` (2.4) with a listener certificate made here, and
 ``pebble-challtestsrv`` as a DNS server that answers 127.0.0.1 for every name, so Pebble's
 validation authority really connects to ``http_port`` (HTTP-01) and ``tls_port`` (TLS-ALPN-01)
-on loopback: the proxy under test answers the challenges. ``PEBBLE_VA_ALWAYS_VALID`` is never
-set (and removed if inherited).
+on loopback: the proxy under test answers the challenges. For DNS-01, TXT records are published
+through challtestsrv's management API at ``challtestsrv_url``. ``PEBBLE_VA_ALWAYS_VALID`` is
+never set (and removed if inherited).
 
 Facts about Pebble 2.4 this relies on:
 
@@ -48,7 +49,11 @@ READY_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
 
 # Fast and deterministic: no random validation sleeps, no random badNonce rejections, and
-# every order needs a fresh validation (Pebble reuses valid authorizations 50% of the time).
+# orders almost always need a fresh validation (Pebble reuses valid authorizations 50% of the
+# time by default). Almost: Pebble 2.4 makes a new authorization when rand.Intn(100) > the
+# percentage, so at 0 it still reuses an account's valid one for the same name 1 time in 100
+# (and a negative value falls back to 50). A test that needs a fresh validation of a name it
+# already validated uses a new account.
 DEFAULT_ENV = {
     "PEBBLE_VA_NOSLEEP": "1",
     "PEBBLE_WFE_NONCEREJECT": "0",
@@ -78,6 +83,7 @@ class Pebble:
     tls_port: int  # where Pebble's VA connects for TLS-ALPN-01
     management_url: str
     dns_port: int  # UDP port of pebble-challtestsrv's DNS server
+    challtestsrv_url: str  # pebble-challtestsrv's management API (set-txt, clear-txt), plain HTTP
     log_path: Path  # Pebble's stdout and stderr, appended to across restarts
     _command: list[str] = field(repr=False)
     _env: dict[str, str] = field(repr=False)
@@ -176,7 +182,8 @@ def run_pebble(
         raise ValueError("PEBBLE_VA_ALWAYS_VALID defeats the purpose: validation must happen")
 
     challtestsrv_log = tmp / "challtestsrv.log"
-    dns = _start_challtestsrv(dns_port, challtestsrv_log)
+    challtestsrv_port = free_port()
+    dns = _start_challtestsrv(dns_port, challtestsrv_port, challtestsrv_log)
     try:
         pebble = Pebble(
             directory_url=f"https://{LOOPBACK}:{acme_port}/dir",
@@ -185,6 +192,7 @@ def run_pebble(
             tls_port=tls_port,
             management_url=f"https://{LOOPBACK}:{management_port}",
             dns_port=dns_port,
+            challtestsrv_url=f"http://{LOOPBACK}:{challtestsrv_port}",
             log_path=tmp / "pebble.log",
             _command=[PEBBLE, "-config", str(config), "-dnsserver", f"{LOOPBACK}:{dns_port}"],
             _env=process_env,
@@ -198,13 +206,41 @@ def run_pebble(
         _terminate(dns)
 
 
+_TYPE_A, _TYPE_TXT = 1, 16
+
+
 def dns_query_a(port: int, name: str, host: str = LOOPBACK, timeout: float = 2.0) -> list[str]:
     """Ask the DNS server at ``host:port`` over UDP for ``name``'s A records."""
+    return [
+        str(ipaddress.IPv4Address(data))
+        for data in _dns_query(port, name, _TYPE_A, host, timeout)
+        if len(data) == 4
+    ]
+
+
+def dns_query_txt(port: int, name: str, host: str = LOOPBACK, timeout: float = 2.0) -> list[str]:
+    """Ask the DNS server at ``host:port`` over UDP for ``name``'s TXT records.
+
+    Each record's character-strings are joined into one value, as ACME validation reads them.
+    """
+    values = []
+    for data in _dns_query(port, name, _TYPE_TXT, host, timeout):
+        parts, offset = [], 0
+        while offset < len(data):  # each character-string: a length byte, then the bytes
+            length = data[offset]
+            parts.append(data[offset + 1 : offset + 1 + length])
+            offset += 1 + length
+        values.append(b"".join(parts).decode())
+    return values
+
+
+def _dns_query(port: int, name: str, qtype: int, host: str, timeout: float) -> list[bytes]:
+    """The RDATA of every ``qtype`` record in the answer to one UDP question (class IN)."""
     query_id = secrets.randbits(16)
     question = b"".join(bytes([len(label)]) + label.encode() for label in name.split(".") if label)
-    # Header: id, flags (RD), 1 question, no answer/authority/additional; then QTYPE A, QCLASS IN.
+    # Header: id, flags (RD), 1 question, no answer/authority/additional; then QTYPE, QCLASS IN.
     query = struct.pack("!HHHHHH", query_id, 0x0100, 1, 0, 0, 0) + question + b"\0"
-    query += struct.pack("!HH", 1, 1)
+    query += struct.pack("!HH", qtype, 1)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.settimeout(timeout)
         sock.sendto(query, (host, port))
@@ -215,15 +251,15 @@ def dns_query_a(port: int, name: str, host: str = LOOPBACK, timeout: float = 2.0
     offset = 12
     for _ in range(qdcount):
         offset = _skip_name(reply, offset) + 4  # QTYPE, QCLASS
-    addresses = []
+    found = []
     for _ in range(ancount):
         offset = _skip_name(reply, offset)
         rtype, _class, _ttl, length = struct.unpack_from("!HHIH", reply, offset)
         offset += 10
-        if rtype == 1 and length == 4:
-            addresses.append(str(ipaddress.IPv4Address(reply[offset : offset + 4])))
+        if rtype == qtype:
+            found.append(reply[offset : offset + length])
         offset += length
-    return addresses
+    return found
 
 
 def _skip_name(message: bytes, offset: int) -> int:
@@ -237,9 +273,11 @@ def _skip_name(message: bytes, offset: int) -> int:
         offset += 1 + length
 
 
-def _start_challtestsrv(dns_port: int, log_path: Path) -> subprocess.Popen[bytes]:
-    # Only the DNS server: the HTTP-01, HTTPS and TLS-ALPN-01 responders are disabled so the
-    # proxy under test owns http_port and tls_port.
+def _start_challtestsrv(
+    dns_port: int, management_port: int, log_path: Path
+) -> subprocess.Popen[bytes]:
+    # Only the DNS server and its management API: the HTTP-01, HTTPS and TLS-ALPN-01 responders
+    # are disabled so the proxy under test owns http_port and tls_port.
     command = [
         CHALLTESTSRV,
         "-defaultIPv4", LOOPBACK,
@@ -248,15 +286,16 @@ def _start_challtestsrv(dns_port: int, log_path: Path) -> subprocess.Popen[bytes
         "-http01", "",
         "-https01", "",
         "-tlsalpn01", "",
-        "-management", f"{LOOPBACK}:{free_port()}",
+        "-management", f"{LOOPBACK}:{management_port}",
     ]  # fmt: skip
     with log_path.open("ab") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
         _wait_until(
-            lambda: _dns_ok(dns_port),
+            lambda: _dns_ok(dns_port) and _tcp_ok(management_port),
             process,
-            f"pebble-challtestsrv did not answer DNS on {LOOPBACK}:{dns_port}",
+            f"pebble-challtestsrv did not answer DNS on {LOOPBACK}:{dns_port}"
+            f" and its management API on {LOOPBACK}:{management_port}",
             log_path,
             0,
         )
@@ -300,6 +339,14 @@ def _https_ok(url: str, ca_bundle: str) -> bool:
 def _dns_ok(port: int) -> bool:
     try:
         return dns_query_a(port, "ready.pebble.test", timeout=0.5) == [LOOPBACK]
+    except OSError:
+        return False
+
+
+def _tcp_ok(port: int) -> bool:
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=0.5):
+            return True
     except OSError:
         return False
 

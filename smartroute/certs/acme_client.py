@@ -22,8 +22,8 @@ from josepy.jwa import ES256, RS256, JWASignature
 from josepy.jwk import JWK, JWKEC, JWKRSA
 
 from smartroute import __version__
+from smartroute.certs.dns import txt_record_name
 from smartroute.certs.settings import AcmeSettings
-from smartroute.certs.store import CertificateStore
 from smartroute.certs.tls_alpn import TLSALPN01
 from smartroute.errors import AcmeError
 
@@ -32,13 +32,18 @@ _T = TypeVar("_T")
 
 @dataclass(frozen=True, slots=True)
 class ChallengeTask:
-    """One challenge the proxy must answer before the CA validates ``domain``."""
+    """One challenge the proxy must answer before the CA validates ``domain``.
 
-    kind: str  # "http-01" | "tls-alpn-01"
+    For dns-01, ``key_authorization`` is the TXT value to publish at ``txt_name``; ``domain``
+    is the name as ordered, so a wildcard keeps its ``*.``.
+    """
+
+    kind: str  # "http-01" | "tls-alpn-01" | "dns-01"
     domain: str
     token: str
     key_authorization: str
     body: messages.ChallengeBody = field(repr=False)
+    txt_name: str = ""  # dns-01 only: the TXT record name, _acme-challenge.<base name>
 
 
 @dataclass(slots=True)
@@ -57,12 +62,15 @@ def new_private_key_pem() -> str:
 
 
 def _jwk(key_pem: str) -> tuple[JWK, JWASignature]:
-    key = serialization.load_pem_private_key(key_pem.encode(), password=None)
+    try:
+        key = serialization.load_pem_private_key(key_pem.encode(), password=None)
+    except (ValueError, TypeError) as exc:  # not PEM, encrypted, or an unsupported key type
+        raise AcmeError(f"the ACME account key is not a usable PEM private key ({exc})") from exc
     if isinstance(key, ec.EllipticCurvePrivateKey):
         return JWKEC(key=key), ES256
     if isinstance(key, rsa.RSAPrivateKey):
         return JWKRSA(key=key), RS256
-    raise AcmeError("the stored ACME account key is neither EC nor RSA")
+    raise AcmeError("the ACME account key is neither EC nor RSA")
 
 
 def _describe(exc: BaseException) -> str:
@@ -81,11 +89,16 @@ def _describe(exc: BaseException) -> str:
 
 
 class AcmeClient:
-    """One ACME account at one CA, used from worker threads."""
+    """One ACME account at one CA, used from worker threads.
 
-    def __init__(self, settings: AcmeSettings, store: CertificateStore) -> None:
+    The account is the one of ``account_key_pem`` (PEM, EC or RSA): registered at first use,
+    found again when the CA already knows the key. Keeping the key is the caller's business.
+    """
+
+    def __init__(self, settings: AcmeSettings, account_key_pem: str) -> None:
         self.settings = settings
-        self.store = store
+        self.account_uri: str | None = None  # set once connected
+        self._account_key_pem = account_key_pem
         self._lock = threading.Lock()
         self._client: client.ClientV2 | None = None
         self._key: JWK | None = None
@@ -104,13 +117,11 @@ class AcmeClient:
     # -- account ---------------------------------------------------------------------------
 
     def _connect(self) -> client.ClientV2:
-        """The library client with a registered account (created and stored on first use)."""
+        """The library client with the account of the key (registered on first use)."""
         if self._client is not None:
             return self._client
         settings = self.settings
-        stored = self.store.load_account(settings.directory_url)
-        key_pem = stored[0] if stored else new_private_key_pem()
-        key, alg = _jwk(key_pem)
+        key, alg = _jwk(self._account_key_pem)
         verify: Any = settings.ca_bundle or True
         net = client.ClientNetwork(
             key, alg=alg, verify_ssl=verify, user_agent=f"smartroute/{__version__}"
@@ -140,9 +151,7 @@ class AcmeClient:
             )
             net.account = regr
             regr = acme.query_registration(regr)
-        self.store.save_account(
-            settings.directory_url, key_pem, {"uri": regr.uri, "email": settings.email}
-        )
+        self.account_uri = regr.uri
         self._client, self._key = acme, key
         return acme
 
@@ -161,24 +170,29 @@ class AcmeClient:
             for authzr in orderr.authorizations:
                 if authzr.body.status == messages.STATUS_VALID:
                     continue  # validated recently: the CA reuses the authorization
+                # A wildcard's authorization names the base domain and says "wildcard".
                 domain = authzr.body.identifier.value
-                wanted = [
-                    c for c in authzr.body.challenges if c.chall.typ == self.settings.challenge
-                ]
+                if authzr.body.wildcard:
+                    domain = "*." + domain
+                kind = self.settings.challenge
+                wanted = [c for c in authzr.body.challenges if c.chall.typ == kind]
                 if not wanted:
                     offered = ", ".join(str(c.chall.typ) for c in authzr.body.challenges)
-                    kind = self.settings.challenge
-                    raise AcmeError(f"{domain}: the CA does not offer {kind} (offers {offered})")
+                    needs = " (wildcard names need dns-01)" if authzr.body.wildcard else ""
+                    raise AcmeError(
+                        f"{domain}: the CA does not offer {kind} (offers {offered}){needs}"
+                    )
                 challb = wanted[0]
                 chall = challb.chall
-                assert isinstance(chall, challenges.HTTP01 | TLSALPN01)
+                assert isinstance(chall, challenges.HTTP01 | TLSALPN01 | challenges.DNS01)
                 tasks.append(
                     ChallengeTask(
-                        kind=self.settings.challenge,
+                        kind=kind,
                         domain=domain,
                         token=b64encode(chall.token).decode(),
                         key_authorization=chall.validation(self._key),
                         body=challb,
+                        txt_name=txt_record_name(domain) if kind == "dns-01" else "",
                     )
                 )
             return PendingOrder(tuple(domains), key_pem, orderr, tasks)
@@ -193,7 +207,7 @@ class AcmeClient:
             assert self._key is not None
             for task in pending.challenges:
                 chall = task.body.chall
-                assert isinstance(chall, challenges.HTTP01 | TLSALPN01)
+                assert isinstance(chall, challenges.HTTP01 | TLSALPN01 | challenges.DNS01)
                 acme.answer_challenge(task.body, chall.response(self._key))
             deadline = datetime.datetime.now() + datetime.timedelta(
                 seconds=self.settings.order_timeout

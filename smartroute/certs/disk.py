@@ -102,13 +102,27 @@ if sys.platform == "win32":  # pragma: no cover - no flock: serialise this proce
 
 else:
     import fcntl
+    import threading
+
+    # POSIX record locks (lockf), not flock: a forked worker process does not inherit them, so
+    # a fork while a thread of the parent holds the lock cannot leave it held for good. They
+    # do not exclude threads of one process from each other: the thread lock does that.
+    _THREADS = threading.Lock()
+
+    def _fresh_lock_in_child() -> None:
+        global _THREADS
+        _THREADS = threading.Lock()  # the thread that held the parent's copy is not here
+
+    os.register_at_fork(after_in_child=_fresh_lock_in_child)
 
     @contextlib.contextmanager
     def file_lock(path: Path, exclusive: bool) -> Iterator[None]:
-        """flock ``path``: shared for readers, exclusive for writers, across threads too."""
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _LOCK_MODE)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-            yield
-        finally:
-            os.close(fd)
+        """Lock ``path`` against other processes (shared for readers, exclusive for writers)
+        and against the other threads of this one."""
+        with _THREADS:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _LOCK_MODE)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+                yield
+            finally:
+                os.close(fd)

@@ -2,104 +2,59 @@
 
 The manager serves stored certificates at once on start (the CA is not contacted for them),
 then works through what is missing or due in batches: a ``certificate_provider`` is asked
-first, then the ACME CA. For HTTP-01 the challenge answers come from an ordinary route on the
-ACME port with the highest priority, added once per batch through the port manager and
-removed after it; for TLS-ALPN-01 they come from the TLS port itself. A failure keeps the old
-certificate in service and retries with exponential backoff and jitter.
+first, then the ACME CA. Each certificate is obtained under its lock in the store: processes
+sharing the store (``workers=N``, or instances sharing Redis) order it once, and the others
+serve what the holder stored. For HTTP-01 the challenge answers come from an ordinary route on
+the ACME port with the highest priority (added per batch, or kept for good when other
+processes may be asked); for TLS-ALPN-01 they come from the TLS port itself; for DNS-01 from
+the DNS provider. ``"certificate": "on-demand"`` routes get one at the first handshake for a
+name the permission callable allows. A failure keeps the old certificate in service and
+retries with exponential backoff and jitter.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
-import inspect
 import logging
-import random
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-
-from smartroute.certs.acme_client import AcmeClient, PendingOrder
+from smartroute.certs.acme_client import AcmeClient, PendingOrder, new_private_key_pem
+from smartroute.certs.challenges import HTTP01_ROUTE, Challenges
+from smartroute.certs.on_demand import OnDemandGate
+from smartroute.certs.provided import CertificateProvider, ask_provider
 from smartroute.certs.records import StoredCertificate
+from smartroute.certs.schedule import DomainStatus
+from smartroute.certs.schedule import now as utc_now
 from smartroute.certs.settings import AcmeSettings
-from smartroute.certs.store import CertificateStore
-from smartroute.certs.tls_alpn import TlsAlpnResponder
-from smartroute.context import RouteContext
-from smartroute.errors import AcmeError
+from smartroute.certs.storage import (
+    LOCK_POLL,
+    CertificateStorage,
+    HeldBack,
+    account_key,
+    holding,
+    open_storage,
+)
+from smartroute.errors import AcmeError, CertificateStoreError
 from smartroute.routing.model import CertificatePair, CompiledRoute
+from smartroute.routing.patterns import DomainPattern, compile_domain
 from smartroute.routing.schema import RouteInput
 
 log = logging.getLogger("smartroute.certs")
 
-CertificateProvider = Callable[[str], Awaitable[Any]]
-HTTP01_ROUTE = "smartroute:acme-http-01"
-HTTP01_PRIORITY = 2**31 - 1
-HTTP01_PREFIX = "/.well-known/acme-challenge/"
 
-
-def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC)
-
-
-@dataclass(slots=True)
-class DomainStatus:
-    """Where one domain's certificate stands."""
-
-    state: str = "pending"  # valid | pending | renewing | failed
-    source: str | None = None  # acme | provider | store
-    not_after: datetime.datetime | None = None
-    last_error: str | None = None
-    next_attempt: datetime.datetime | None = None
-    failures: int = 0
-    forced: bool = False
-    fresh_since: datetime.datetime | None = None  # when a newly obtained one was installed
-    suggested: datetime.datetime | None = None  # the CA's renewal time (ARI), when it offers one
-    asked_ca_at: datetime.datetime | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "state": self.state,
-            "source": self.source,
-            "not_after": self.not_after.isoformat() if self.not_after else None,
-            "last_error": self.last_error,
-            "next_attempt": self.next_attempt.isoformat() if self.next_attempt else None,
-        }
-
-
-def auto_domains(routes: Iterable[CompiledRoute]) -> set[str]:
-    """The exact domains of every enabled route that asks for ``"certificate": "auto"``."""
+def auto_domains(routes: Iterable[CompiledRoute], *, wildcards: bool = False) -> set[str]:
+    """The domains of every enabled route that asks for ``"certificate": "auto"``: the exact
+    ones, and with ``wildcards`` (DNS-01) the ``*.example.com`` ones too."""
     wanted: set[str] = set()
     for route in routes:
         if route.enabled and route.tls is not None and route.tls.certificate == "auto":
-            wanted.update(d.text for d in route.match.domains if d.exact)
+            wanted.update(
+                d.text for d in route.match.domains if d.exact or (wildcards and d.suffix)
+            )
     return wanted
-
-
-def _provided_pair(domain: str, result: Any) -> CertificatePair:
-    if isinstance(result, CertificatePair):
-        return result
-    if isinstance(result, Mapping) and "cert" in result and "key" in result:
-        return CertificatePair(str(result["cert"]), str(result["key"]))
-    if isinstance(result, tuple) and len(result) == 2:
-        return CertificatePair(str(result[0]), str(result[1]))
-    raise TypeError(
-        f"certificate_provider({domain!r}) returned {type(result).__name__}; expected None, "
-        "(cert_pem, key_pem) or {'cert': ..., 'key': ...}"
-    )
-
-
-def _provided_entry(domain: str, pair: CertificatePair) -> StoredCertificate:
-    """Describe a provider's certificate like a stored one (it is kept in memory only)."""
-    leaf = x509.load_pem_x509_certificate(pair.cert_pem.encode())
-    key = serialization.load_pem_private_key(pair.key_pem.encode(), password=None)
-    if key.public_key().public_numbers() != leaf.public_key().public_numbers():  # type: ignore[union-attr]
-        raise ValueError(f"the provider's key for {domain} does not match its certificate")
-    return StoredCertificate.describe(
-        (domain,), pair.cert_pem, pair.key_pem, leaf, "provider", _now()
-    )
 
 
 class CertificateHost(Protocol):
@@ -113,10 +68,12 @@ class CertificateHost(Protocol):
 
 
 class CertificateManager:
-    """Keeps a certificate in service for every domain of every ``auto`` route.
+    """Keeps a certificate in service for every domain of every ``auto`` route, and for every
+    name an ``on-demand`` route obtained one for.
 
     Certificates go to new handshakes, and the HTTP-01 challenge route comes and goes, through
-    ``proxy`` (see :class:`CertificateHost`).
+    ``proxy`` (see :class:`CertificateHost`). ``cluster``: other processes share the store
+    (the workers of ``workers=N``); a Redis store is always shared.
     """
 
     def __init__(
@@ -124,39 +81,72 @@ class CertificateManager:
         proxy: CertificateHost,
         settings: AcmeSettings | None,
         provider: CertificateProvider | None = None,
+        *,
+        cluster: bool = False,
     ) -> None:
         self.proxy = proxy
         self.settings = settings
         self.provider = provider
-        self.store = CertificateStore(settings.certificate_store) if settings else None
-        self.client = AcmeClient(settings, self.store) if settings and self.store else None
-        self.alpn = TlsAlpnResponder()
-        self._wanted: set[str] = set()
+        self.storage: CertificateStorage | None = (
+            open_storage(settings.certificate_store) if settings else None
+        )
+        self.cluster = cluster or (self.storage is not None and self.storage.shared)
+        self.client: AcmeClient | None = None
+        self.challenges = Challenges(
+            self.storage,
+            settings.dns_provider if settings else None,
+            shared=self.cluster,
+            ttl=settings.order_timeout + 60 if settings else 150.0,
+        )
+        self.alpn = self.challenges.alpn
+        self.gate = OnDemandGate(
+            settings.on_demand_permission if settings else None,
+            settings.on_demand_timeout if settings else 10.0,
+            settings.on_demand_per_minute if settings else 10,
+        )
+        self._routes_want: set[str] = set()
+        self._on_demand: set[str] = set()  # names on-demand routes obtained certificates for
+        self._on_demand_patterns: tuple[DomainPattern, ...] = ()
         self._serving: dict[str, CertificatePair] = {}
         self._stored: dict[str, StoredCertificate] = {}
         self._status: dict[str, DomainStatus] = {}
-        self._tokens: dict[str, str] = {}
+        self._held_back = HeldBack(self.storage) if self.storage else None
+        self._outcome: dict[str, asyncio.Event] = {}  # on-demand names waiting for a result
+        self._asking: dict[str, asyncio.Task[CertificatePair | None]] = {}
         self._wake = asyncio.Event()
         self._batch_done = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._synced_at: datetime.datetime | None = None
+        # Another process may order and the CA may ask this one: the HTTP-01 route stays.
+        self._standing_route = (
+            self.cluster and settings is not None and settings.challenge == "http-01"
+        )
+
+    @property
+    def _wanted(self) -> set[str]:
+        return self._routes_want | self._on_demand
+
+    def _on_demand_route(self, domain: str) -> bool:
+        """Whether an on-demand route covers ``domain``."""
+        return any(p.matches(domain) for p in self._on_demand_patterns)
+
+    @property
+    def _dns01(self) -> bool:
+        return self.settings is not None and self.settings.challenge == "dns-01"
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self, routes: Iterable[CompiledRoute]) -> None:
-        """Serve what the store holds, then start issuing and renewing in the background."""
-        self._wanted = auto_domains(routes)
-        if self.store is not None:
-            entries, problems = await asyncio.to_thread(self.store.load)
-            for problem in problems:
-                log.warning(
-                    "certificate store: %s: %s (it will be issued again)",
-                    problem.name,
-                    problem.reason,
-                )
-            for entry in entries:
-                for domain in entry.domains:
-                    if domain in self._wanted or not self._wanted:
-                        self._install(domain, entry, "store")
+        """Serve what the store holds, then start issuing and renewing in the background.
+
+        Raises :class:`~smartroute.errors.CertificateStoreError` (naming the store) when the
+        store cannot be reached."""
+        routes = tuple(routes)
+        self._routes_want = auto_domains(routes, wildcards=self._dns01)
+        self._on_demand_patterns = on_demand_domains(routes)
+        if self.storage is not None:
+            await self.storage.open()
+            await self._sync(initial=True)
         for domain in self._wanted:
             self._status.setdefault(domain, DomainStatus())
         if self._task is None:
@@ -167,10 +157,25 @@ class CertificateManager:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        await self._close_http01()
+        for task in list(self._asking.values()):
+            task.cancel()
+        await asyncio.gather(*self._asking.values(), return_exceptions=True)
+        if not self._standing_route:
+            await self.proxy.set_internal_route(HTTP01_ROUTE, None)
+        if self.storage is not None:
+            await self.storage.close()
+
+    def standing_routes(self) -> dict[str, RouteInput]:
+        """The routes the proxy keeps for the manager from its start on: the HTTP-01 answers
+        when other processes share the store (any of them may be asked)."""
+        if not self._standing_route or self.settings is None:
+            return {}
+        return {HTTP01_ROUTE: self.challenges.http01_route(self.settings.port, None)}
 
     def routes_changed(self, routes: Iterable[CompiledRoute]) -> None:
-        self._wanted = auto_domains(routes)
+        routes = tuple(routes)
+        self._routes_want = auto_domains(routes, wildcards=self._dns01)
+        self._on_demand_patterns = on_demand_domains(routes)
         for domain in self._wanted:
             self._status.setdefault(domain, DomainStatus())
         self._wake.set()
@@ -184,55 +189,99 @@ class CertificateManager:
 
     async def settled(self) -> dict[str, dict[str, Any]]:
         """Wait until no domain is pending or renewing (each is valid or failed)."""
+        self._wake.set()
         while any(self._status[d].state in ("pending", "renewing") for d in self._wanted):
             self._batch_done.clear()
-            self._wake.set()
             await self._batch_done.wait()
         return self.status()
 
     async def renew(self, domains: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
         """Renew ``domains`` (all auto domains by default) now; returns their status after."""
         chosen = sorted(self._wanted if domains is None else set(domains) & self._wanted)
+        now = utc_now()
         for domain in chosen:
             status = self._status.setdefault(domain, DomainStatus())
-            status.forced, status.next_attempt = True, None
+            status.forced, status.forced_at, status.next_attempt = True, now, None
+        self._wake.set()
         while any(self._status[d].forced for d in chosen):
             self._batch_done.clear()
-            self._wake.set()
             await self._batch_done.wait()
         return {d: self._status[d].as_dict() for d in chosen}
 
+    # -- on demand -------------------------------------------------------------------------
+
+    async def on_demand(self, name: str) -> CertificatePair | None:
+        """The certificate for ``name`` on an on-demand route: served, stored, or obtained now
+        when the permission callable allows it; None when there is none to present.
+
+        Concurrent handshakes for one name share one attempt."""
+        name = name.lower().rstrip(".")
+        pair = self._serving.get(name)
+        if pair is not None:
+            return pair
+        task = self._asking.get(name)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._obtain_on_demand(name))
+            self._asking[name] = task
+            task.add_done_callback(lambda _: self._asking.pop(name, None))
+        return await asyncio.shield(task)
+
+    async def _obtain_on_demand(self, name: str) -> CertificatePair | None:
+        if self.storage is None or self.settings is None:
+            return None
+        try:
+            stored = await self.storage.load([name])
+        except CertificateStoreError as exc:
+            log.warning("on-demand certificate for %s: %s", name, exc)
+            return None
+        if stored is not None and stored.remaining().total_seconds() > 0:
+            # Stored (by this process earlier, or another one): no question asked.
+            self._on_demand.add(name)
+            self._install(name, stored, "store")
+            return stored.pair
+        if not await self.gate.allows(name) or not self.gate.take_order():
+            return None
+        outcome = self._outcome.setdefault(name, asyncio.Event())
+        self._on_demand.add(name)
+        self._status[name] = DomainStatus()
+        self._wake.set()
+        try:
+            async with asyncio.timeout(self.settings.order_timeout + self.settings.lock_lease):
+                await outcome.wait()
+        except TimeoutError:
+            log.warning("on-demand certificate for %s: not ready in time", name)
+        finally:
+            self._outcome.pop(name, None)
+        if name not in self._serving:
+            self._on_demand.discard(name)  # asked again at a later handshake, not renewed
+            return None
+        return self._serving[name]
+
     # -- planning --------------------------------------------------------------------------
 
-    def _due(self, domain: str, now: datetime.datetime) -> datetime.datetime | None:
-        """When ``domain`` needs a new certificate (``now`` or earlier means: now)."""
-        status = self._status[domain]
-        if status.forced:
-            return now
-        if status.next_attempt is not None:
-            return status.next_attempt
-        stored = self._stored.get(domain)
-        if stored is None:
-            return now
-        threshold = datetime.timedelta(
-            days=self.settings.renew_threshold_days if self.settings else 30
-        )
-        margin = max(threshold, stored.lifetime / 3)
-        due = stored.not_after - margin
-        if status.fresh_since is not None:
-            # A certificate just obtained that is already "due" (a threshold longer than the
-            # CA's lifetimes) is renewed once per check interval, not in a tight loop.
-            interval = self.settings.renew_check_interval if self.settings else 3600.0
-            due = max(due, status.fresh_since + datetime.timedelta(seconds=interval))
-        if status.suggested is not None:
-            due = min(due, status.suggested)
-        return due
+    def _due(self, domain: str, at: datetime.datetime) -> datetime.datetime:
+        """When ``domain`` needs a new certificate (``at`` or earlier means: now)."""
+        return self._status[domain].due(self._stored.get(domain), self.settings, at)
 
     async def _run(self) -> None:
+        """Look, order what is due, sleep until the next thing is due; never gives up."""
+        while True:
+            try:
+                await self._look()
+            except Exception as exc:  # a bug must not end renewals for good: log, go on
+                log.error("certificate manager failed; trying again shortly", exc_info=exc)
+                self._batch_done.set()
+                await asyncio.sleep(self.settings.retry_min if self.settings else 60.0)
+
+    async def _look(self) -> None:
         interval = self.settings.renew_check_interval if self.settings else 3600.0
         while True:
+            if self._held_back:
+                await self._held_back.retry()
+            if self.cluster:
+                await self._sync(initial=False)
             await self._ask_renewal_info(interval)
-            now = _now()
+            now = utc_now()
             due = sorted(
                 d for d in self._wanted if (when := self._due(d, now)) is not None and when <= now
             )
@@ -246,6 +295,8 @@ class CertificateManager:
             wait = interval
             if upcoming:
                 wait = min(wait, max(0.01, (min(upcoming) - now).total_seconds()))
+            if self._held_back and self.settings is not None:
+                wait = min(wait, self.settings.retry_min)
             self._wake.clear()
             # asyncio.timeout, not wait_for: wait_for can swallow a cancellation that arrives
             # just as the event is set, and stop() would then wait forever.
@@ -255,15 +306,52 @@ class CertificateManager:
             except TimeoutError:
                 pass
 
+    async def _sync(self, *, initial: bool) -> None:
+        """Serve what the store holds that is newer than what is served (another process
+        renewed it); on start, everything stored for a wanted name. A cluster looks again once
+        per check interval."""
+        assert self.storage is not None
+        now = utc_now()
+        if not initial:
+            interval = self.settings.renew_check_interval if self.settings else 3600.0
+            if self._synced_at and (now - self._synced_at).total_seconds() < interval:
+                return
+        self._synced_at = now
+        try:
+            entries, problems = await self.storage.list()
+        except CertificateStoreError as exc:
+            if initial:
+                raise
+            log.warning("cannot look for renewed certificates: %s", exc)
+            return
+        for problem in problems:
+            log.warning(
+                "certificate store %s: %s: %s (not served; it will be issued again)",
+                self.storage.location,
+                problem.name,
+                problem.reason,
+            )
+        wanted = self._wanted
+        for entry in entries:
+            for domain in entry.domains:
+                if self._on_demand_route(domain):
+                    self._on_demand.add(domain)  # obtained earlier: kept renewed
+                elif wanted and domain not in wanted:
+                    continue
+                current = self._stored.get(domain)
+                if current is None or entry.not_after > current.not_after:
+                    self._install(domain, entry, "store")
+
     async def _ask_renewal_info(self, interval: float) -> None:
         """Ask the CA when to renew (ARI, RFC 9773), once per check interval per certificate.
 
         A CA without renewal information, or one that does not answer, leaves the schedule to
-        the threshold; the question is asked again at the next interval.
+        the threshold; the question is asked again at the next interval. Nothing is asked
+        before this process has an account (it never ordered).
         """
         if self.client is None:
             return
-        now = _now()
+        now = utc_now()
         for domain in sorted(self._wanted):
             status, stored = self._status[domain], self._stored.get(domain)
             if stored is None or stored.source == "provider" or status.source == "provider":
@@ -284,61 +372,120 @@ class CertificateManager:
         remaining = [d for d in domains if not await self._from_provider(d)]
         if not remaining:
             return
-        if self.client is None or self.store is None or self.settings is None:
+        if self.storage is None or self.settings is None:
             for domain in remaining:
                 self._failed(domain, "no certificate_provider answer and no acme setting")
             return
         for domain in remaining:
             self._status[domain].state = "renewing" if domain in self._stored else "pending"
-        http01 = self.settings.challenge == "http-01"
+        async with contextlib.AsyncExitStack() as held:
+            mine = [d for d in remaining if await self._claim(d, held)]
+            if mine:
+                await self._order(mine)
+
+    async def _claim(self, domain: str, held: contextlib.AsyncExitStack) -> bool:
+        """Take ``domain``'s lock in the store (held until the batch ends) when an order is
+        still needed; False when the store had a good one or another process is ordering."""
+        assert self.storage is not None and self.settings is not None
+        status, current = self._status[domain], self._stored.get(domain)
+        try:
+            stored = await self.storage.load([domain])
+            if stored is not None and status.satisfied_by(stored, current, self.settings):
+                self._install(domain, stored, "store")
+                return False
+            token = await held.enter_async_context(
+                holding(self.storage, _lock_name(domain), self.settings.lock_lease)
+            )
+            if token is None:
+                # Another process orders it: look again soon, without counting a failure.
+                status.next_attempt = utc_now() + datetime.timedelta(
+                    seconds=min(LOCK_POLL, self.settings.lock_lease / 4)
+                )
+                log.debug("certificate for %s is being ordered by another process", domain)
+                return False
+            stored = await self.storage.load([domain])  # it may have finished meanwhile
+        except CertificateStoreError as exc:
+            self._failed(domain, str(exc))
+            return False
+        if stored is not None and status.satisfied_by(stored, current, self.settings):
+            self._install(domain, stored, "store")
+            return False
+        return True
+
+    async def _order(self, domains: list[str]) -> None:
+        """Order each of ``domains`` (their locks are held) and store what the CA issues."""
+        assert self.storage is not None and self.settings is not None
+        try:
+            client = await self._account()
+        except (AcmeError, CertificateStoreError) as exc:
+            for domain in domains:
+                self._failed(domain, str(exc))
+            return
+        batch_route = self.settings.challenge == "http-01" and not self._standing_route
         orders: list[PendingOrder] = []
         try:
-            if http01:
-                await self._open_http01(remaining)
-            for domain in remaining:
+            if batch_route:
+                await self.proxy.set_internal_route(
+                    HTTP01_ROUTE, self.challenges.http01_route(self.settings.port, domains)
+                )
+            for domain in domains:
                 try:
-                    pending = await asyncio.to_thread(self.client.order, [domain])
+                    pending = await asyncio.to_thread(client.order, [domain])
+                    orders.append(pending)
+                    await self.challenges.publish(pending)
+                except (AcmeError, CertificateStoreError) as exc:
+                    self._failed(domain, str(exc))
+            for pending in orders:
+                domain = pending.domains[0]
+                if self._status[domain].state == "failed":
+                    continue  # publishing failed: not worth asking the CA to validate
+                try:
+                    chain = await asyncio.to_thread(client.finish, pending)
                 except AcmeError as exc:
                     self._failed(domain, str(exc))
                     continue
-                self._publish(pending)
-                orders.append(pending)
-            for pending in orders:
-                domain = pending.domains[0]
-                try:
-                    chain = await asyncio.to_thread(self.client.finish, pending)
-                    entry = await asyncio.to_thread(
-                        self.store.save, pending.domains, chain, pending.key_pem, source="acme"
-                    )
-                except (AcmeError, OSError, ValueError) as exc:
-                    self._failed(domain, str(exc))
-                    continue
-                finally:
-                    self._unpublish(pending)
-                self._install(domain, entry, "acme")
-                log.info(
-                    "certificate for %s issued, valid until %s", domain, entry.not_after.isoformat()
-                )
+                await self._keep(domain, chain, pending.key_pem)
         finally:
-            if http01:
-                await self._close_http01()
+            for pending in orders:
+                await self.challenges.withdraw(pending)
+            if batch_route:
+                await self.proxy.set_internal_route(HTTP01_ROUTE, None)
+
+    async def _keep(self, domain: str, chain: str, key_pem: str) -> None:
+        """Store and serve a certificate the CA just issued (if the store cannot take it now,
+        it is served from memory and stored later)."""
+        assert self._held_back is not None
+        try:
+            entry = await self._held_back.save(domain, chain, key_pem)
+        except (OSError, ValueError) as exc:
+            self._failed(domain, str(exc))
+            return
+        self._install(domain, entry, "acme")
+        log.info("certificate for %s issued, valid until %s", domain, entry.not_after.isoformat())
+
+    async def _account(self) -> AcmeClient:
+        """The ACME client with this CA's account key: the stored one, or a new one stored
+        under the account lock (so processes sharing the store use one account)."""
+        if self.client is not None:
+            return self.client
+        assert self.storage is not None and self.settings is not None
+        key_pem = await account_key(
+            self.storage,
+            self.settings.directory_url,
+            {"email": self.settings.email},
+            new_private_key_pem,
+            self.settings.lock_lease,
+        )
+        self.client = AcmeClient(self.settings, key_pem)
+        return self.client
 
     async def _from_provider(self, domain: str) -> bool:
-        if self.provider is None:
-            return False
-        try:
-            result = self.provider(domain)
-            if inspect.isawaitable(result):
-                result = await result
-            if result is None:
-                return False
-            entry = _provided_entry(domain, _provided_pair(domain, result))
-        except Exception as exc:  # a user hook must not stop issuance for other domains
-            log.error("certificate_provider failed for %s", domain, exc_info=exc)
-            return False
-        # Asked again when it is due for renewal, like an ACME certificate.
-        self._install(domain, entry, "provider")
-        return True
+        """Serve the provider's certificate for ``domain`` if it has one (asked again when it
+        is due for renewal, like an ACME certificate)."""
+        entry = await ask_provider(self.provider, domain) if self.provider else None
+        if entry is not None:
+            self._install(domain, entry, "provider")
+        return entry is not None
 
     def _install(self, domain: str, entry: StoredCertificate, source: str) -> None:
         """Serve ``entry`` for ``domain`` to new handshakes; the previous one stops being used."""
@@ -346,70 +493,33 @@ class CertificateManager:
         self.proxy.serve_certificate(pair, self._serving.get(domain))
         self._serving[domain] = pair
         self._stored[domain] = entry
-        status = self._status.setdefault(domain, DomainStatus())
-        status.state, status.source, status.not_after = "valid", source, entry.not_after
-        status.last_error, status.failures, status.next_attempt = None, 0, None
-        status.forced = False
-        status.fresh_since = None if source == "store" else _now()
-        status.suggested, status.asked_ca_at = None, None
+        self._status.setdefault(domain, DomainStatus()).installed(source, entry.not_after)
+        self._settle(domain)
 
     def _failed(self, domain: str, error: str) -> None:
-        settings = self.settings
-        status = self._status[domain]
-        status.failures += 1
-        base = settings.retry_min if settings else 60.0
-        ceiling = settings.retry_max if settings else 6 * 3600.0
-        delay = min(ceiling, base * 2 ** (status.failures - 1)) * random.uniform(0.8, 1.2)
-        status.state, status.last_error, status.forced = "failed", error, False
-        status.next_attempt = _now() + datetime.timedelta(seconds=delay)
+        next_attempt = self._status[domain].failed(error, self.settings)
         kept = " (the current certificate stays in service)" if domain in self._serving else ""
         log.warning(
             "certificate for %s failed: %s; next attempt at %s%s",
-            domain, error, status.next_attempt.isoformat(timespec="seconds"), kept,
+            domain, error, next_attempt.isoformat(timespec="seconds"), kept,
         )  # fmt: skip
+        self._settle(domain)
 
-    # -- challenges ------------------------------------------------------------------------
+    def _settle(self, domain: str) -> None:
+        """Tell an on-demand handshake waiting for ``domain`` that it has an outcome."""
+        outcome = self._outcome.get(domain)
+        if outcome is not None:
+            outcome.set()
 
-    def _publish(self, pending: PendingOrder) -> None:
-        for task in pending.challenges:
-            if task.kind == "http-01":
-                self._tokens[task.token] = task.key_authorization
-            else:
-                self.alpn.add(task.domain, task.key_authorization)
 
-    def _unpublish(self, pending: PendingOrder) -> None:
-        for task in pending.challenges:
-            self._tokens.pop(task.token, None)
-            if task.kind != "http-01":
-                self.alpn.remove(task.domain)
+def on_demand_domains(routes: Iterable[CompiledRoute]) -> tuple[DomainPattern, ...]:
+    """The domain patterns of every enabled on-demand route (``*`` when one has none)."""
+    found: list[DomainPattern] = []
+    for route in routes:
+        if route.enabled and route.tls is not None and route.tls.certificate == "on-demand":
+            found.extend(route.match.domains or (compile_domain("*"),))
+    return tuple(dict.fromkeys(found))
 
-    async def _open_http01(self, domains: Sequence[str]) -> None:
-        """Add the challenge route for this batch; returns once its port is listening."""
-        assert self.settings is not None
-        route = {
-            "name": HTTP01_ROUTE,
-            "priority": HTTP01_PRIORITY,
-            "match": {
-                "ports": self.settings.port,
-                "domains": list(domains),
-                "path": HTTP01_PREFIX + "*",
-            },
-            "action": {"type": "socket-handler", "socket_handler": self._answer_http01},
-        }
-        await self.proxy.set_internal_route(HTTP01_ROUTE, route)
 
-    async def _close_http01(self) -> None:
-        await self.proxy.set_internal_route(HTTP01_ROUTE, None)
-
-    async def _answer_http01(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ctx: RouteContext
-    ) -> None:
-        token = (ctx.path or "")[len(HTTP01_PREFIX) :]
-        answer = self._tokens.get(token)
-        status, body = ("200 OK", answer) if answer else ("404 Not Found", "unknown token")
-        writer.write(
-            f"HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
-            f"Connection: close\r\n\r\n{body}".encode()
-        )
-        await writer.drain()
-        writer.close()
+def _lock_name(domain: str) -> str:
+    return "cert-" + domain.replace("*", "_wildcard_")

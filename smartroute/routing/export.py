@@ -352,8 +352,8 @@ def _certificate(pair: CertificatePair) -> dict[str, str]:
 
 def _tls(tls: TlsSettings) -> dict[str, Any]:
     out: dict[str, Any] = {"mode": tls.mode}
-    if tls.certificate == "auto":
-        out["certificate"] = "auto"
+    if isinstance(tls.certificate, str):  # "auto" or "on-demand"
+        out["certificate"] = tls.certificate
     elif tls.certificate is not None:
         out["certificate"] = _certificate(tls.certificate)
     if not tls.backend_verify:

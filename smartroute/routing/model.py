@@ -137,7 +137,7 @@ class TlsSettings:
     """The ``tls`` block of an action."""
 
     mode: TlsMode
-    certificate: CertificatePair | Literal["auto"] | None = None
+    certificate: CertificatePair | Literal["auto", "on-demand"] | None = None
     backend_verify: bool = True
     backend_ca: str | None = None  # PEM text
     backend_server_name: str | None = None

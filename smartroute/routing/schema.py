@@ -79,7 +79,7 @@ class Certificate:
 
 class TlsDict(TypedDict, total=False):
     mode: Required[TlsMode]
-    certificate: Literal["auto"] | CertificateDict | Certificate
+    certificate: Literal["auto", "on-demand"] | CertificateDict | Certificate
     backend_verify: bool
     backend_ca: PemOrPath
     backend_server_name: str
@@ -93,7 +93,7 @@ class Tls:
     """The ``tls`` block of an action."""
 
     mode: TlsMode
-    certificate: Literal["auto"] | CertificateDict | Certificate | None = None
+    certificate: Literal["auto", "on-demand"] | CertificateDict | Certificate | None = None
     backend_verify: bool = True
     backend_ca: PemOrPath | None = None
     backend_server_name: str | None = None

@@ -29,7 +29,7 @@ from smartroute.routing.model import (
     SocketHandlerAction,
     speaks_http,
 )
-from smartroute.routing.patterns import client_address
+from smartroute.routing.patterns import client_address, normalize_host
 from smartroute.server.backends.group import Member
 from smartroute.server.client_certs import peer_certificate
 from smartroute.server.decision import FirstRequest, Heard, TlsInfo
@@ -267,8 +267,9 @@ class Connection:
         runtime, record, action = self.runtime, self.record, route.action
         tls = route.tls
         assert tls is not None
-        preferred = tls.certificate if not isinstance(tls.certificate, str) else None
-        pair = runtime.certificates.select(hello.sni, preferred)
+        pair = runtime.certificates.for_route(tls.certificate, hello.sni)
+        if pair is None and tls.certificate == "on-demand" and runtime.on_demand and hello.sni:
+            pair = await runtime.on_demand(normalize_host(hello.sni))
         if pair is None:
             record.fail(
                 "no-certificate", f"no certificate for {hello.sni or 'a client without SNI'}"

@@ -6,7 +6,7 @@ import asyncio
 import ipaddress
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Protocol
 
 from smartroute.routing.matcher import RouteTable
@@ -24,6 +24,7 @@ from smartroute.server.tls import CertificateIndex
 
 if TYPE_CHECKING:
     from smartroute.certs.tls_alpn import TlsAlpnResponder
+    from smartroute.routing.model import CertificatePair
 from smartroute.settings import Settings
 
 log = logging.getLogger("smartroute")
@@ -54,6 +55,8 @@ class Runtime:
         self.lane = RelayLane(self)
         self.certificates = CertificateIndex()
         self.alpn_responder: TlsAlpnResponder | None = None  # pending TLS-ALPN-01 challenges
+        # The certificate for a name on a "certificate": "on-demand" route, obtained if allowed
+        self.on_demand: Callable[[str], Awaitable[CertificatePair | None]] | None = None
         self._proxies = [ipaddress.ip_network(n, strict=False) for n in settings.proxy_ips]
         self.accepting = True
         self.lane_pool = LanePool(self.lane)

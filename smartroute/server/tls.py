@@ -221,15 +221,31 @@ class CertificateIndex:
         if host:
             if preferred is not None and self._entry(preferred).covers(host):
                 return preferred
-            found = self._exact.get(host)
-            parent = _parent(host)
-            if not found and parent is not None:
-                found = self._wildcard.get(parent)
-            if found:
-                return max(found, key=_expiry).pair
+            found = self.find(host)
+            if found is not None:
+                return found
         if preferred is not None:
             return preferred
         return self.default
+
+    def for_route(
+        self, certificate: CertificatePair | str | None, sni: str | None
+    ) -> CertificatePair | None:
+        """What a route whose ``tls.certificate`` is ``certificate`` presents for ``sni``: on an
+        on-demand route only a certificate covering the name (None until one is obtained),
+        otherwise :meth:`select`'s choice."""
+        if certificate == "on-demand" and sni:
+            return self.find(normalize_host(sni))
+        return self.select(sni, certificate if isinstance(certificate, CertificatePair) else None)
+
+    def find(self, host: str) -> CertificatePair | None:
+        """The certificate covering ``host`` (normalised) by an exact name or a one-label
+        wildcard, the one that expires last; None when none covers it (no default)."""
+        found = self._exact.get(host)
+        parent = _parent(host)
+        if not found and parent is not None:
+            found = self._wildcard.get(parent)
+        return max(found, key=_expiry).pair if found else None
 
     def server_context(
         self,

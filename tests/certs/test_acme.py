@@ -8,79 +8,18 @@ import json
 import os
 import ssl
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from acme_sites import acme_settings, curl_https, served_certificate, site
 from cryptography import x509
-from http_backend import Backend, http_backend
+from http_backend import Backend
 from pebble import Pebble, free_port, run_pebble
 from support import LOOPBACK, TestCA, async_test, require_tool
 
 from smartroute import SmartRoute
 from smartroute.helpers import create_http_to_https_redirect, create_https_terminate_route
 from smartroute.server.port_manager import Listener, PortManager
-
-
-@pytest.fixture
-def pebble(tmp_path: Path) -> Iterator[Pebble]:
-    require_tool("pebble")
-    (tmp_path / "pebble").mkdir()
-    with run_pebble(tmp_path / "pebble", http_port=free_port(), tls_port=free_port()) as ca:
-        yield ca
-
-
-@pytest.fixture
-def backend() -> Iterator[Backend]:
-    with http_backend("site") as server:
-        yield server
-
-
-def acme_settings(pebble: Pebble, store: Path, **extra: Any) -> dict[str, Any]:
-    return {
-        "email": "ops@smartroute.test",
-        "directory_url": pebble.directory_url,
-        "ca_bundle": pebble.ca_bundle,
-        "port": pebble.http_port,
-        "certificate_store": str(store),
-        "retry_min": 0.2,
-        "retry_max": 1,
-        **extra,
-    }
-
-
-def site(domains: list[str], backend: Backend, port: int) -> dict[str, Any]:
-    return create_https_terminate_route(
-        domains,
-        {"host": LOOPBACK, "port": backend.port},
-        certificate="auto",
-        ports=port,
-        name="site",
-    )
-
-
-async def served_certificate(port: int, name: str, root_pem: str) -> x509.Certificate:
-    """The certificate a verifying client gets for ``name`` (trusting only Pebble's root)."""
-    context = ssl.create_default_context(cadata=root_pem)
-    reader, writer = await asyncio.open_connection(
-        LOOPBACK, port, ssl=context, server_hostname=name
-    )
-    ssl_object = writer.get_extra_info("ssl_object")
-    der = ssl_object.getpeercert(binary_form=True)
-    writer.close()
-    return x509.load_der_x509_certificate(der)
-
-
-async def curl_https(name: str, port: int, root: Path) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        require_tool("curl"), "-sS", "--max-time", "20", "--cacert", str(root),
-        "--resolve", f"{name}:{port}:127.0.0.1", f"https://{name}:{port}/hello",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 class BindLog:

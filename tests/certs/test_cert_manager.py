@@ -10,7 +10,8 @@ import pytest
 from support import TestCA
 
 from smartroute import ConfigError, SmartRoute
-from smartroute.certs.manager import CertificateManager, DomainStatus, auto_domains
+from smartroute.certs.manager import CertificateManager, auto_domains
+from smartroute.certs.schedule import DomainStatus
 from smartroute.certs.settings import DIRECTORIES, AcmeSettings, validate_acme
 from smartroute.certs.store import CertificateStore
 from smartroute.routing.model import CertificatePair
@@ -63,7 +64,7 @@ def test_auto_domains_are_the_exact_names_of_auto_routes() -> None:
 
 def test_due_follows_threshold_lifetime_ari_and_backoff(ca: TestCA, tmp_path: Path) -> None:
     certs = manager(tmp_path, renew_threshold_days=2, retry_min=60, retry_max=600)
-    certs._wanted = {"a.test"}  # noqa: SLF001
+    certs._routes_want = {"a.test"}  # noqa: SLF001
     status = certs._status.setdefault("a.test", DomainStatus())  # noqa: SLF001
     assert certs._due("a.test", NOW) == NOW  # nothing stored: now  # noqa: SLF001
     pair = ca.issue("a.test")  # valid 8 days (from yesterday to a week ahead)
@@ -102,7 +103,34 @@ def test_auto_routes_need_acme_or_a_provider() -> None:
         ),
         ({"email": "nobody"}, "settings.acme.email: 'nobody' is not an email address"),
         ({"port": 70000}, "settings.acme.port: 70000 is not a port (1-65535)"),
-        ({"challenge": "dns-01"}, "settings.acme.challenge: expected 'http-01' or 'tls-alpn-01'"),
+        (
+            {"challenge": "dns-02"},
+            "settings.acme.challenge: expected 'http-01', 'tls-alpn-01' or 'dns-01'",
+        ),
+        ({"challenge": "dns-01"}, 'settings.acme.dns_provider: challenge "dns-01" needs a'),
+        (
+            {"dns_provider": {"type": "pebble-challtestsrv", "url": "http://127.0.0.1:1"}},
+            'settings.acme.dns_provider: only used with challenge "dns-01"',
+        ),
+        (
+            {"certificate_store": "redis://127.0.0.1/0"},
+            "settings.acme.certificate_store: expected",
+        ),
+        (
+            {"certificate_store": "redis://127.0.0.1:6379/x"},
+            "settings.acme.certificate_store: the database number must be an integer",
+        ),
+        ({"certificate_store": "s3://bucket"}, "settings.acme.certificate_store: expected a"),
+        (
+            {"on_demand_permission": "os:getcwd"},
+            "settings.acme.on_demand_permission: expected an async function",
+        ),
+        (
+            {"on_demand_permission": "no.such.module:allow"},
+            "settings.acme.on_demand_permission: cannot import 'no.such.module:allow'",
+        ),
+        ({"on_demand_per_minute": 0}, "settings.acme.on_demand_per_minute: expected an int >= 1"),
+        ({"lock_lease": 0.5}, "settings.acme.lock_lease: expected a number >= 1"),
         (
             {"renew_treshold_days": 3},
             'settings.acme.renew_treshold_days: unknown acme setting (did you mean "renew_threshold_days"?)',

@@ -117,7 +117,11 @@ def _pair_problem(
 
 def _certificate(value: object, path: str, route: str, *, auto: bool = True) -> CertificatePair:
     if isinstance(value, str):
-        wanted = '"auto" or {"cert": ..., "key": ...}' if auto else '{"cert": ..., "key": ...}'
+        wanted = (
+            '"auto", "on-demand" or {"cert": ..., "key": ...}'
+            if auto
+            else '{"cert": ..., "key": ...}'
+        )
         raise ConfigError(path, f"expected {wanted}, got {got(value)}")
     raw = mapping(value, path, schema.Certificate)
     check_keys(raw, CERT_KEYS, path, "action.tls.certificate", route)
@@ -160,10 +164,14 @@ def compile_tls(value: object, path: str, action: Action, route: str) -> TlsSett
         return TlsSettings(mode)
     if certificate is None:
         raise ConfigError(
-            path, f'mode "{mode}" needs a "certificate" ("auto" or {{"cert": ..., "key": ...}})'
+            path,
+            f'mode "{mode}" needs a "certificate" ("auto", "on-demand" or'
+            ' {"cert": ..., "key": ...})',
         )
-    pair: CertificatePair | Literal["auto"] = "auto"
-    if certificate != "auto":
+    pair: CertificatePair | Literal["auto", "on-demand"]
+    if certificate in ("auto", "on-demand"):
+        pair = certificate
+    else:
         pair = _certificate(certificate, f"{path}.certificate", route)
     verify, ca, server_name, client_pair = (raw.get(key) for key in _BACKEND_KEYS)
     client_ca, client_auth = _client_auth(raw, path)

@@ -39,8 +39,8 @@ def lane_context(
     be loaded (the transport path then says why)."""
     tls = route.tls
     assert tls is not None
-    preferred = tls.certificate if not isinstance(tls.certificate, str) else None
-    pair = runtime.certificates.select(hello.sni, preferred)
+    # None for an on-demand name without one yet: obtaining it is the transport path's job.
+    pair = runtime.certificates.for_route(tls.certificate, hello.sni)
     if pair is None:
         return None
     try:
