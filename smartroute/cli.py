@@ -14,12 +14,13 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, TypeVar
 
 from smartroute import __version__
-from smartroute.certs.manager import auto_domains
+from smartroute.certs.records import StoredCertificate, StoreProblem
 from smartroute.certs.settings import validate_acme
-from smartroute.certs.store import CertificateStore
+from smartroute.certs.storage import CertificateStorage, open_storage
+from smartroute.certs.wanted import auto_domains
 from smartroute.config import load_config
 from smartroute.demo import demo_routes, describe_demo
-from smartroute.errors import SmartRouteError
+from smartroute.errors import CertificateStoreError, SmartRouteError
 from smartroute.proxy import SmartRoute
 from smartroute.routing.explain import can_decline, explain_connection
 from smartroute.routing.matcher import RouteTable
@@ -270,7 +271,7 @@ def _certs(args: argparse.Namespace) -> int:
         print(f"{args.config}: no acme setting, so no automatic certificates", file=sys.stderr)
         return 2
     acme = validate_acme(settings.acme)
-    wanted = auto_domains(routes)
+    wanted = auto_domains(routes, wildcards=acme.challenge == "dns-01")
     if args.certs_command == "list":
         return _list_certs(acme.certificate_store, wanted)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -283,10 +284,15 @@ def _certs(args: argparse.Namespace) -> int:
     return 1 if failed or not results else 0
 
 
-def _list_certs(folder: str, wanted: set[str]) -> int:
+def _list_certs(location: str, wanted: set[str]) -> int:
     now = datetime.datetime.now(datetime.UTC)
-    entries, problems = CertificateStore(folder).load()
-    print(f"certificate store {folder}: {len(entries)} certificates")
+    storage = open_storage(location)
+    try:
+        entries, problems = _run_loop(lambda: _stored(storage))
+    except CertificateStoreError as exc:
+        print(f"certificate store: {exc}", file=sys.stderr)
+        return 1
+    print(f"certificate store {storage.location}: {len(entries)} certificates")
     covered: set[str] = set()
     for entry in sorted(entries, key=lambda e: e.domains):
         covered.update(entry.domains)
@@ -306,6 +312,16 @@ def _list_certs(folder: str, wanted: set[str]) -> int:
     for domain in sorted(wanted - covered):
         print(f"  {domain}  missing (it will be issued on start)")
     return 0
+
+
+async def _stored(
+    storage: CertificateStorage,
+) -> tuple[list[StoredCertificate], list[StoreProblem]]:
+    await storage.open()
+    try:
+        return await storage.list()
+    finally:
+        await storage.close()
 
 
 async def _renew(

@@ -16,7 +16,7 @@ from typing import Any
 
 from smartroute.admin import AdminServer, check_admin_port
 from smartroute.certs.manager import CertificateManager
-from smartroute.certs.settings import check_cluster, validate_acme
+from smartroute.certs.settings import check_certificate_sources, check_cluster, validate_acme
 from smartroute.errors import ConfigError, SmartRouteError
 from smartroute.plugins.host import READY_TIMEOUT, PluginHost, route_summaries
 from smartroute.proxy_sides import CertificateSide, worker_side
@@ -32,7 +32,7 @@ from smartroute.server.accept import accept_socket
 from smartroute.server.http.pool import targets_named_by
 from smartroute.server.port_manager import PortManager
 from smartroute.server.runtime import Runtime
-from smartroute.server.workers.pool import WorkerPool
+from smartroute.server.workers.pool import WorkerPool, warn_per_worker_limits
 from smartroute.server.workers.snapshots import WORKER_TOP_CLIENTS, merge_snapshots
 from smartroute.server.workers.wire import encode_routes
 from smartroute.settings import Settings, validate_settings
@@ -221,7 +221,7 @@ class SmartRoute:
             except BaseException as exc:
                 failed = exc
             if self._workers is not None and failed is None:
-                self._warn_per_worker_limits()
+                warn_per_worker_limits(self.settings, self._routes)
                 try:
                     await self._workers.start()
                 except BaseException as exc:  # undo it all (below, outside the lock)
@@ -405,19 +405,6 @@ class SmartRoute:
             await self._install(previous, bind=True, check_free=False)
             raise
 
-    def _warn_per_worker_limits(self) -> None:
-        policies = [self.settings.security, *(r.security for r in self._routes)]
-        if any(
-            p is not None and (p.max_connections or p.max_connections_per_ip or p.rate_limit)
-            for p in policies
-        ):
-            log.warning(
-                "workers=%d: connection and rate limits are counted by each process on its "
-                "own, so together the processes allow up to %d times each limit",
-                self.settings.workers,
-                self.settings.workers,
-            )
-
     async def _install(
         self, routes: tuple[CompiledRoute, ...], *, bind: bool, check_free: bool = True
     ) -> None:
@@ -488,29 +475,10 @@ class SmartRoute:
         """What validating a route alone cannot tell: the protocols its match names exist,
         and its auto certificates have a source."""
         check_protocols(routes, self.settings.protocols.names, path)
-        self._check_auto(routes)
+        check_certificate_sources(routes, self._certs.settings, self._certs.provider is not None)
         admin = self.settings.admin
         if admin is not None:
             check_admin_port(routes, self.admin_port or admin.port, path)
-
-    def _check_auto(self, routes: Iterable[CompiledRoute]) -> None:
-        """``"certificate": "auto"`` needs the acme setting or a certificate provider;
-        ``"on-demand"`` needs the acme setting with an ``on_demand_permission``."""
-        acme = self._certs.settings
-        for route in routes:
-            wanted = route.tls.certificate if route.tls is not None else None
-            if wanted == "auto" and acme is None and self._certs.provider is None:
-                raise ConfigError(
-                    f"route {route.name!r}",
-                    'tls.certificate "auto" needs the acme setting (or a certificate_provider)',
-                )
-            if wanted == "on-demand" and (acme is None or acme.on_demand_permission is None):
-                raise ConfigError(
-                    f"route {route.name!r}",
-                    'tls.certificate "on-demand" needs the acme setting with an '
-                    "on_demand_permission (async (domain) -> bool): without it anyone could "
-                    "make the proxy order certificates for made-up names",
-                )
 
 
 def _describe_ports(ports: dict[int, int]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,17 @@ async def curl_https(name: str, port: int, root: Path) -> tuple[int, str, str]:
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
+
+
+async def certs_cli(config: Path, *args: str) -> tuple[int, str]:
+    """``smartroute certs ARGS CONFIG``: its exit status and output."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "smartroute", "certs", *args, str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 90)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
 
 
 def issued(pebble: Pebble) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from smartroute.certs.acme_client import ChallengeTask, PendingOrder
@@ -19,7 +20,7 @@ from smartroute.certs.dns import DnsProvider
 from smartroute.certs.storage import CertificateStorage
 from smartroute.certs.tls_alpn import TlsAlpnResponder
 from smartroute.context import RouteContext
-from smartroute.errors import CertificateStoreError
+from smartroute.errors import AcmeError, CertificateStoreError
 
 log = logging.getLogger("smartroute.certs")
 
@@ -56,7 +57,7 @@ class Challenges:
                     await self.storage.put_challenge(task.token, task.key_authorization, self.ttl)
             elif task.kind == "dns-01":
                 assert self.dns is not None
-                await self.dns.set_txt(task.txt_name, task.key_authorization)
+                await self._dns_call(self.dns.set_txt, task.txt_name, task.key_authorization)
                 self._txt[task.txt_name] = self._txt.get(task.txt_name, 0) + 1
             else:
                 self.alpn.add(task.domain, task.key_authorization)
@@ -83,9 +84,23 @@ class Challenges:
                 return
             self._txt.pop(task.txt_name, None)
             assert self.dns is not None
-            await self.dns.clear_txt(task.txt_name)
+            await self._dns_call(self.dns.clear_txt, task.txt_name)
         else:
             self.alpn.remove(task.domain)
+
+    async def _dns_call(self, method: Callable[..., Awaitable[object]], *args: str) -> None:
+        """Call the DNS provider, bounded in time; whatever it raises becomes an AcmeError
+        (the order of that name fails, the others go on)."""
+        what = f"dns_provider.{getattr(method, '__name__', 'call')}({args[0]!r})"
+        try:
+            async with asyncio.timeout(self.ttl):
+                await method(*args)
+        except TimeoutError:
+            raise AcmeError(f"{what} did not return within {self.ttl:g}s") from None
+        except AcmeError:
+            raise
+        except Exception as exc:  # the user's provider: its failure is this order's
+            raise AcmeError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
 
     async def answer(self, token: str) -> str | None:
         """The key authorization for an HTTP-01 token: this process's, else the store's."""

@@ -1,15 +1,10 @@
 """Automatic certificates: which domains need one, getting them, keeping them renewed.
 
-The manager serves stored certificates at once on start (the CA is not contacted for them),
-then works through what is missing or due in batches: a ``certificate_provider`` is asked
-first, then the ACME CA. Each certificate is obtained under its lock in the store: processes
-sharing the store (``workers=N``, or instances sharing Redis) order it once, and the others
-serve what the holder stored. For HTTP-01 the challenge answers come from an ordinary route on
-the ACME port with the highest priority (added per batch, or kept for good when other
-processes may be asked); for TLS-ALPN-01 they come from the TLS port itself; for DNS-01 from
-the DNS provider. ``"certificate": "on-demand"`` routes get one at the first handshake for a
-name the permission callable allows. A failure keeps the old certificate in service and
-retries with exponential backoff and jitter.
+Stored certificates are served at once on start; what is missing or due is asked of the
+``certificate_provider``, then ordered from the ACME CA under its lock in the store, so that
+processes sharing the store order it once (see :mod:`.storage`). Challenges are answered by
+:mod:`.challenges`; on-demand names pass :mod:`.on_demand` first. A failure keeps the old
+certificate in service and retries with backoff (see :mod:`.schedule`).
 """
 
 from __future__ import annotations
@@ -37,24 +32,13 @@ from smartroute.certs.storage import (
     holding,
     open_storage,
 )
+from smartroute.certs.wanted import auto_domains, on_demand_domains
 from smartroute.errors import AcmeError, CertificateStoreError
 from smartroute.routing.model import CertificatePair, CompiledRoute
-from smartroute.routing.patterns import DomainPattern, compile_domain
+from smartroute.routing.patterns import DomainPattern
 from smartroute.routing.schema import RouteInput
 
 log = logging.getLogger("smartroute.certs")
-
-
-def auto_domains(routes: Iterable[CompiledRoute], *, wildcards: bool = False) -> set[str]:
-    """The domains of every enabled route that asks for ``"certificate": "auto"``: the exact
-    ones, and with ``wildcards`` (DNS-01) the ``*.example.com`` ones too."""
-    wanted: set[str] = set()
-    for route in routes:
-        if route.enabled and route.tls is not None and route.tls.certificate == "auto":
-            wanted.update(
-                d.text for d in route.match.domains if d.exact or (wildcards and d.suffix)
-            )
-    return wanted
 
 
 class CertificateHost(Protocol):
@@ -510,15 +494,6 @@ class CertificateManager:
         outcome = self._outcome.get(domain)
         if outcome is not None:
             outcome.set()
-
-
-def on_demand_domains(routes: Iterable[CompiledRoute]) -> tuple[DomainPattern, ...]:
-    """The domain patterns of every enabled on-demand route (``*`` when one has none)."""
-    found: list[DomainPattern] = []
-    for route in routes:
-        if route.enabled and route.tls is not None and route.tls.certificate == "on-demand":
-            found.extend(route.match.domains or (compile_domain("*"),))
-    return tuple(dict.fromkeys(found))
 
 
 def _lock_name(domain: str) -> str:

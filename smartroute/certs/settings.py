@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import difflib
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from smartroute.errors import ConfigError
+from smartroute.routing.model import CompiledRoute
 from smartroute.routing.validation._fields import import_object, is_async
 
 DIRECTORIES = {
@@ -186,3 +187,24 @@ def check_cluster(settings: AcmeSettings | None, cluster: bool) -> None:
             "(workers > 1 or a Redis store): the CA may reach a process that does not hold "
             'the challenge; use "http-01" or "dns-01"',
         )
+
+
+def check_certificate_sources(
+    routes: Iterable[CompiledRoute], acme: AcmeSettings | None, has_provider: bool
+) -> None:
+    """``"certificate": "auto"`` needs the acme setting or a certificate provider;
+    ``"on-demand"`` needs the acme setting with an ``on_demand_permission``."""
+    for route in routes:
+        wanted = route.tls.certificate if route.tls is not None else None
+        if wanted == "auto" and acme is None and not has_provider:
+            raise ConfigError(
+                f"route {route.name!r}",
+                'tls.certificate "auto" needs the acme setting (or a certificate_provider)',
+            )
+        if wanted == "on-demand" and (acme is None or acme.on_demand_permission is None):
+            raise ConfigError(
+                f"route {route.name!r}",
+                'tls.certificate "on-demand" needs the acme setting with an '
+                "on_demand_permission (async (domain) -> bool): without it anyone could "
+                "make the proxy order certificates for made-up names",
+            )

@@ -7,11 +7,11 @@ import base64
 import json
 import os
 import ssl
-import sys
+from collections.abc import Awaitable
 from pathlib import Path
 
 import pytest
-from acme_sites import acme_settings, curl_https, served_certificate, site
+from acme_sites import acme_settings, certs_cli, curl_https, served_certificate, site
 from cryptography import x509
 from http_backend import Backend
 from pebble import Pebble, free_port, run_pebble
@@ -223,14 +223,8 @@ async def test_certs_cli_renews_and_lists_against_a_config(
         )
     )
 
-    async def cli(*args: str) -> tuple[int, str]:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "smartroute", "certs", *args, str(config),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
-        out, _ = await asyncio.wait_for(proc.communicate(), 90)
-        assert proc.returncode is not None
-        return proc.returncode, out.decode()
+    def cli(*args: str) -> Awaitable[tuple[int, str]]:
+        return certs_cli(config, *args)
 
     code, out = await cli("list")
     assert code == 0 and "cli.acme.test  missing" in out

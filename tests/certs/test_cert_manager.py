@@ -7,13 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import TestCA
+from support import TestCA, async_test
 
 from smartroute import ConfigError, SmartRoute
-from smartroute.certs.manager import CertificateManager, auto_domains
+from smartroute.certs.manager import CertificateManager
+from smartroute.certs.on_demand import OnDemandGate, orderable_name
 from smartroute.certs.schedule import DomainStatus
 from smartroute.certs.settings import DIRECTORIES, AcmeSettings, validate_acme
 from smartroute.certs.store import CertificateStore
+from smartroute.certs.wanted import auto_domains
 from smartroute.routing.model import CertificatePair
 from smartroute.routing.schema import RouteInput
 from smartroute.routing.validation import validate_routes
@@ -152,3 +154,52 @@ def test_bad_acme_settings_name_the_field(given: dict[str, Any], message: str) -
 def test_directory_names() -> None:
     assert validate_acme({"directory_url": "staging"}).directory_url == DIRECTORIES["staging"]
     assert validate_acme({}).directory_url == DIRECTORIES["production"]
+
+
+@pytest.mark.parametrize(
+    ("name", "orderable"),
+    [
+        ("a.example.com", True),
+        ("xn--bcher-kva.example", True),
+        ("localhost", False),
+        ("192.0.2.7", False),
+        ("*.example.com", False),
+        ("a..example.com", False),
+        ("-a.example.com", False),
+        ("a" * 64 + ".example.com", False),
+    ],
+)
+def test_orderable_names(name: str, orderable: bool) -> None:
+    assert orderable_name(name) is orderable
+
+
+@async_test(10)
+async def test_the_gate_asks_once_per_refusal_and_counts_orders_per_minute() -> None:
+    asked: list[str] = []
+
+    async def permission(domain: str) -> object:
+        asked.append(domain)
+        return "yes" if domain.startswith("truthy") else domain.startswith("ok")
+
+    gate = OnDemandGate(permission, timeout=1, per_minute=2)
+    assert await gate.allows("ok.example.com")
+    assert not await gate.allows("no.example.com")
+    assert not await gate.allows("no.example.com")  # remembered: not asked again
+    assert not await gate.allows("truthy.example.com")  # only True allows
+    assert not await gate.allows("localhost")  # never asked
+    assert asked == ["ok.example.com", "no.example.com", "truthy.example.com"]
+    assert gate.take_order() and gate.take_order() and not gate.take_order()
+
+
+def test_a_stored_certificate_satisfies_a_due_name_only_when_newer_and_not_due(
+    ca: TestCA, tmp_path: Path
+) -> None:
+    store = CertificateStore(tmp_path / "certs")
+    pair = ca.issue("a.test")  # valid 8 days, from yesterday
+    served = store.save(["a.test"], pair.cert_pem, pair.key_pem, source="acme")
+    status = DomainStatus()
+    settings = AcmeSettings(renew_threshold_days=1)
+    assert not status.satisfied_by(served, served, settings)  # the one served was found due
+    assert status.satisfied_by(served, None, settings)  # nothing served: a valid one will do
+    status.forced, status.forced_at = True, served.stored_at
+    assert not status.satisfied_by(served, None, settings)  # forced: only a newer one will do

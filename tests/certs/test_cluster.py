@@ -24,10 +24,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from acme_sites import accounts_made, acme_settings, issued, served_certificate, site
+import redis as redis_client
+from acme_sites import (
+    accounts_made,
+    acme_settings,
+    certs_cli,
+    issued,
+    served_certificate,
+    site,
+)
 from cryptography import x509
 from http_backend import Backend
-from pebble import Pebble, free_port
+from pebble import Pebble, free_port, run_pebble
 from redis_server import RedisServer, run_redis
 from support import LOOPBACK, async_test, require_tool
 
@@ -375,7 +383,11 @@ async def test_a_corrupt_entry_in_redis_is_reported_and_issued_again(
     async with SmartRoute(routes, bind_address=LOOPBACK, acme=settings) as proxy:
         assert (await proxy.wait_for_certificates())[name]["state"] == "valid"
         first = await served_certificate(https, name, pebble.root_pem())
-    import redis as redis_client
+    config = tmp_path / "proxy.json"
+    config.write_text(json.dumps({"settings": {"acme": settings}, "routes": routes}))
+    code, out = await certs_cli(config, "list")
+    assert code == 0 and f"certificate store {redis.url}: 1 certificates" in out, out
+    assert f"{name}  until" in out
 
     client = redis_client.Redis(host=LOOPBACK, port=redis.port)
     keys = [k for k in client.scan_iter("smartroute:certs:cert:*")]
@@ -388,6 +400,9 @@ async def test_a_corrupt_entry_in_redis_is_reported_and_issued_again(
         again = await served_certificate(https, name, pebble.root_pem())
     assert again.serial_number != first.serial_number
     assert "key.pem" in caplog.text and "not served" in caplog.text
+    redis.stop()
+    code, out = await certs_cli(config, "list")
+    assert code == 1 and f"{LOOPBACK}:{redis.port}" in out, out
 
 
 @async_test(240)
@@ -424,3 +439,53 @@ def test_tls_alpn01_is_refused_when_processes_share_the_store(tmp_path: Path) ->
         SmartRoute([], acme=acme, workers=2)
     with pytest.raises(ConfigError, match='settings.acme.challenge: "tls-alpn-01" cannot be used'):
         SmartRoute([], acme={**acme, "certificate_store": "redis://127.0.0.1:6379/0"})
+
+
+async def serials_served(port: int, name: str, root: str, count: int) -> set[int]:
+    """The serials ``count`` new connections are served (failed handshakes count as 0)."""
+    serials: set[int] = set()
+    for _ in range(count):
+        try:
+            serials.add((await served_certificate(port, name, root)).serial_number)
+        except (ssl.SSLError, OSError):
+            serials.add(0)
+    return serials
+
+
+@async_test(240)
+async def test_workers_renew_once_when_due_and_every_process_serves_the_renewed_one(
+    backend: Backend, tmp_path: Path
+) -> None:
+    require_tool("pebble")
+    (tmp_path / "pebble").mkdir()
+    with run_pebble(
+        tmp_path / "pebble", http_port=free_port(), tls_port=free_port(), cert_validity_seconds=24
+    ) as pebble:
+        https = pebble.tls_port
+        name = "renewed.cluster.test"
+        settings = acme_settings(
+            pebble,
+            tmp_path / "certs",
+            lock_lease=3,
+            renew_threshold_days=0,  # due when a third of the 24 s lifetime is left
+            renew_check_interval=1,
+        )
+        async with SmartRoute(
+            [site([name], backend, https)], bind_address=LOOPBACK, acme=settings, workers=3
+        ):
+            root = pebble.root_pem()
+            first = await certificate_when_served(https, name, root)
+            deadline = time.monotonic() + 15
+            while await serials_served(https, name, root, 12) != {first.serial_number}:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.2)
+            assert issued(pebble) == 1
+            # About 16 s after issuance every process finds it due; one orders, all serve it.
+            deadline = time.monotonic() + 40
+            while True:
+                serials = await serials_served(https, name, root, 12)
+                if len(serials) == 1 and first.serial_number not in serials and 0 not in serials:
+                    break
+                assert time.monotonic() < deadline, serials
+                await asyncio.sleep(0.3)
+            assert issued(pebble) == 2

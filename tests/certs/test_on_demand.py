@@ -22,6 +22,8 @@ from pebble import Pebble
 from support import LOOPBACK, async_test
 
 from smartroute import ConfigError, SmartRoute
+from smartroute.certs.dns import ChallTestSrvDns
+from smartroute.certs.settings import validate_acme
 from smartroute.helpers import create_https_terminate_route
 
 ZONE = "ondemand.test"
@@ -210,3 +212,53 @@ async def test_wildcard_routes_get_a_wildcard_certificate_through_dns01(
         code, out, err = await curl_https("api.wild.test", https, tmp_path / "root.pem")
         assert code == 0, err
         assert '"backend": "site"' in out
+
+
+class FailsFor:
+    """A DNS provider that fails for one record name and publishes the others."""
+
+    def __init__(self, url: str, broken: str) -> None:
+        self.inner = ChallTestSrvDns(url)
+        self.broken = broken
+
+    async def set_txt(self, name: str, value: str) -> None:
+        if name == self.broken:
+            raise RuntimeError("the DNS host's API said no")
+        await self.inner.set_txt(name, value)
+
+    async def clear_txt(self, name: str) -> None:
+        await self.inner.clear_txt(name)
+
+
+@async_test(180)
+async def test_a_failing_dns_provider_fails_its_name_only(
+    pebble: Pebble, backend: Backend, tmp_path: Path
+) -> None:
+    https = pebble.tls_port
+    provider = FailsFor(pebble.challtestsrv_url, "_acme-challenge.bad.dns.test")
+    settings = acme_settings(
+        pebble, tmp_path / "certs", challenge="dns-01", dns_provider=provider, retry_min=60
+    )
+    route = create_https_terminate_route(
+        ["good.dns.test", "bad.dns.test"],
+        {"host": LOOPBACK, "port": backend.port},
+        certificate="auto",
+        ports=https,
+    )
+    async with SmartRoute([route], bind_address=LOOPBACK, acme=settings) as proxy:
+        status = await proxy.wait_for_certificates()
+        assert status["good.dns.test"]["state"] == "valid"
+        assert status["bad.dns.test"]["state"] == "failed"
+        assert status["bad.dns.test"]["last_error"] == (
+            "dns_provider.set_txt('_acme-challenge.bad.dns.test') failed: RuntimeError: the DNS "
+            "host's API said no"
+        )
+
+
+async def allow_everything(domain: str) -> bool:
+    return True
+
+
+def test_the_permission_callable_may_be_an_import_path() -> None:
+    acme = validate_acme({"on_demand_permission": "test_on_demand:allow_everything"})
+    assert acme.on_demand_permission is allow_everything

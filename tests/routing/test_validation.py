@@ -980,12 +980,12 @@ BAD: list[tuple[str, object, str]] = [
         "tls-terminate-no-certificate",
         [on({"type": "block", "tls": {"mode": "terminate"}})],
         f'{R0}.action.tls: mode "terminate" needs a "certificate" '
-        '("auto" or {"cert": ..., "key": ...})',
+        '("auto", "on-demand" or {"cert": ..., "key": ...})',
     ),
     (
         "tls-certificate-str",
         [on({"type": "block", "tls": {"mode": "terminate", "certificate": "manual"}})],
-        f"""{R0}.action.tls.certificate: expected "auto" or {{"cert": ..., "key": ...}}, """
+        f"""{R0}.action.tls.certificate: expected "auto", "on-demand" or {{"cert": ..., "key": ...}}, """
         "got 'manual'",
     ),
     (
@@ -1623,7 +1623,7 @@ def test_bad_dataclass_input_reports_the_same_paths() -> None:
         (
             Route(Match(80), Block(tls=Tls("terminate"))),
             f'{R0}.action.tls: mode "terminate" needs a "certificate" '
-            '("auto" or {"cert": ..., "key": ...})',
+            '("auto", "on-demand" or {"cert": ..., "key": ...})',
         ),
         (
             Route(Match(80), cast(Any, Target("a", 1))),

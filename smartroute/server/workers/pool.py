@@ -18,7 +18,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeAlias
 
 from smartroute.errors import WorkerGone
@@ -348,3 +348,18 @@ def describe_status(status: int | None) -> str:
     if os.WIFEXITED(status):
         return f"exit status {os.WEXITSTATUS(status)}"
     return f"wait status {status}"
+
+
+def warn_per_worker_limits(settings: Settings, routes: Iterable[CompiledRoute]) -> None:
+    """Connection and rate limits are counted by each process: say so when there are some."""
+    policies = [settings.security, *(r.security for r in routes)]
+    if any(
+        p is not None and (p.max_connections or p.max_connections_per_ip or p.rate_limit)
+        for p in policies
+    ):
+        log.warning(
+            "workers=%d: connection and rate limits are counted by each process on its "
+            "own, so together the processes allow up to %d times each limit",
+            settings.workers,
+            settings.workers,
+        )
