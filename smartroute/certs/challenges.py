@@ -18,6 +18,7 @@ from typing import Any
 from smartroute.certs.acme_client import ChallengeTask, PendingOrder
 from smartroute.certs.dns import DnsProvider
 from smartroute.certs.storage import CertificateStorage
+from smartroute.certs.store import check_challenge_token
 from smartroute.certs.tls_alpn import TlsAlpnResponder
 from smartroute.context import RouteContext
 from smartroute.errors import AcmeError, CertificateStoreError
@@ -107,6 +108,10 @@ class Challenges:
         answer = self._tokens.get(token)
         if answer is not None or not self.shared or self.storage is None:
             return answer
+        try:
+            check_challenge_token(token)  # anyone may ask: a made-up token is a plain 404
+        except CertificateStoreError:
+            return None
         try:
             return await self.storage.get_challenge(token)
         except CertificateStoreError as exc:

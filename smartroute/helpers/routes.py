@@ -112,8 +112,8 @@ def create_https_terminate_route(
     name: str | None = None,
     priority: int | None = None,
 ) -> dict[str, Any]:
-    """HTTPS ended at the proxy with ``certificate`` ("auto" or {"cert", "key"}), then HTTP to
-    ``target`` (TLS again with ``reencrypt=True``)."""
+    """HTTPS ended at the proxy with ``certificate`` ("auto", "on-demand" or {"cert", "key"}),
+    then HTTP to ``target`` (TLS again with ``reencrypt=True``)."""
     mode = "terminate-and-reencrypt" if reencrypt else "terminate"
     tls = {"mode": mode, "certificate": certificate}
     return _route(_match(ports, domains), _forward_http(target, tls), name, priority)

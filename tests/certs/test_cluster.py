@@ -272,6 +272,16 @@ async def test_redis_down_during_renewal_keeps_serving_and_a_certificate_issued_
         assert (await proxy.wait_for_certificates())[name]["state"] == "valid"
         root = pebble.root_pem()
         first = await served_certificate(https, name, root)
+        # The standing HTTP-01 route answers anyone: made-up tokens are a plain 404.
+        for token in ("made-up-token", "a" * 300, "bad$token", "%2e%2e%2fcerts"):
+            reader, writer = await asyncio.open_connection(LOOPBACK, pebble.http_port)
+            writer.write(
+                f"GET /.well-known/acme-challenge/{token} HTTP/1.1\r\nHost: {name}\r\n\r\n".encode()
+            )
+            head = await asyncio.wait_for(reader.read(200), 5)
+            writer.close()
+            assert head.startswith((b"HTTP/1.1 404", b"HTTP/1.1 400")), (token, head)
+        assert "cannot look up" not in caplog.text
 
         await asyncio.to_thread(redis.stop)
         status = (await proxy.renew_certificates([name]))[name]
