@@ -67,8 +67,6 @@ def test_zero_switches_an_optional_limit_off_and_timeouts_use_route_names() -> N
         ({"workers": "2"}, "settings.workers: expected an int from 1 to 64, got '2'"),
         ({"workers": True}, "settings.workers: expected an int from 1 to 64, got True"),
         ({"workers": 2.0}, "settings.workers: expected an int from 1 to 64, got 2.0"),
-        ({"workers": 2, "acme": {"email": "ops@example.test"}}, "settings.workers: workers > 1 cannot be combined with acme: the worker processes share nothing, so certificates obtained by one process would have to be shared with the others (give routes certificate files, or run one process)"),
-        ({"workers": 2, "certificate_provider": lambda domain: None}, "settings.workers: workers > 1 cannot be combined with certificate_provider: the worker processes share nothing, so certificates obtained by one process would have to be shared with the others (give routes certificate files, or run one process)"),
     ],
 )  # fmt: skip
 def test_bad_settings_name_the_setting(given: dict[str, Any], message: str) -> None:

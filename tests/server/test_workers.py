@@ -499,6 +499,6 @@ async def test_workers_exit_when_the_parent_is_killed(tmp_path: Path) -> None:
 def test_workers_setting_errors_reach_the_constructor() -> None:
     with pytest.raises(ConfigError, match="settings.workers: expected an int from 1 to 64"):
         SmartRoute([], workers=0)
-    with pytest.raises(ConfigError, match="cannot be combined with acme"):
-        SmartRoute([], workers=2, acme={"email": "ops@example.test"})
+    with pytest.raises(ConfigError, match='"tls-alpn-01" cannot be used when processes share'):
+        SmartRoute([], workers=2, acme={"challenge": "tls-alpn-01"})
     assert isinstance(ConfigError("x", "y"), SmartRouteError)
