@@ -100,7 +100,7 @@ class SmartRoute:
             cluster=self.settings.workers > 1 or worker > 0,
         )
         check_cluster(acme, self._certs.cluster)
-        self._runtime.alpn_responder = self._certs.alpn
+        self._runtime.alpn_responder = self._certs.challenges.alpn
         self._runtime.on_demand = self._certs.on_demand if acme is not None else None
         self._plugins = PluginHost(
             self.settings.plugins, lambda: route_summaries(self._routes), self._pushed

@@ -70,7 +70,9 @@ def lane_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
 
 @pytest.fixture
 def pebble(tmp_path: Path) -> Iterator[Pebble]:
+    """A running Pebble with pebble-challtestsrv as its DNS (see tests/pebble.py)."""
     require_tool("pebble")
+    require_tool("pebble-challtestsrv")
     (tmp_path / "pebble").mkdir()
     with run_pebble(tmp_path / "pebble", http_port=free_port(), tls_port=free_port()) as ca:
         yield ca

@@ -11,6 +11,7 @@ import random
 import socket
 import ssl
 import struct
+import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -473,6 +474,23 @@ http {{
     return await start_server_process([nginx, "-c", str(conf), "-p", str(folder)], port)
 
 
+async def until_listening(port: int, running: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Wait until loopback ``port`` accepts: True; False as soon as ``running()`` says the
+    server exited first; TimeoutError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not running():
+            return False
+        try:
+            _, writer = await asyncio.open_connection(LOOPBACK, port)
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        return True
+    raise TimeoutError(f"nothing listens on port {port} after {timeout:g}s")
+
+
 async def start_server_process(argv: list[str], port: int) -> asyncio.subprocess.Process:
     """Start a server program and return it once loopback ``port`` accepts (bounded); its
     stderr is reported if it exits first."""
@@ -480,19 +498,11 @@ async def start_server_process(argv: list[str], port: int) -> asyncio.subprocess
         *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
     )
     try:
-        for _ in range(200):
-            if proc.returncode is not None:
-                assert proc.stderr is not None
-                error = (await proc.stderr.read()).decode()
-                raise RuntimeError(f"{Path(argv[0]).name} exited: {error}")
-            try:
-                _, writer = await asyncio.open_connection(LOOPBACK, port)
-            except OSError:
-                await asyncio.sleep(0.05)
-                continue
-            writer.close()
+        if await until_listening(port, lambda: proc.returncode is None):
             return proc
-        raise RuntimeError(f"{Path(argv[0]).name} did not listen on port {port}")
+        assert proc.stderr is not None
+        error = (await proc.stderr.read()).decode()
+        raise RuntimeError(f"{Path(argv[0]).name} exited: {error}")
     except BaseException:
         await stop_process(proc)
         raise

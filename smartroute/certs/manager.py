@@ -21,8 +21,7 @@ from smartroute.certs.challenges import HTTP01_ROUTE, Challenges
 from smartroute.certs.on_demand import OnDemandGate
 from smartroute.certs.provided import CertificateProvider, ask_provider
 from smartroute.certs.records import StoredCertificate
-from smartroute.certs.schedule import DomainStatus
-from smartroute.certs.schedule import now as utc_now
+from smartroute.certs.schedule import DomainStatus, utc_now
 from smartroute.certs.settings import AcmeSettings
 from smartroute.certs.storage import (
     LOCK_POLL,
@@ -76,17 +75,12 @@ class CertificateManager:
         )
         self.cluster = cluster or (self.storage is not None and self.storage.shared)
         self.client: AcmeClient | None = None
+        known = settings or AcmeSettings()  # without acme: the defaults, never used to order
         self.challenges = Challenges(
-            self.storage,
-            settings.dns_provider if settings else None,
-            shared=self.cluster,
-            ttl=settings.order_timeout + 60 if settings else 150.0,
+            self.storage, known.dns_provider, shared=self.cluster, ttl=known.order_timeout + 60
         )
-        self.alpn = self.challenges.alpn
         self.gate = OnDemandGate(
-            settings.on_demand_permission if settings else None,
-            settings.on_demand_timeout if settings else 10.0,
-            settings.on_demand_per_minute if settings else 10,
+            known.on_demand_permission, known.on_demand_timeout, known.on_demand_per_minute
         )
         self._routes_want: set[str] = set()
         self._on_demand: set[str] = set()  # names on-demand routes obtained certificates for
@@ -103,7 +97,7 @@ class CertificateManager:
         self._synced_at: datetime.datetime | None = None
         # Another process may order and the CA may ask this one: the HTTP-01 route stays.
         self._standing_route = (
-            self.cluster and settings is not None and settings.challenge == "http-01"
+            self.cluster and settings is not None and known.challenge == "http-01"
         )
 
     @property
@@ -114,10 +108,6 @@ class CertificateManager:
         """Whether an on-demand route covers ``domain``."""
         return any(p.matches(domain) for p in self._on_demand_patterns)
 
-    @property
-    def _dns01(self) -> bool:
-        return self.settings is not None and self.settings.challenge == "dns-01"
-
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self, routes: Iterable[CompiledRoute]) -> None:
@@ -125,14 +115,10 @@ class CertificateManager:
 
         Raises :class:`~smartroute.errors.CertificateStoreError` (naming the store) when the
         store cannot be reached."""
-        routes = tuple(routes)
-        self._routes_want = auto_domains(routes, wildcards=self._dns01)
-        self._on_demand_patterns = on_demand_domains(routes)
+        self.routes_changed(routes)
         if self.storage is not None:
             await self.storage.open()
             await self._sync(initial=True)
-        for domain in self._wanted:
-            self._status.setdefault(domain, DomainStatus())
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -157,8 +143,10 @@ class CertificateManager:
         return {HTTP01_ROUTE: self.challenges.http01_route(self.settings.port, None)}
 
     def routes_changed(self, routes: Iterable[CompiledRoute]) -> None:
+        """Take the names ``routes`` want certificates for (looked at soon)."""
         routes = tuple(routes)
-        self._routes_want = auto_domains(routes, wildcards=self._dns01)
+        dns01 = self.settings is not None and self.settings.challenge == "dns-01"
+        self._routes_want = auto_domains(routes, wildcards=dns01)
         self._on_demand_patterns = on_demand_domains(routes)
         for domain in self._wanted:
             self._status.setdefault(domain, DomainStatus())
@@ -362,43 +350,51 @@ class CertificateManager:
             return
         for domain in remaining:
             self._status[domain].state = "renewing" if domain in self._stored else "pending"
-        async with contextlib.AsyncExitStack() as held:
-            mine = [d for d in remaining if await self._claim(d, held)]
-            if mine:
-                await self._order(mine)
+        held: dict[str, contextlib.AsyncExitStack] = {}
+        try:
+            for domain in remaining:
+                lock = await self._claim(domain)
+                if lock is not None:
+                    held[domain] = lock
+            if held:
+                await self._order(held)
+        finally:
+            for lock in held.values():
+                await lock.aclose()
 
-    async def _claim(self, domain: str, held: contextlib.AsyncExitStack) -> bool:
-        """Take ``domain``'s lock in the store (held until the batch ends) when an order is
-        still needed; False when the store had a good one or another process is ordering."""
+    async def _claim(self, domain: str) -> contextlib.AsyncExitStack | None:
+        """``domain``'s lock in the store when an order is still needed; None when the store
+        had a good one (now served) or another process is ordering it."""
         assert self.storage is not None and self.settings is not None
         status, current = self._status[domain], self._stored.get(domain)
+        lock = contextlib.AsyncExitStack()
         try:
             stored = await self.storage.load([domain])
-            if stored is not None and status.satisfied_by(stored, current, self.settings):
-                self._install(domain, stored, "store")
-                return False
-            token = await held.enter_async_context(
-                holding(self.storage, _lock_name(domain), self.settings.lock_lease)
-            )
-            if token is None:
-                # Another process orders it: look again soon, without counting a failure.
-                status.next_attempt = utc_now() + datetime.timedelta(
-                    seconds=min(LOCK_POLL, self.settings.lock_lease / 4)
-                )
-                log.debug("certificate for %s is being ordered by another process", domain)
-                return False
-            stored = await self.storage.load([domain])  # it may have finished meanwhile
+            if stored is None or not status.satisfied_by(stored, current, self.settings):
+                name, lease = _lock_name(domain), self.settings.lock_lease
+                if await lock.enter_async_context(holding(self.storage, name, lease)) is None:
+                    # Another process orders it: look again soon, without counting a failure.
+                    status.next_attempt = utc_now() + datetime.timedelta(
+                        seconds=min(LOCK_POLL, lease / 4)
+                    )
+                    log.debug("certificate for %s is being ordered by another process", domain)
+                    return None
+                stored = await self.storage.load([domain])  # it may have finished meanwhile
+                if stored is None or not status.satisfied_by(stored, current, self.settings):
+                    return lock.pop_all()
         except CertificateStoreError as exc:
             self._failed(domain, str(exc))
-            return False
-        if stored is not None and status.satisfied_by(stored, current, self.settings):
-            self._install(domain, stored, "store")
-            return False
-        return True
+            return None
+        finally:
+            await lock.aclose()  # a no-op once pop_all() handed the lock over
+        self._install(domain, stored, "store")
+        return None
 
-    async def _order(self, domains: list[str]) -> None:
-        """Order each of ``domains`` (their locks are held) and store what the CA issues."""
+    async def _order(self, held: dict[str, contextlib.AsyncExitStack]) -> None:
+        """Order each domain of ``held`` (their locks) and store what the CA issues; each lock
+        is released as soon as its domain has its outcome."""
         assert self.storage is not None and self.settings is not None
+        domains = list(held)
         try:
             client = await self._account()
         except (AcmeError, CertificateStoreError) as exc:
@@ -427,8 +423,9 @@ class CertificateManager:
                     chain = await asyncio.to_thread(client.finish, pending)
                 except AcmeError as exc:
                     self._failed(domain, str(exc))
-                    continue
-                await self._keep(domain, chain, pending.key_pem)
+                else:
+                    await self._keep(domain, chain, pending.key_pem)
+                await held.pop(domain).aclose()
         finally:
             for pending in orders:
                 await self.challenges.withdraw(pending)
@@ -441,7 +438,7 @@ class CertificateManager:
         assert self._held_back is not None
         try:
             entry = await self._held_back.save(domain, chain, key_pem)
-        except (OSError, ValueError) as exc:
+        except CertificateStoreError as exc:
             self._failed(domain, str(exc))
             return
         self._install(domain, entry, "acme")

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import datetime
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-
 from smartroute.certs.records import StoredCertificate
+from smartroute.certs.store import prepare_entry
 from smartroute.routing.model import CertificatePair
 
 log = logging.getLogger("smartroute.certs")
@@ -27,7 +24,9 @@ async def ask_provider(provider: CertificateProvider, domain: str) -> StoredCert
             result = await result
         if result is None:
             return None
-        return _provided_entry(domain, _provided_pair(domain, result))
+        pair = _provided_pair(domain, result)
+        # Checked like a stored one (key pair, names), kept in memory only.
+        return prepare_entry([domain], pair.cert_pem, pair.key_pem, source="provider").certificate
     except Exception as exc:  # a user hook must not stop issuance for other domains
         log.error("certificate_provider failed for %s", domain, exc_info=exc)
         return None
@@ -43,20 +42,4 @@ def _provided_pair(domain: str, result: Any) -> CertificatePair:
     raise TypeError(
         f"certificate_provider({domain!r}) returned {type(result).__name__}; expected None, "
         "(cert_pem, key_pem) or {'cert': ..., 'key': ...}"
-    )
-
-
-def _provided_entry(domain: str, pair: CertificatePair) -> StoredCertificate:
-    """Describe a provider's certificate like a stored one (it is kept in memory only)."""
-    leaf = x509.load_pem_x509_certificate(pair.cert_pem.encode())
-    key = serialization.load_pem_private_key(pair.key_pem.encode(), password=None)
-    if key.public_key().public_numbers() != leaf.public_key().public_numbers():  # type: ignore[union-attr]
-        raise ValueError(f"the provider's key for {domain} does not match its certificate")
-    return StoredCertificate.describe(
-        (domain,),
-        pair.cert_pem,
-        pair.key_pem,
-        leaf,
-        "provider",
-        datetime.datetime.now(datetime.UTC),
     )

@@ -16,7 +16,7 @@ from smartroute.certs.records import StoredCertificate
 from smartroute.certs.settings import AcmeSettings
 
 
-def now() -> datetime.datetime:
+def utc_now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
@@ -83,14 +83,14 @@ class DomainStatus:
             return self.forced_at is not None and stored.stored_at > self.forced_at
         if current is not None and current.not_after >= stored.not_after:
             return False  # the one served, or an older one: it was found due
-        return DomainStatus().renew_at(stored, settings) > now()
+        return DomainStatus().renew_at(stored, settings) > utc_now()
 
     def installed(self, source: str, not_after: datetime.datetime) -> None:
         """A certificate from ``source`` is served now."""
         self.state, self.source, self.not_after = "valid", source, not_after
         self.last_error, self.failures, self.next_attempt = None, 0, None
         self.forced, self.forced_at = False, None
-        self.fresh_since = None if source == "store" else now()
+        self.fresh_since = None if source == "store" else utc_now()
         self.suggested, self.asked_ca_at = None, None
 
     def failed(self, error: str, settings: AcmeSettings | None) -> datetime.datetime:
@@ -100,5 +100,5 @@ class DomainStatus:
         ceiling = settings.retry_max if settings else 6 * 3600.0
         delay = min(ceiling, base * 2 ** (self.failures - 1)) * random.uniform(0.8, 1.2)
         self.state, self.last_error, self.forced = "failed", error, False
-        self.next_attempt = now() + datetime.timedelta(seconds=delay)
+        self.next_attempt = utc_now() + datetime.timedelta(seconds=delay)
         return self.next_attempt

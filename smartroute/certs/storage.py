@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-from cryptography import x509
-
 from smartroute.certs.records import StoredCertificate, StoreProblem
+from smartroute.certs.store import prepare_entry
 from smartroute.errors import CertificateStoreError
 
 log = logging.getLogger("smartroute.certs")
@@ -169,8 +167,10 @@ class HeldBack:
         return bool(self._waiting)
 
     async def save(self, domain: str, chain: str, key_pem: str) -> StoredCertificate:
-        """Store the certificate of ``domain``, or hold it back when the store is down; the
-        entry to serve either way (ValueError for a chain that cannot be parsed)."""
+        """Store the certificate of ``domain``, or hold it back when the store cannot be
+        written; the entry to serve either way. A chain the store's checks refuse raises
+        CertificateStoreError (it is never served)."""
+        checked = prepare_entry([domain], chain, key_pem, source="acme").certificate
         try:
             return await self.storage.save([domain], chain, key_pem, source="acme")
         except (CertificateStoreError, OSError) as exc:
@@ -181,10 +181,7 @@ class HeldBack:
                 domain,
                 exc,
             )
-        leaf = x509.load_pem_x509_certificate(chain.encode())
-        return StoredCertificate.describe(
-            (domain,), chain, key_pem, leaf, "acme", datetime.datetime.now(datetime.UTC)
-        )
+        return checked
 
     async def retry(self) -> None:
         """Store what was held back, while the store takes it."""

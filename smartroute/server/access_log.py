@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 
 access_logger = logging.getLogger("smartroute.access")
 
+# The text format's lines (the ``smartroute.access`` logger formats them lazily).
+_REQUEST_TEXT = "%s %s:%d %s %s%s route=%s status=%s time=%.3fs"
+_CONNECTION_TEXT = "%s %s:%d -> :%d route=%s domain=%s target=%s in=%d out=%d time=%.3fs %s%s"
+
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
 
@@ -137,26 +141,11 @@ class AccessLog:
         """One answered request (``bytes_in``/``bytes_out``: what it moved, about)."""
         form = self.format
         if form == "text":
-            target = head.target if head.target.startswith("/") else f" {head.target}"
-            if self.file is None:  # exactly the line (and the lazy formatting) of old
-                access_logger.info(
-                    "%s %s:%d %s %s%s route=%s status=%s time=%.3fs",
-                    record.id,
-                    record.client_ip,
-                    record.client_port,
-                    head.method,
-                    head.host or "-",
-                    target,
-                    route or "-",
-                    status,
-                    seconds,
-                )
+            fields = _request_fields(record, head, route, status, seconds)
+            if self.file is None:  # formatted by the logger, only when a handler wants it
+                access_logger.info(_REQUEST_TEXT, *fields)
                 return
-            line = (
-                f"{record.id} {record.client_ip}:{record.client_port} {head.method} "
-                f"{head.host or '-'}{target} route={route or '-'} status={status} "
-                f"time={seconds:.3f}s"
-            )
+            line = _REQUEST_TEXT % fields
         elif form == "json":
             line = json.dumps(
                 {
@@ -197,29 +186,24 @@ class AccessLog:
         form = self.format
         error = record.error
         if form == "text":
-            if self.file is None:
-                access_logger.info(
-                    "%s %s:%d -> :%d route=%s domain=%s target=%s in=%d out=%d time=%.3fs %s%s",
-                    record.id,
-                    record.client_ip,
-                    record.client_port,
-                    record.port,
-                    record.route or "-",
-                    record.domain or "-",
-                    record.target or "-",
-                    record.bytes_in,
-                    record.bytes_out,
-                    seconds,
-                    record.outcome,
-                    f" error={error}" if error else "",
-                )
-                return
-            line = (
-                f"{record.id} {record.client_ip}:{record.client_port} -> :{record.port} "
-                f"route={record.route or '-'} domain={record.domain or '-'} "
-                f"target={record.target or '-'} in={record.bytes_in} out={record.bytes_out} "
-                f"time={seconds:.3f}s {record.outcome}{f' error={error}' if error else ''}"
+            fields = (
+                record.id,
+                record.client_ip,
+                record.client_port,
+                record.port,
+                record.route or "-",
+                record.domain or "-",
+                record.target or "-",
+                record.bytes_in,
+                record.bytes_out,
+                seconds,
+                record.outcome,
+                f" error={error}" if error else "",
             )
+            if self.file is None:
+                access_logger.info(_CONNECTION_TEXT, *fields)
+                return
+            line = _CONNECTION_TEXT % fields
         elif form == "json":
             line = json.dumps(
                 {
@@ -263,6 +247,39 @@ class AccessLog:
                 f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} +0000"
             )
         return self._stamp
+
+
+def log_request_text(
+    record: ConnectionRecord,
+    head: RequestHead,
+    route: str | None,
+    status: int | str,
+    seconds: float,
+) -> None:
+    """The text line of a request on the ``smartroute.access`` logger, for a record that no
+    statistics book counts (the book's :class:`AccessLog` writes the others)."""
+    access_logger.info(_REQUEST_TEXT, *_request_fields(record, head, route, status, seconds))
+
+
+def _request_fields(
+    record: ConnectionRecord,
+    head: RequestHead,
+    route: str | None,
+    status: int | str,
+    seconds: float,
+) -> tuple[object, ...]:
+    target = head.target if head.target.startswith("/") else f" {head.target}"
+    return (
+        record.id,
+        record.client_ip,
+        record.client_port,
+        head.method,
+        head.host or "-",
+        target,
+        route or "-",
+        status,
+        seconds,
+    )
 
 
 def _quote(value: str) -> str:

@@ -267,7 +267,7 @@ class Connection:
         runtime, record, action = self.runtime, self.record, route.action
         tls = route.tls
         assert tls is not None
-        pair = runtime.certificates.for_route(tls.certificate, hello.sni)
+        pair = runtime.certificates.select(hello.sni, tls.certificate)
         if pair is None and tls.certificate == "on-demand" and runtime.on_demand and hello.sni:
             pair = await runtime.on_demand(normalize_host(hello.sni))
         if pair is None:

@@ -210,42 +210,31 @@ class CertificateIndex:
         self._contexts = {k: v for k, v in self._contexts.items() if k[0] in keep}
 
     def select(
-        self, sni: str | None, preferred: CertificatePair | None = None
+        self, sni: str | None, certificate: CertificatePair | str | None = None
     ) -> CertificatePair | None:
-        """The certificate to present for ``sni``.
+        """The certificate to present for ``sni`` on a route whose ``tls.certificate`` is
+        ``certificate`` (a pair, ``"auto"``, ``"on-demand"`` or None).
 
-        ``preferred`` (the route's own certificate) wins when it covers the name; then an exact
-        name, then a one-label wildcard; then ``preferred`` anyway, then the default, else None.
+        The route's own pair wins when it covers the name; then an exact name, then a one-label
+        wildcard; then the route's pair anyway, then the default, else None. An on-demand route
+        gets only a certificate for the name itself (None until one is obtained).
         """
+        preferred = certificate if not isinstance(certificate, str) else None
         host = normalize_host(sni) if sni else ""
         if host:
             if preferred is not None and self._entry(preferred).covers(host):
                 return preferred
-            found = self.find(host)
-            if found is not None:
-                return found
+            found = self._exact.get(host)
+            parent = _parent(host)
+            if not found and parent is not None:
+                found = self._wildcard.get(parent)
+            if found:
+                return max(found, key=_expiry).pair
+            if certificate == "on-demand":
+                return None
         if preferred is not None:
             return preferred
         return self.default
-
-    def for_route(
-        self, certificate: CertificatePair | str | None, sni: str | None
-    ) -> CertificatePair | None:
-        """What a route whose ``tls.certificate`` is ``certificate`` presents for ``sni``: on an
-        on-demand route only a certificate covering the name (None until one is obtained),
-        otherwise :meth:`select`'s choice."""
-        if certificate == "on-demand" and sni:
-            return self.find(normalize_host(sni))
-        return self.select(sni, certificate if isinstance(certificate, CertificatePair) else None)
-
-    def find(self, host: str) -> CertificatePair | None:
-        """The certificate covering ``host`` (normalised) by an exact name or a one-label
-        wildcard, the one that expires last; None when none covers it (no default)."""
-        found = self._exact.get(host)
-        parent = _parent(host)
-        if not found and parent is not None:
-            found = self._wildcard.get(parent)
-        return max(found, key=_expiry).pair if found else None
 
     def server_context(
         self,

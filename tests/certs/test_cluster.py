@@ -37,7 +37,7 @@ from cryptography import x509
 from http_backend import Backend
 from pebble import Pebble, free_port, run_pebble
 from redis_server import RedisServer, run_redis
-from support import LOOPBACK, async_test, require_tool
+from support import LOOPBACK, async_test, require_tool, until_listening
 
 from smartroute import ConfigError, SmartRoute
 from smartroute.certs.dns import ChallTestSrvDns
@@ -89,19 +89,13 @@ class Instance:
         return self.log_path.read_text(errors="replace")
 
     async def listening(self, port: int, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise AssertionError(f"instance exited:\n{self.log()[-3000:]}")
-            try:
-                _, writer = await asyncio.open_connection(LOOPBACK, port)
-            except OSError:
-                await asyncio.sleep(0.05)
-                continue
-            writer.close()
-            return
-        raise AssertionError(f"instance never listened on {port}:\n{self.log()[-3000:]}")
+        process = self.process
+        assert process is not None
+        try:
+            up = await until_listening(port, lambda: process.poll() is None, timeout)
+        except TimeoutError:
+            raise AssertionError(f"never listened on {port}:\n{self.log()[-3000:]}") from None
+        assert up, f"instance exited:\n{self.log()[-3000:]}"
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -138,6 +132,20 @@ async def certificate_when_served(
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.2)
+
+
+async def serial_in_redis(redis: RedisServer, name: str, timeout: float = 30) -> int:
+    """The serial of the certificate Redis stores for ``name``, waiting until there is one."""
+    store = RedisStorage(redis.url)
+    await store.open()
+    try:
+        deadline = time.monotonic() + timeout
+        while (stored := await store.load([name])) is None:
+            assert time.monotonic() < deadline, f"no certificate for {name} in Redis"
+            await asyncio.sleep(0.2)
+    finally:
+        await store.close()
+    return x509.load_pem_x509_certificate(stored.cert_pem.encode()).serial_number
 
 
 @async_test(240)
@@ -254,7 +262,7 @@ async def test_a_lock_holder_killed_mid_order_is_taken_over_after_its_lease(
 
 
 @async_test(240)
-async def test_redis_down_during_renewal_keeps_serving_and_a_certificate_issued_meanwhile_is_kept(
+async def test_redis_down_during_renewal_keeps_serving_and_renews_once_redis_is_back(
     pebble: Pebble,
     redis: RedisServer,
     backend: Backend,
@@ -265,7 +273,6 @@ async def test_redis_down_during_renewal_keeps_serving_and_a_certificate_issued_
     https = pebble.tls_port
     name = "renew.cluster.test"
     settings = acme_settings(pebble, tmp_path, certificate_store=redis.url)
-    store = RedisStorage(redis.url)
     async with SmartRoute(
         [site([name], backend, https)], bind_address=LOOPBACK, acme=settings
     ) as proxy:
@@ -296,14 +303,7 @@ async def test_redis_down_during_renewal_keeps_serving_and_a_certificate_issued_
         ).serial_number == first.serial_number:
             assert time.monotonic() < deadline, proxy.certificate_status()
             await asyncio.sleep(0.2)
-        await store.open()
-        stored = await store.load([name])
-        assert stored is not None
-        assert (
-            x509.load_pem_x509_certificate(stored.cert_pem.encode()).serial_number
-            == cert.serial_number
-        )
-        await store.close()
+        assert await serial_in_redis(redis, name) == cert.serial_number
 
 
 class StopsRedisWhilePublishing:
@@ -350,15 +350,7 @@ async def test_a_certificate_issued_while_redis_is_down_is_served_then_stored(
         served = await served_certificate(https, name, pebble.root_pem())
         assert f"certificate for {name} issued but not stored" in caplog.text
         await asyncio.to_thread(redis.start)
-        store = RedisStorage(redis.url)
-        await store.open()
-        deadline = time.monotonic() + 30
-        while (stored := await store.load([name])) is None:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.2)
-        await store.close()
-        serial = x509.load_pem_x509_certificate(stored.cert_pem.encode()).serial_number
-        assert serial == served.serial_number
+        assert await serial_in_redis(redis, name) == served.serial_number
         assert issued(pebble) == 1
 
 

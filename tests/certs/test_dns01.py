@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import socket
 import types
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 import pytest
 from cryptography import x509
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
-from pebble import Pebble, dns_query_txt, free_port, run_pebble
-from support import LOOPBACK, async_test, require_tool
+from pebble import Pebble, dns_query_txt, free_port
+from support import LOOPBACK, async_test
 
 from smartroute.certs.acme_client import AcmeClient, PendingOrder, new_private_key_pem
 from smartroute.certs.dns import ChallTestSrvDns, DnsProvider, dns_provider_from, txt_record_name
@@ -23,14 +22,6 @@ PATH = "settings.acme.dns_provider"
 BASE = "example.test"
 WILDCARD = "*.example.test"
 TXT_NAME = "_acme-challenge.example.test"
-
-
-@pytest.fixture
-def pebble(tmp_path: Path) -> Iterator[Pebble]:
-    require_tool("pebble")
-    require_tool("pebble-challtestsrv")
-    with run_pebble(tmp_path, http_port=free_port(), tls_port=free_port()) as ca:
-        yield ca
 
 
 async def txt_values(pebble: Pebble, name: str) -> list[str]:

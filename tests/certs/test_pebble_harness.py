@@ -33,13 +33,6 @@ OTHER_DOMAIN = "other.smartroute-harness.example"
 ACME_TIMEOUT = datetime.timedelta(seconds=20)
 
 
-@pytest.fixture
-def pebble(tmp_path: Path) -> Iterator[Pebble]:
-    require_tool("pebble")
-    with run_pebble(tmp_path, http_port=free_port(), tls_port=free_port()) as running:
-        yield running
-
-
 class _ChallengeHandler(http.server.BaseHTTPRequestHandler):
     server: _ChallengeServer
 

@@ -242,6 +242,33 @@ def lane_route(port: int, backend: int, tls: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def beside_an_open_route(
+    path: str,
+    port: int,
+    secret: int,
+    public: int,
+    site_tls: dict[str, Any],
+    open_tls: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """The mTLS route of SITE (to ``secret``) and a route "open" for open.test (to
+    ``public``) on one port. On the "transport" path the open route's target is a host name,
+    which takes the port's TLS off the fast lane."""
+    host = LOOPBACK if path == "lane" else "localhost"
+    return [
+        lane_route(port, secret, site_tls),
+        {
+            "name": "open",
+            "match": {"ports": port, "domains": "open.test"},
+            "action": {
+                "type": "forward",
+                "protocol": "http",
+                "targets": [{"host": host, "port": public}],
+                "tls": open_tls,
+            },
+        },
+    ]
+
+
 # -- the clients -------------------------------------------------------------------------------
 
 
@@ -999,21 +1026,14 @@ async def test_a_request_cannot_reach_an_mtls_route_through_another_routes_hands
     both = ca.issue(SITE, "open.test")
     cert = {"cert": both.cert_pem, "key": both.key_pem}
     with http_backend("secret") as secret, http_backend("open") as public:
-        routes = [
-            lane_route(port, secret.port, {**terminate(both, clients), "certificate": cert}),
-            {
-                "name": "open",
-                "match": {"ports": port, "domains": "open.test"},
-                "action": {
-                    "type": "forward",
-                    "protocol": "http",
-                    "targets": [{"host": LOOPBACK, "port": public.port}],
-                    "tls": {"mode": "terminate", "certificate": cert},
-                },
-            },
-        ]
-        if path == "transport":  # a host name takes the port's TLS off the fast lane
-            routes[1]["action"]["targets"] = [{"host": "localhost", "port": public.port}]
+        routes = beside_an_open_route(
+            path,
+            port,
+            secret.port,
+            public.port,
+            {**terminate(both, clients), "certificate": cert},
+            {"mode": "terminate", "certificate": cert},
+        )
         async with proxy(routes):
             code, out, err = await curl(
                 "--cacert", str(files.ca), "--resolve", f"open.test:{port}:{LOOPBACK}",
@@ -1036,21 +1056,14 @@ async def test_requests_may_cross_routes_that_check_the_same_way(
     both = ca.issue(SITE, "open.test")
     cert = {"cert": both.cert_pem, "key": both.key_pem}
     with http_backend("secret") as secret, http_backend("open") as public:
-        routes = [
-            lane_route(port, secret.port, {**terminate(both, clients), "certificate": cert}),
-            {
-                "name": "open",
-                "match": {"ports": port, "domains": "open.test"},
-                "action": {
-                    "type": "forward",
-                    "protocol": "http",
-                    "targets": [{"host": LOOPBACK, "port": public.port}],
-                    "tls": {**terminate(both, clients, "optional"), "certificate": cert},
-                },
-            },
-        ]
-        if path == "transport":
-            routes[1]["action"]["targets"] = [{"host": "localhost", "port": public.port}]
+        routes = beside_an_open_route(
+            path,
+            port,
+            secret.port,
+            public.port,
+            {**terminate(both, clients), "certificate": cert},
+            {**terminate(both, clients, "optional"), "certificate": cert},
+        )
         async with proxy(routes):
             base = ["--cacert", str(files.ca), "--resolve", f"open.test:{port}:{LOOPBACK}"]
             base += ["--resolve", f"{SITE}:{port}:{LOOPBACK}", "-o", "/dev/null"]

@@ -99,17 +99,25 @@ def test_wildcard_covers_one_label_only(certs: Certs) -> None:
 
 def test_preferred_wins_when_it_covers_the_name(certs: Certs) -> None:
     index = CertificateIndex([certs.a, certs.wild, certs.other])
-    assert index.select("a.example.test", preferred=certs.wild) == certs.wild
-    assert index.select("other.test", preferred=certs.wild) == certs.other
-    assert index.select("unknown.test", preferred=certs.wild) == certs.wild
-    assert index.select(None, preferred=certs.wild) == certs.wild
+    assert index.select("a.example.test", certificate=certs.wild) == certs.wild
+    assert index.select("other.test", certificate=certs.wild) == certs.other
+    assert index.select("unknown.test", certificate=certs.wild) == certs.wild
+    assert index.select(None, certificate=certs.wild) == certs.wild
+
+
+def test_an_on_demand_route_gets_only_a_certificate_for_the_name(certs: Certs) -> None:
+    index = CertificateIndex([certs.other, certs.wild])
+    assert index.select("x.example.test", "on-demand") == certs.wild
+    assert index.select("unknown.test", "on-demand") is None  # not the default: obtain one
+    assert index.select("unknown.test", "auto") == certs.other
+    assert index.select(None, "on-demand") == certs.other  # no SNI: nothing to obtain
 
 
 def test_preferred_need_not_be_indexed(ca: TestCA, certs: Certs) -> None:
     loose = issue(ca, "loose.test")
     index = CertificateIndex([certs.a])
-    assert index.select("loose.test", preferred=loose) == loose
-    assert index.select("a.example.test", preferred=loose) == certs.a
+    assert index.select("loose.test", certificate=loose) == loose
+    assert index.select("a.example.test", certificate=loose) == certs.a
     assert loose not in index
     index.add(loose)  # parsed once, for select; now indexed
     assert index.select("loose.test") == loose

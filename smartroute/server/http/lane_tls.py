@@ -40,7 +40,7 @@ def lane_context(
     tls = route.tls
     assert tls is not None
     # None for an on-demand name without one yet: obtaining it is the transport path's job.
-    pair = runtime.certificates.for_route(tls.certificate, hello.sni)
+    pair = runtime.certificates.select(hello.sni, tls.certificate)
     if pair is None:
         return None
     try:

@@ -28,6 +28,7 @@ from smartroute.routing.model import (
     StaticAction,
 )
 from smartroute.routing.patterns import parse_ip
+from smartroute.server.access_log import log_request_text
 from smartroute.server.decision import (
     DROP,
     FirstRequest,
@@ -435,18 +436,7 @@ def log_request(
     if book is not None:
         book.request(record, head, route, status, time.monotonic() - started)
     elif access_log.isEnabledFor(logging.INFO):  # a record no book counts (never opened)
-        access_log.info(
-            "%s %s:%d %s %s%s route=%s status=%s time=%.3fs",
-            record.id,
-            record.client_ip,
-            record.client_port,
-            head.method,
-            head.host or "-",
-            head.target if head.target.startswith("/") else f" {head.target}",
-            route or "-",
-            status,
-            time.monotonic() - started,
-        )
+        log_request_text(record, head, route, status, time.monotonic() - started)
 
 
 def wants_keep_alive(head: RequestHead) -> bool:
