@@ -29,7 +29,8 @@ from typing import Any
 
 from routing_bench import CLIENT, build_routes, connections
 
-from smartroute.routing.matcher import ConnectionFacts, RouteTable
+from smartroute.routing.facts import ConnectionFacts
+from smartroute.routing.matcher import RouteTable
 from smartroute.routing.model import ForwardAction, HealthCheck, TargetSpec
 from smartroute.server.backends.book import Backends
 from smartroute.server.backends.group import Member, TargetGroup

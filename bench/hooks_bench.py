@@ -75,7 +75,7 @@ from run import LOOPS, default_loop, loop_description, uvloop_installed
 
 from smartroute import RouteContext
 from smartroute.protocols.http import RequestHead, parse_request_head
-from smartroute.routing.matcher import ConnectionFacts, RouteMatch
+from smartroute.routing.facts import ConnectionFacts, RouteMatch
 from smartroute.routing.model import Hooks
 from smartroute.routing.patterns import parse_ip
 from smartroute.routing.validation import validate_routes

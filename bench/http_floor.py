@@ -28,7 +28,8 @@ from collections.abc import Callable
 
 from smartroute.protocols.http import parse_request_head
 from smartroute.protocols.http_response import parse_response_head, response_framing
-from smartroute.routing.matcher import ConnectionFacts, RouteTable
+from smartroute.routing.facts import ConnectionFacts
+from smartroute.routing.matcher import RouteTable
 from smartroute.routing.patterns import parse_ip
 from smartroute.routing.validation import validate_routes
 from smartroute.server.http.headers import connection_tokens, request_lines, response_lines

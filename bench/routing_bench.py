@@ -33,7 +33,8 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from smartroute.routing.matcher import ConnectionFacts, RouteTable
+from smartroute.routing.facts import ConnectionFacts
+from smartroute.routing.matcher import RouteTable
 from smartroute.routing.model import CompiledRoute, ForwardAction, MatchCriteria, TargetSpec
 from smartroute.routing.patterns import (
     compile_domain,

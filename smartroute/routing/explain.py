@@ -22,12 +22,12 @@ from typing import Any, NamedTuple
 from smartroute.errors import HttpParseError
 from smartroute.protocols.http import header_map, split_host
 from smartroute.protocols.paths import normalize_path
-from smartroute.routing.matcher import ConnectionFacts, RouteMatch
+from smartroute.routing.facts import ConnectionFacts, RouteMatch
+from smartroute.routing.matcher import Key, domain_rank, path_rank, winner_key
 from smartroute.routing.model import CompiledRoute, ForwardAction, MatchCriteria
 from smartroute.routing.patterns import (
     DomainPattern,
     HeaderRule,
-    PathPattern,
     normalize_host,
     parse_ip,
 )
@@ -51,7 +51,6 @@ _ACCEPTS = {_ANY: {"plain", "outer"}, _TLS: {"outer"}, _TERMINATED: {"outer", "i
 _DOMAIN_CLASSES = ("exact", "wildcard", "none")
 # Ordering key, smallest first: (-priority, domain class, -suffix length, path rank,
 # protocol rank, index), the matcher's with its path rank split in two.
-_Key = tuple[int, int, int, int, int, int]
 
 
 # -- facts -------------------------------------------------------------------------------------
@@ -131,27 +130,13 @@ def _layer(route: CompiledRoute) -> int:
     return _ANY if tls is None else _TLS if tls.mode == "passthrough" else _TERMINATED
 
 
-def _domain_rank(
-    criteria: MatchCriteria, domain: str | None
-) -> tuple[int, int, DomainPattern | None] | None:
-    """(class, -suffix length, pattern) of the best pattern matching ``domain``; None when the
-    route has domains and none matches."""
-    if not criteria.domains:
-        return 2, 0, None
-    best: tuple[int, int, DomainPattern | None] | None = None
-    if domain is not None:
-        for pattern in criteria.domains:
-            if pattern.matches(domain):
-                rank = (0, 0, pattern) if pattern.exact else (1, -len(pattern.suffix), pattern)
-                if best is None or rank[:2] < best[:2]:
-                    best = rank
-    return best
-
-
-def _path_rank(path: PathPattern | None) -> int:
-    if path is None:
-        return 0
-    return -(1 << 20) if path.kind == "exact" else -1 - len(path.literal_prefix)
+def _best_pattern(criteria: MatchCriteria, domain: str | None) -> DomainPattern | None:
+    """The most specific of the route's domain patterns that matches ``domain`` (None when
+    none does, or the route has no domains)."""
+    if domain is None:
+        return None
+    matching = [p for p in criteria.domains if p.matches(domain)]
+    return min(matching, key=domain_rank, default=None)
 
 
 def _listing(items: Iterable[str]) -> str:
@@ -172,7 +157,7 @@ def _misses(route: CompiledRoute, facts: ConnectionFacts) -> list[str]:
     elif not facts.terminated and layer != _ANY and not facts.is_tls:
         assert route.tls is not None
         out.append(f"tls: its tls block ({route.tls.mode}) needs a TLS connection")
-    if criteria.domains and _domain_rank(criteria, facts.domain) is None:
+    if criteria.domains and _best_pattern(criteria, facts.domain) is None:
         wanted = _listing(p.text for p in criteria.domains)
         given = "no name given (SNI or Host)" if facts.domain is None else facts.domain
         out.append(f"domains: {given}, not {wanted}")
@@ -213,15 +198,10 @@ def _header_miss(rule: HeaderRule, headers: Mapping[str, str] | None) -> str:
     return f"headers: {rule.name} is {got!r}, it needs {rule.value!r}"
 
 
-def _key(route: CompiledRoute, facts: ConnectionFacts) -> tuple[_Key, DomainPattern | None]:
+def _key(route: CompiledRoute, facts: ConnectionFacts) -> tuple[Key, DomainPattern | None]:
     """The ordering key of a route that matches ``facts``, and the domain pattern it used."""
-    criteria = route.match
-    found = _domain_rank(criteria, facts.domain)
-    assert found is not None
-    domain_class, suffix, pattern = found
-    named = -1 if criteria.protocols else 0
-    key = (-route.priority, domain_class, suffix, _path_rank(criteria.path), named, route.index)
-    return key, pattern
+    pattern = _best_pattern(route.match, facts.domain)
+    return winner_key(route, pattern), pattern
 
 
 def _domain_words(pattern: DomainPattern | None) -> str:
@@ -232,10 +212,10 @@ def _domain_words(pattern: DomainPattern | None) -> str:
 
 def _lost(
     route: CompiledRoute,
-    key: _Key,
+    key: Key,
     pattern: DomainPattern | None,
     winner: CompiledRoute,
-    best: _Key,
+    best: Key,
     best_pattern: DomainPattern | None,
 ) -> str:
     """Why a matching route ranks after the winner: the first part of the key that differs."""
@@ -246,11 +226,11 @@ def _lost(
             f"less specific domain ({_domain_words(pattern)}; "
             f"the winner's: {_domain_words(best_pattern)})"
         )
-    if key[3] != best[3]:
+    if path_rank(route.match.path) != path_rank(winner.match.path):
         mine = route.match.path.text if route.match.path else "no path condition"
         assert winner.match.path is not None
         return f"less specific path ({mine}; the winner's: {winner.match.path.text})"
-    if key[4] != best[4]:
+    if key[3] != best[3]:
         names = _listing(sorted(winner.match.protocols))
         return f"does not name a protocol (the winner names {names})"
     return f"later in definition order (#{route.index} after #{winner.index})"
@@ -365,7 +345,7 @@ def explain(
     why it lost. ``hooked``: True for routes that proxy-wide hooks or plugins apply to (a
     route's own hooks are seen without it), for the note on a hook's fallback."""
     on_port = [r for r in routes if facts.port in r.match.ports]
-    matched: list[tuple[_Key, DomainPattern | None, CompiledRoute]] = []
+    matched: list[tuple[Key, DomainPattern | None, CompiledRoute]] = []
     missed: list[Candidate] = []
     for route in sorted(on_port, key=lambda r: r.index):
         misses = _misses(route, facts)

@@ -12,11 +12,16 @@ path and headers are checked: a match costs about the same with 10 routes or 10,
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
 from operator import itemgetter
-from types import MappingProxyType
 from typing import Protocol, TypeAlias, cast
 
+from smartroute.routing.facts import (
+    NO_PARAMS,
+    ConnectionFacts,
+    RouteMatch,
+    conditions,
+    has_conditions,
+)
 from smartroute.routing.model import (
     CompiledRoute,
     MatchCriteria,
@@ -24,24 +29,23 @@ from smartroute.routing.model import (
     needs_http,
     speaks_http,
 )
-from smartroute.routing.patterns import IPAddress
+from smartroute.routing.patterns import DomainPattern, PathPattern
 
 # The winner ordering, smallest first:
 # (-priority, domain class, -wildcard suffix length, path rank, definition index).
 # "*" is a wildcard with an empty suffix: after every other wildcard, before "no domain".
-_Key: TypeAlias = tuple[int, int, int, int, int]
+Key: TypeAlias = tuple[int, int, int, int, int]
 # A bucket entry: the key, the answer when the route wins without path params (built once, so
 # that most matches allocate nothing), and the criteria left to check once port and domain are
 # known (None when there are none).
 # (ordering key, answer, conditions to check or None, TLS layer the route needs, gate or None)
-_Entry: TypeAlias = tuple[_Key, "RouteMatch", MatchCriteria | None, int, "Gate | None"]
-_Found: TypeAlias = tuple[_Key, "RouteMatch"]
+_Entry: TypeAlias = tuple[Key, "RouteMatch", MatchCriteria | None, int, "Gate | None"]
+_Found: TypeAlias = tuple[Key, "RouteMatch"]
 
 _EXACT, _WILDCARD, _NO_DOMAIN = 0, 1, 2
 # What a route's `tls` block asks of the connection: nothing, a TLS connection (passthrough),
 # or a TLS connection the proxy terminates.
 _ANY_LAYER, _TLS, _TERMINATED = 0, 1, 2
-_NO_PARAMS: Mapping[str, str] = MappingProxyType({})
 _by_key = itemgetter(0)
 
 
@@ -51,95 +55,38 @@ class Gate(Protocol):
     up: bool
 
 
-@dataclass(frozen=True, slots=True)
-class ConnectionFacts:
-    """What is known about a connection when it is matched."""
-
-    port: int
-    client_ip: IPAddress  # from patterns.parse_ip (IPv4-mapped already unwrapped)
-    domain: str | None = None  # SNI (TLS) or Host (HTTP), already normalize_host'ed
-    is_tls: bool = False
-    tls_version: str | None = None  # the highest version the ClientHello offers ("TLSv1.3")
-    alpn: tuple[str, ...] = ()  # offered by the client
-    path: str | None = None  # HTTP only, without query
-    headers: Mapping[str, str] | None = None  # HTTP only, lower-cased names
-    terminated: bool = False  # matched inside a TLS session the proxy terminated
-    protocol: str | None = None  # what the first bytes are ("tls", "http", a probe's name)
-    # Inside a terminated TLS session: the CA its handshake checked client certificates
-    # against (None: it asked for none), and whether the client presented one.
-    client_ca: str | None = None
-    client_cert: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class RouteMatch:
-    """The winning route and the path params it captured (empty if none)."""
-
-    route: CompiledRoute
-    params: Mapping[str, str]
-
-
-def _path_rank(criteria: MatchCriteria) -> int:
-    """Exact paths first, then longer literal path prefix first, then no path at all; within
-    each, a route that names protocols before one that takes any protocol.
+def path_rank(path: PathPattern | None) -> int:
+    """Exact paths first, then a longer literal path prefix first, then no path at all.
 
     An exact path that matches equals the request path, so no pattern can be more specific
     (``/api`` beats ``/api/*`` for the request ``/api``).
     """
-    path = criteria.path
     if path is None:
-        rank = 0
-    elif path.kind == "exact":
-        rank = -(1 << 20)
-    else:
-        rank = -1 - len(path.literal_prefix)
-    return 2 * rank - (1 if criteria.protocols else 0)
+        return 0
+    return -(1 << 20) if path.kind == "exact" else -1 - len(path.literal_prefix)
 
 
-def _has_conditions(criteria: MatchCriteria) -> bool:
-    """True when something other than port and domain must be checked per connection."""
-    return bool(
-        criteria.path
-        or criteria.client_ip
-        or criteria.tls_version
-        or criteria.alpn
-        or criteria.headers
-        or criteria.protocols
-    )
+def specificity(criteria: MatchCriteria) -> int:
+    """The path's rank, then a route that names protocols before one that takes any."""
+    return 2 * path_rank(criteria.path) - (1 if criteria.protocols else 0)
 
 
-def _conditions(criteria: MatchCriteria, facts: ConnectionFacts) -> Mapping[str, str] | None:
-    """Check everything but port and domain; return the path params, or None on a mismatch."""
-    # Plain loops rather than any()/all(): a generator costs more than a rule check here.
-    if criteria.protocols and facts.protocol not in criteria.protocols:
-        return None
-    if criteria.client_ip:
-        address = facts.client_ip
-        for ip_rule in criteria.client_ip:
-            if ip_rule.matches(address):
-                break
-        else:
-            return None
-    if criteria.tls_version and facts.tls_version not in criteria.tls_version:
-        return None
-    if criteria.alpn and criteria.alpn.isdisjoint(facts.alpn):
-        return None
-    if criteria.headers:
-        headers = facts.headers
-        if headers is None:
-            return None
-        for header_rule in criteria.headers:
-            if not header_rule.matches(headers):
-                return None
-    if criteria.path is None:
-        return _NO_PARAMS
-    if facts.path is None:
-        return None
-    return criteria.path.match(facts.path)
+def domain_rank(pattern: DomainPattern | None) -> tuple[int, int]:
+    """(class, -suffix length) of the domain pattern that matched (None: a route without
+    domains): exact names first, then longer wildcard suffixes, ``*``, no domain."""
+    if pattern is None:
+        return _NO_DOMAIN, 0
+    return (_EXACT, 0) if pattern.exact else (_WILDCARD, -len(pattern.suffix))
+
+
+def winner_key(route: CompiledRoute, pattern: DomainPattern | None) -> Key:
+    """Where ``route`` stands in the winner ordering (smallest wins) when ``pattern`` matched:
+    priority, domain, path and protocols, definition order."""
+    return (-route.priority, *domain_rank(pattern), specificity(route.match), route.index)
 
 
 def _first(
-    bucket: list[_Entry] | _IndexedBucket, facts: ConnectionFacts, bound: _Key | None, live: bool
+    bucket: list[_Entry] | _IndexedBucket, facts: ConnectionFacts, bound: Key | None, live: bool
 ) -> _Found | None:
     """The first full match in a sorted bucket, if it orders before ``bound``; ``live``: skip
     the routes whose gate is down."""
@@ -157,7 +104,7 @@ def _first(
             continue
         if criteria is None:
             return key, found
-        params = _conditions(criteria, facts)
+        params = conditions(criteria, facts)
         if params is not None:
             return key, (RouteMatch(found.route, params) if params else found)
     return None
@@ -254,10 +201,10 @@ class _PortIndex:
     def __init__(self) -> None:
         self.exact: dict[str, list[_Entry] | _IndexedBucket] = {}
         self.wildcard: dict[str, list[_Entry] | _IndexedBucket] = {}  # "*": the empty suffix
-        self.wildcard_floor: _Key | None = None  # the best key of any wildcard entry
+        self.wildcard_floor: Key | None = None  # the best key of any wildcard entry
         self.no_domain: list[_Entry] | _IndexedBucket = []
-        self.no_domain_floor: _Key | None = None
-        self.routes: list[tuple[_Key, CompiledRoute]] = []  # best-case key, for ordered()
+        self.no_domain_floor: Key | None = None
+        self.routes: list[tuple[Key, CompiledRoute]] = []  # best-case key, for ordered()
         self.needs_data = False
         self.probing = False  # some route on the port matches on protocol: run the probes
         self.serves_http = False  # some route on the port only makes sense on HTTP
@@ -290,7 +237,7 @@ def _finished(bucket: list[_Entry]) -> list[_Entry] | _IndexedBucket:
     return _IndexedBucket(bucket) if len(bucket) > INDEX_THRESHOLD else bucket
 
 
-def _floor(bucket: list[_Entry] | _IndexedBucket) -> _Key:
+def _floor(bucket: list[_Entry] | _IndexedBucket) -> Key:
     """The best key in a finished (non-empty) bucket."""
     return bucket.floor if isinstance(bucket, _IndexedBucket) else bucket[0][0]
 
@@ -318,11 +265,8 @@ class RouteTable:
             if route.timeouts is not None:
                 shortest = route.timeouts.shortest_limit(shortest)
             criteria = route.match
-            rank = -route.priority
-            path_rank = _path_rank(criteria)
-            order = route.index
-            answer = RouteMatch(route, _NO_PARAMS)
-            extra = criteria if _has_conditions(criteria) else None
+            answer = RouteMatch(route, NO_PARAMS)
+            extra = criteria if has_conditions(criteria) else None
             tls = route.tls
             layer = (
                 _ANY_LAYER if tls is None else _TLS if tls.mode == "passthrough" else _TERMINATED
@@ -332,16 +276,15 @@ class RouteTable:
             # the pattern that matched a connection decides the route's specificity.
             entries: dict[tuple[int, str], _Entry] = {}
             for pattern in criteria.domains:
+                entry = (winner_key(route, pattern), answer, extra, layer, gate)
                 if pattern.exact:
-                    key = (rank, _EXACT, 0, path_rank, order)
-                    entries[_EXACT, pattern.text] = (key, answer, extra, layer, gate)
+                    entries[_EXACT, pattern.text] = entry
                 else:
-                    key = (rank, _WILDCARD, -len(pattern.suffix), path_rank, order)
-                    entries[_WILDCARD, pattern.suffix] = (key, answer, extra, layer, gate)
+                    entries[_WILDCARD, pattern.suffix] = entry
             if entries:
                 best = min(entries.values(), key=_by_key)[0]
             else:
-                best = (rank, _NO_DOMAIN, 0, path_rank, order)
+                best = winner_key(route, None)
             # A route with a tls block only takes TLS connections: the ClientHello must be seen.
             # A route with request hooks must see whether the connection speaks HTTP (else a
             # port-only "auto" forward would pipe it unread and the hooks never run).

@@ -21,9 +21,9 @@ from smartroute.routing.explain import (
     _layer,
     _listing,
     _may_go_down,
-    _path_rank,
     _watched_targets,
 )
+from smartroute.routing.matcher import path_rank, specificity
 from smartroute.routing.model import CompiledRoute
 from smartroute.routing.patterns import (
     DomainPattern,
@@ -223,8 +223,8 @@ def _covers(shadow: CompiledRoute, route: CompiledRoute) -> str | None:
     if not _ACCEPTS[_layer(route)] <= _ACCEPTS[_layer(shadow)]:
         return None
     mine, theirs = shadow.match, route.match
-    first = (_path_rank(mine.path), -1 if mine.protocols else 0, shadow.index)
-    second = (_path_rank(theirs.path), -1 if theirs.protocols else 0, route.index)
+    first = (specificity(mine), shadow.index)
+    second = (specificity(theirs), route.index)
     if shadow.priority == route.priority:
         # Every pattern of the route among the shadow's: the shadow's best domain class is
         # at least as good for every name the route takes; then the rest of the key decides.
@@ -247,9 +247,9 @@ def _covers(shadow: CompiledRoute, route: CompiledRoute) -> str | None:
     same = replace(theirs, ports=mine.ports) == mine and _layer(shadow) == _layer(route)
     if shadow.priority > route.priority:
         rank = f"has a higher priority ({shadow.priority} > {route.priority})"
-    elif first[0] != second[0]:
+    elif path_rank(mine.path) != path_rank(theirs.path):
         rank = "has a more specific path"
-    elif first[1] != second[1]:
+    elif first[0] != second[0]:
         rank = "names a protocol"
     else:
         rank = "comes first in definition order"

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from smartroute.certs.tls_alpn import ACME_TLS_ALPN
 from smartroute.protocols.detect import Detection, detect
-from smartroute.routing.matcher import ConnectionFacts
+from smartroute.routing.facts import ConnectionFacts
 from smartroute.routing.model import needs_http
 from smartroute.routing.patterns import IPAddress, client_address
 from smartroute.server.decision import (

@@ -10,6 +10,7 @@ connection or a request belong here too, between the match and the verdict.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
@@ -19,7 +20,7 @@ from smartroute.errors import HttpParseError
 from smartroute.protocols.detect import Detection
 from smartroute.protocols.http import RequestHead
 from smartroute.protocols.tls import ClientHello
-from smartroute.routing.matcher import ConnectionFacts, RouteMatch
+from smartroute.routing.facts import ConnectionFacts, RouteMatch
 from smartroute.routing.model import CompiledRoute, TlsSettings, speaks_http
 from smartroute.routing.patterns import IPAddress
 from smartroute.server.hooks import CONNECT_KEYS, REQUEST_KEYS, HookRequest, run_hooks
@@ -393,3 +394,35 @@ def _heard(
         status = said.status or 403
         return Refusal(found, status, "refused", tuple(said.headers), said.body)
     return found
+
+
+def route_context(
+    record: ConnectionRecord,
+    server_ip: str,
+    facts: ConnectionFacts,
+    found: RouteMatch,
+    head: RequestHead | None,
+    client_cert: Mapping[str, Any] | None = None,
+) -> RouteContext:
+    """What the action, hooks and handlers of ``found`` are told of the connection (and of its
+    request ``head``, when there is one)."""
+    return RouteContext(
+        port=facts.port,
+        client_ip=record.client_ip,
+        client_port=record.client_port,
+        server_ip=server_ip,
+        connection_id=record.id,
+        timestamp=time.time(),
+        domain=facts.domain,
+        path=facts.path,
+        query=head.query if head is not None else None,
+        method=head.method if head is not None else None,
+        headers=facts.headers,
+        is_tls=facts.is_tls,
+        tls_version=facts.tls_version,
+        alpn=facts.alpn if facts.is_tls else None,
+        route_name=found.route.name,
+        params=dict(found.params) if facts.path is not None else None,
+        protocol=facts.protocol,
+        client_cert=client_cert,
+    )

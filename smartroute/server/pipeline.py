@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import TYPE_CHECKING, cast
 
 from smartroute.certs.tls_alpn import ACME_TLS_ALPN
@@ -29,7 +28,8 @@ from smartroute.protocols.http import looks_like_http
 from smartroute.protocols.probes import Probes
 from smartroute.protocols.proxy_protocol import looks_like_proxy_protocol, parse_proxy_header
 from smartroute.protocols.tls import ClientHello
-from smartroute.routing.matcher import ConnectionFacts, RouteMatch, RouteTable
+from smartroute.routing.facts import ConnectionFacts, RouteMatch
+from smartroute.routing.matcher import RouteTable
 from smartroute.routing.model import (
     ForwardAction,
     SocketHandlerAction,
@@ -47,6 +47,7 @@ from smartroute.server.decision import (
     consult_connection,
     decide_connection,
     detected_facts,
+    route_context,
 )
 from smartroute.server.hooks import Verdict as HookVerdict
 from smartroute.server.http.messages import closing_answer, response_head
@@ -274,25 +275,7 @@ class InboundConnection(asyncio.Protocol):
         assert self.transport is not None
         sock = self.transport.get_extra_info("sockname") or ("0.0.0.0", 0)
         head = detection.head if detection is not None else None
-        return RouteContext(
-            port=self.port,
-            client_ip=self.record.client_ip,
-            client_port=self.record.client_port,
-            server_ip=client_address(sock[0])[1],
-            connection_id=self.record.id,
-            timestamp=time.time(),
-            domain=facts.domain,
-            path=facts.path,
-            query=head.query if head is not None else None,
-            method=head.method if head is not None else None,
-            headers=facts.headers,
-            is_tls=facts.is_tls,
-            tls_version=facts.tls_version,
-            alpn=facts.alpn if facts.is_tls else None,
-            route_name=found.route.name,
-            params=dict(found.params) if facts.path is not None else None,
-            protocol=facts.protocol,
-        )
+        return route_context(self.record, client_address(sock[0])[1], facts, found, head)
 
     def _acme_challenge(self, hello: ClientHello) -> bool:
         """Answer a TLS-ALPN-01 validation (RFC 8737) if one is pending for this name."""

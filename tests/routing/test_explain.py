@@ -24,7 +24,8 @@ from test_matcher import (
 from smartroute import SmartRoute
 from smartroute.routing import shadowing as shadowing_module
 from smartroute.routing.explain import Explanation, explain, explain_connection, facts_for
-from smartroute.routing.matcher import ConnectionFacts, RouteTable
+from smartroute.routing.facts import ConnectionFacts
+from smartroute.routing.matcher import RouteTable
 from smartroute.routing.model import (
     BlockAction,
     CompiledRoute,

@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from smartroute.routing import matcher
-from smartroute.routing.matcher import ConnectionFacts, RouteMatch, RouteTable
+from smartroute.routing.facts import ConnectionFacts, RouteMatch
+from smartroute.routing.matcher import RouteTable
 from smartroute.routing.model import BlockAction, CompiledRoute, MatchCriteria, TlsSettings
 from smartroute.routing.patterns import (
     compile_domain,

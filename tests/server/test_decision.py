@@ -19,7 +19,8 @@ from support import FIXTURES, LOOPBACK, Finished, async_test, echo_handler, free
 
 from smartroute import SmartRoute
 from smartroute.protocols import http as http_parser
-from smartroute.routing.matcher import ConnectionFacts, RouteMatch, RouteTable
+from smartroute.routing.facts import ConnectionFacts, RouteMatch
+from smartroute.routing.matcher import RouteTable
 from smartroute.server import pipeline
 
 HELLO = (FIXTURES / "clienthello" / "python.bin").read_bytes()

@@ -31,7 +31,7 @@ from smartroute.protocols.http_response import (
     BodyFraming,
     parse_response_head,
 )
-from smartroute.routing.matcher import RouteMatch
+from smartroute.routing.facts import RouteMatch
 from smartroute.routing.model import CompiledRoute
 from smartroute.server.backends.group import Member, TargetGroup, next_to_try
 from smartroute.server.decision import FirstRequest, TlsInfo
@@ -53,7 +53,7 @@ from smartroute.server.stats import ConnectionRecord
 from smartroute.server.tls import backend_context, backend_server_name, tls_reason
 
 if TYPE_CHECKING:
-    from smartroute.routing.matcher import ConnectionFacts
+    from smartroute.routing.facts import ConnectionFacts
     from smartroute.server.runtime import Runtime
 
 log = logging.getLogger("smartroute")

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 from smartroute.errors import HttpParseError
 from smartroute.protocols.http import RequestHead, parse_request_head
 from smartroute.protocols.http_response import BodyFraming, request_framing
-from smartroute.routing.matcher import RouteMatch
+from smartroute.routing.facts import RouteMatch
 from smartroute.server.actions import serve_http
 from smartroute.server.decision import (
     FirstRequest,
@@ -59,7 +59,7 @@ from smartroute.server.http.rewrite import (
 from smartroute.server.http.session import DISCARD_LIMIT, keeps_alive, log_request
 
 if TYPE_CHECKING:
-    from smartroute.routing.matcher import ConnectionFacts
+    from smartroute.routing.facts import ConnectionFacts
 
 
 log = logging.getLogger("smartroute")

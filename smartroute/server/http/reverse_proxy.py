@@ -29,7 +29,7 @@ from smartroute.protocols.http_response import (
     ResponseHead,
     parse_response_head,
 )
-from smartroute.routing.matcher import ConnectionFacts, RouteMatch
+from smartroute.routing.facts import ConnectionFacts, RouteMatch
 from smartroute.routing.model import ForwardAction
 from smartroute.server.backends.group import Member
 from smartroute.server.backends.state import connect_reason

@@ -19,7 +19,7 @@ from smartroute.context import RouteContext
 from smartroute.errors import HttpParseError
 from smartroute.protocols.http import RequestHead, parse_request_head
 from smartroute.protocols.http_response import BodyFraming, request_framing
-from smartroute.routing.matcher import ConnectionFacts, RouteMatch
+from smartroute.routing.facts import ConnectionFacts, RouteMatch
 from smartroute.routing.model import (
     CompiledRoute,
     ForwardAction,
@@ -39,6 +39,7 @@ from smartroute.server.decision import (
     consult_request,
     decide_request,
     request_facts,
+    route_context,
 )
 from smartroute.server.hooks import rewrite_request
 from smartroute.server.http.body import copy_body
@@ -205,26 +206,8 @@ class HttpSession:
     # -- one request -----------------------------------------------------------------------
 
     def context(self, head: RequestHead, facts: ConnectionFacts, found: RouteMatch) -> RouteContext:
-        return RouteContext(
-            port=self.port,
-            client_ip=self.record.client_ip,
-            client_port=self.record.client_port,
-            server_ip=self.server_ip,
-            connection_id=self.record.id,
-            timestamp=time.time(),
-            domain=facts.domain,
-            path=head.path,
-            query=head.query,
-            method=head.method,
-            headers=facts.headers,
-            is_tls=facts.is_tls,
-            tls_version=facts.tls_version,
-            alpn=facts.alpn if facts.is_tls else None,
-            route_name=found.route.name,
-            params=dict(found.params),
-            protocol=facts.protocol,
-            client_cert=None if self.tls is None else self.tls.client_cert,
-        )
+        client_cert = None if self.tls is None else self.tls.client_cert
+        return route_context(self.record, self.server_ip, facts, found, head, client_cert)
 
     def request_info(self, head: RequestHead) -> RequestInfo:
         return RequestInfo(
